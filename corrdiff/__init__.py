@@ -1,0 +1,19 @@
+"""CorrDiff: diffusion-based perceptual image compression corrected by a privileged
+end-to-end decoder (Ma, Yang, Liu, ICML 2024), as a self-contained PyTorch codec.
+
+This package knows nothing of Ray or storage: it turns images into records and back.
+"""
+
+from corrdiff.codec import DECODE_MODES, CorrDiffCodec, EncodedImage
+from corrdiff.config import ModelConfig, tiny_config
+from corrdiff.record import ModelMismatchError, RecordError
+
+__all__ = [
+    "DECODE_MODES",
+    "CorrDiffCodec",
+    "EncodedImage",
+    "ModelConfig",
+    "ModelMismatchError",
+    "RecordError",
+    "tiny_config",
+]

@@ -1,0 +1,233 @@
+"""CorrDiffCodec: the public API, images (uint8 arrays) <-> self-describing byte records.
+
+    codec = CorrDiffCodec.from_pretrained()            # or a name, or a path
+    records = codec.encode([image])                    # list[bytes]
+    images = codec.decode(records, mode="corrdiff")    # list[np.ndarray], HxWx3 uint8
+
+Images of any size are replicate-padded to a multiple of 64 and cropped back; images that
+share a padded size are processed as one batch. The encoder runs the whole sampler (it
+fits and quantizes a gamma at every step) and so knows the exact pixels every decoder of
+its records will produce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from corrdiff import weights
+from corrdiff.config import ModelConfig
+from corrdiff.gamma import GammaFitter
+from corrdiff.latent_codec import LatentBitstreams, pad_amount, pad_to_stride
+from corrdiff.model import CorrDiffModel
+from corrdiff.record import ModelMismatchError, Record
+from corrdiff.sampler import corrected_ddim, initial_state
+
+DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
+DECODE_MODES: tuple[str, ...] = ("corrdiff", "e2e", "diffusion")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One encoded image: its record and the exact image a corrdiff decode will return."""
+
+    record: bytes
+    reconstruction: np.ndarray
+    gammas: tuple[float, ...]
+
+    @property
+    def bpp(self) -> float:
+        """Bits per pixel of the whole record (header and checksum included)."""
+        height, width = self.reconstruction.shape[:2]
+        return 8 * len(self.record) / (height * width)
+
+
+class CorrDiffCodec:
+    def __init__(self, model: CorrDiffModel, device: str | torch.device | None = None,
+                 gamma_fitter: GammaFitter | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            # Same record, same GPU type, same pixels: no autotuned or TF32 kernels.
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.model = model.eval().to(self.device)
+        self.model_id: bytes = weights.model_id(model)
+        self.gamma_fitter = gamma_fitter or GammaFitter()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str] | None = None,
+                        device: str | torch.device | None = None) -> CorrDiffCodec:
+        """Load a shipped model by name (default: ``weights.DEFAULT_MODEL``) or a weights file."""
+        return cls(weights.load_model(weights.resolve(name_or_path)), device=device)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0,
+                    device: str | torch.device | None = None) -> CorrDiffCodec:
+        """A randomly initialised, frozen model: for tests and as the start of training."""
+        torch.manual_seed(seed)
+        model = CorrDiffModel(config)
+        model.latent.freeze()
+        return cls(model, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        weights.save_model(self.model, path)
+
+    @property
+    def model_id_hex(self) -> str:
+        return self.model_id.hex()
+
+    @property
+    def default_steps(self) -> int:
+        return self.model.config.diffusion.steps
+
+    # ----------------------------------------------------------------- encode
+    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8, seed: int = 0,
+               steps: int | None = None) -> list[bytes]:
+        """Compress HxWx3 uint8 images into records (one per image, in order).
+
+        ``seed`` seeds x_T (stored in the record); ``steps`` defaults to the model's.
+        """
+        return [e.record for e in self.encode_detailed(images, batch_size=batch_size, seed=seed, steps=steps)]
+
+    @torch.no_grad()
+    def encode_detailed(self, images: Sequence[np.ndarray], batch_size: int = 8, seed: int = 0,
+                        steps: int | None = None) -> list[EncodedImage]:
+        """Like :meth:`encode`, also returning each image's exact corrdiff reconstruction."""
+        checked = [_check_image(image, i) for i, image in enumerate(images)]
+        results: list[EncodedImage | None] = [None] * len(checked)
+        for indices in _batches([_padded(im.shape[0], im.shape[1]) for im in checked], batch_size):
+            for i, encoded in zip(indices, self._encode_batch([checked[i] for i in indices], seed, steps or self.default_steps)):
+                results[i] = encoded
+        return results  # type: ignore[return-value]
+
+    def _encode_batch(self, images: list[np.ndarray], seed: int, steps: int) -> list[EncodedImage]:
+        model = self.model
+        x = torch.stack([pad_to_stride(_to_tensor(im)) for im in images]).to(self.device)
+        mask = _valid_mask(images, x.shape, self.device)
+        streams, y_hat = model.latent.compress(x)
+        x_e = model.reconstruct_e2e(y_hat)
+        target = x * 2.0 - 1.0
+        x_start = initial_state(x_e, self._noise(len(images), x.shape, seed), model.schedule)
+        denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
+        fit = lambda step, x0_theta: self.gamma_fitter(target, x0_theta, x_e, mask)  # noqa: E731
+        out, gammas = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, fit)
+        pixels = _to_uint8(out)
+        encoded = []
+        for i, image in enumerate(images):
+            height, width = image.shape[:2]
+            record = Record(
+                model_id=self.model_id, height=height, width=width,
+                pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
+                gammas=tuple(float(g) for g in gammas[i].cpu()),
+                z_string=streams[i].z, y_string=streams[i].y,
+            )
+            encoded.append(EncodedImage(record.to_bytes(), pixels[i, :height, :width].copy(), record.gammas))
+        return encoded
+
+    # ----------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode(self, records: Sequence[bytes], mode: DecodeMode = "corrdiff", steps: int | None = None,
+               batch_size: int = 8) -> list[np.ndarray]:
+        """Reconstruct images from records.
+
+        ``mode``: "corrdiff" (the transmitted gammas; the step count is the record's),
+        "e2e" (D alone: lowest distortion, fastest) or "diffusion" (gamma = 0, ``steps``
+        free, default the model's). Raises ``RecordError`` for a corrupt record and
+        ``ModelMismatchError`` for a record written by another model.
+        """
+        if mode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+        parsed = [self.parse(record) for record in records]
+        if mode == "corrdiff" and steps is not None and any(r.steps != steps for r in parsed):
+            raise ValueError("corrdiff decoding uses the record's own step count; leave steps=None")
+        results: list[np.ndarray | None] = [None] * len(parsed)
+        keys = [(r.padded_size, r.steps if mode == "corrdiff" else 0) for r in parsed]
+        for indices in _batches(keys, batch_size):
+            batch = [parsed[i] for i in indices]
+            for i, image in zip(indices, self._decode_batch(batch, mode, steps or self.default_steps)):
+                results[i] = image
+        return results  # type: ignore[return-value]
+
+    def parse(self, data: bytes) -> Record:
+        """Parse and verify a record, and check that this codec's model wrote it."""
+        record = Record.from_bytes(data)
+        if record.model_id != self.model_id:
+            raise ModelMismatchError(record.model_id.hex(), self.model_id_hex)
+        return record
+
+    def _decode_batch(self, records: list[Record], mode: DecodeMode, steps: int) -> list[np.ndarray]:
+        model = self.model
+        streams = [LatentBitstreams(z=r.z_string, y=r.y_string) for r in records]
+        y_hat = model.latent.decompress(streams, records[0].padded_size).to(self.device)
+        x_e = model.reconstruct_e2e(y_hat)
+        if mode == "e2e":
+            out = x_e
+        else:
+            shape = (len(records), 3, *records[0].padded_size)
+            noise = torch.cat([self._noise(1, shape, r.seed) for r in records])
+            x_start = initial_state(x_e, noise, model.schedule)
+            denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
+            if mode == "corrdiff":
+                table = torch.tensor([r.gammas for r in records], dtype=torch.float32, device=self.device)
+                rule = lambda step, x0_theta: table[:, step]  # noqa: E731
+                steps = records[0].steps
+            else:
+                rule = lambda step, x0_theta: torch.zeros(len(records), device=self.device)  # noqa: E731
+            out, _ = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, rule)
+        pixels = _to_uint8(out)
+        return [pixels[i, :r.height, :r.width].copy() for i, r in enumerate(records)]
+
+    def _noise(self, count: int, shape: torch.Size | tuple[int, ...], seed: int) -> Tensor:
+        """x_T noise from a seeded CPU generator: identical on every device (one draw per image)."""
+        draws = [torch.randn((3, *shape[-2:]), generator=torch.Generator().manual_seed(seed)) for _ in range(count)]
+        return torch.stack(draws).to(self.device)
+
+
+def _check_image(image: np.ndarray, index: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image {index}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image {index}: expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image {index}: empty image {image.shape}")
+    return image
+
+
+def _padded(height: int, width: int) -> tuple[int, int]:
+    return height + pad_amount(height), width + pad_amount(width)
+
+
+def _batches(keys: Sequence[object], batch_size: int) -> list[list[int]]:
+    """Indices grouped by key (images that can share a tensor), in chunks of batch_size."""
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+def _to_tensor(image: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def _to_uint8(x: Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> (B, H, W, 3) uint8, rounded to nearest."""
+    scaled = ((x.float() + 1.0) * 127.5).clamp(0.0, 255.0).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _valid_mask(images: list[np.ndarray], shape: torch.Size, device: torch.device) -> Tensor:
+    """1 on each image's own pixels, 0 on its padding: gamma is fitted on real pixels only."""
+    mask = torch.zeros((shape[0], 1, shape[2], shape[3]), device=device)
+    for i, image in enumerate(images):
+        mask[i, :, :image.shape[0], :image.shape[1]] = 1.0
+    return mask

@@ -1,0 +1,142 @@
+"""The self-describing binary record: one compressed image, specified in docs/format.md.
+
+Layout (little-endian), format version 1:
+
+    offset  size  field
+    0       4     magic b"CDAR"
+    4       1     format version (1)
+    5       16    model id (first 16 bytes of the SHA-256 of the model, see weights.py)
+    21      4     image height (u32, >= 1)
+    25      4     image width (u32, >= 1)
+    29      1     rows of bottom padding (u8, < 64; height + pad is a multiple of 64)
+    30      1     columns of right padding (u8, < 64)
+    31      1     sampler steps S (u8, >= 1)
+    32      4     noise seed of x_T (u32)
+    36      2*S   gamma_1 .. gamma_S (IEEE float16)
+    .       4     length of the z string (u32), then the z string (rANS)
+    .       4     length of the y string (u32), then the y string (rANS)
+    end-4   4     CRC-32 (zlib) of every byte before it
+
+Parsing checks, in order: length, magic, checksum, version, then every field's range and
+the exact total length, so a truncated or corrupted record is reported, never decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"CDAR"
+FORMAT_VERSION = 1
+MODEL_ID_BYTES = 16
+PAD_MULTIPLE = 64
+_HEADER = struct.Struct("<4sB16sIIBBBI")
+_LENGTH = struct.Struct("<I")
+_CRC = struct.Struct("<I")
+MIN_RECORD_BYTES = _HEADER.size + 2 + 2 * _LENGTH.size + _CRC.size
+
+
+class RecordError(ValueError):
+    """A record that cannot be decoded: corrupt, truncated, or of an unknown format."""
+
+
+class ModelMismatchError(RecordError):
+    """A valid record written by a different model than the one asked to decode it."""
+
+    def __init__(self, record_model: str, codec_model: str) -> None:
+        super().__init__(
+            f"record was written by model {record_model}, but this codec is model {codec_model}; "
+            f"load model {record_model} to decode it"
+        )
+        self.record_model = record_model
+        self.codec_model = codec_model
+
+
+@dataclass(frozen=True)
+class Record:
+    model_id: bytes
+    height: int
+    width: int
+    pad_bottom: int
+    pad_right: int
+    seed: int
+    gammas: tuple[float, ...]  # float16 values, one per sampler step
+    z_string: bytes
+    y_string: bytes
+
+    @property
+    def steps(self) -> int:
+        return len(self.gammas)
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return self.height + self.pad_bottom, self.width + self.pad_right
+
+    def to_bytes(self) -> bytes:
+        _validate_fields(self)
+        body = b"".join([
+            _HEADER.pack(
+                MAGIC, FORMAT_VERSION, self.model_id, self.height, self.width,
+                self.pad_bottom, self.pad_right, self.steps, self.seed,
+            ),
+            np.asarray(self.gammas, dtype="<f2").tobytes(),
+            _LENGTH.pack(len(self.z_string)), self.z_string,
+            _LENGTH.pack(len(self.y_string)), self.y_string,
+        ])
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Record:
+        data = bytes(data)
+        if len(data) < MIN_RECORD_BYTES:
+            raise RecordError(f"record is truncated: {len(data)} bytes, a record has at least {MIN_RECORD_BYTES}")
+        if data[:4] != MAGIC:
+            raise RecordError(f"not a CorrDiff record: magic is {data[:4]!r}, expected {MAGIC!r}")
+        body, (stored_crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
+        if zlib.crc32(body) != stored_crc:
+            raise RecordError("record checksum mismatch: the record is corrupt or truncated")
+        magic, version, model_id, height, width, pad_bottom, pad_right, steps, seed = _HEADER.unpack_from(body)
+        if version != FORMAT_VERSION:
+            raise RecordError(f"record format version {version} is not supported (this library reads {FORMAT_VERSION})")
+        offset = _HEADER.size
+        gammas_end = offset + 2 * steps
+        z_string, offset = _read_string(body, gammas_end)
+        y_string, offset = _read_string(body, offset)
+        if offset != len(body):
+            raise RecordError(f"record has {len(body) - offset} unexpected trailing bytes")
+        record = cls(
+            model_id=model_id, height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
+            seed=seed, gammas=tuple(float(g) for g in np.frombuffer(body[_HEADER.size:gammas_end], dtype="<f2")),
+            z_string=z_string, y_string=y_string,
+        )
+        _validate_fields(record)
+        return record
+
+
+def _read_string(body: bytes, offset: int) -> tuple[bytes, int]:
+    if offset + _LENGTH.size > len(body):
+        raise RecordError("record is truncated inside its entropy-coded strings")
+    (length,) = _LENGTH.unpack_from(body, offset)
+    start = offset + _LENGTH.size
+    if start + length > len(body):
+        raise RecordError("record is truncated inside its entropy-coded strings")
+    return body[start:start + length], start + length
+
+
+def _validate_fields(record: Record) -> None:
+    if len(record.model_id) != MODEL_ID_BYTES:
+        raise RecordError(f"model id must be {MODEL_ID_BYTES} bytes")
+    if record.height < 1 or record.width < 1:
+        raise RecordError(f"invalid image size {record.height}x{record.width}")
+    for name, size, pad in (("height", record.height, record.pad_bottom), ("width", record.width, record.pad_right)):
+        if not 0 <= pad < PAD_MULTIPLE or (size + pad) % PAD_MULTIPLE:
+            raise RecordError(f"invalid padding {pad} for {name} {size}")
+    if not 1 <= record.steps <= 255:
+        raise RecordError(f"invalid number of sampler steps {record.steps}")
+    if not all(np.isfinite(record.gammas)):
+        raise RecordError("record holds a non-finite gamma")
+    if not 0 <= record.seed < 2**32:
+        raise RecordError(f"invalid seed {record.seed}")
