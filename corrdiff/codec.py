@@ -4,16 +4,21 @@
     records = codec.encode([image])                    # list[bytes]
     images = codec.decode(records, mode="corrdiff")    # list[np.ndarray], HxWx3 uint8
 
-Images of any size are replicate-padded to a multiple of 64 and cropped back; images that
-share a padded size are processed as one batch. The encoder runs the whole sampler (it
-fits and quantizes a gamma at every step) and so knows the exact pixels every decoder of
-its records will produce.
+Images of any size are replicate-padded to a multiple of 64 and cropped back. The encoder
+runs the whole sampler (it fits and quantizes a gamma at every step) and so knows the
+exact pixels every decoder of its records will produce on the same platform.
+
+The networks see one image at a time, never a batch: BLAS and convolution kernels pick
+different blockings for different batch sizes, which changes float rounding, so an
+image's pixels would depend on which images it happened to be batched with. A record's
+pixels depend only on the record, the model and the platform. Throughput on a GPU comes
+from running several codec workers per device (the pipeline's actor pools), and full-size
+photos keep a GPU busy at batch one.
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -91,53 +96,44 @@ class CorrDiffCodec:
         return self.model.config.diffusion.steps
 
     # ----------------------------------------------------------------- encode
-    def encode(self, images: Sequence[np.ndarray], batch_size: int = 8, seed: int = 0,
-               steps: int | None = None) -> list[bytes]:
+    def encode(self, images: Sequence[np.ndarray], seed: int = 0, steps: int | None = None) -> list[bytes]:
         """Compress HxWx3 uint8 images into records (one per image, in order).
 
         ``seed`` seeds x_T (stored in the record); ``steps`` defaults to the model's.
         """
-        return [e.record for e in self.encode_detailed(images, batch_size=batch_size, seed=seed, steps=steps)]
+        return [e.record for e in self.encode_detailed(images, seed=seed, steps=steps)]
 
     @torch.no_grad()
-    def encode_detailed(self, images: Sequence[np.ndarray], batch_size: int = 8, seed: int = 0,
+    def encode_detailed(self, images: Sequence[np.ndarray], seed: int = 0,
                         steps: int | None = None) -> list[EncodedImage]:
         """Like :meth:`encode`, also returning each image's exact corrdiff reconstruction."""
         checked = [_check_image(image, i) for i, image in enumerate(images)]
-        results: list[EncodedImage | None] = [None] * len(checked)
-        for indices in _batches([_padded(im.shape[0], im.shape[1]) for im in checked], batch_size):
-            for i, encoded in zip(indices, self._encode_batch([checked[i] for i in indices], seed, steps or self.default_steps)):
-                results[i] = encoded
-        return results  # type: ignore[return-value]
+        return [self._encode_one(image, seed, steps or self.default_steps) for image in checked]
 
-    def _encode_batch(self, images: list[np.ndarray], seed: int, steps: int) -> list[EncodedImage]:
+    def _encode_one(self, image: np.ndarray, seed: int, steps: int) -> EncodedImage:
         model = self.model
-        x = torch.stack([pad_to_stride(_to_tensor(im)) for im in images]).to(self.device)
-        mask = _valid_mask(images, x.shape, self.device)
-        streams, y_hat = model.latent.compress(x)
+        height, width = image.shape[:2]
+        x = pad_to_stride(_to_tensor(image))[None].to(self.device)
+        mask = torch.zeros_like(x[:, :1])
+        mask[..., :height, :width] = 1.0  # gamma is fitted on the image's own pixels, not its padding
+        (streams,), y_hat = model.latent.compress(x)
         x_e = model.reconstruct_e2e(y_hat)
         target = x * 2.0 - 1.0
-        x_start = initial_state(x_e, self._noise(len(images), x.shape, seed), model.schedule)
+        x_start = initial_state(x_e, self._noise(x.shape, seed), model.schedule)
         denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
         fit = lambda step, x0_theta: self.gamma_fitter(target, x0_theta, x_e, mask)  # noqa: E731
         out, gammas = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, fit)
-        pixels = _to_uint8(out)
-        encoded = []
-        for i, image in enumerate(images):
-            height, width = image.shape[:2]
-            record = Record(
-                model_id=self.model_id, height=height, width=width,
-                pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
-                gammas=tuple(float(g) for g in gammas[i].cpu()),
-                z_string=streams[i].z, y_string=streams[i].y,
-            )
-            encoded.append(EncodedImage(record.to_bytes(), pixels[i, :height, :width].copy(), record.gammas))
-        return encoded
+        record = Record(
+            model_id=self.model_id, height=height, width=width,
+            pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
+            gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_string=streams.y,
+        )
+        return EncodedImage(record.to_bytes(), _to_uint8(out)[:height, :width], record.gammas)
 
     # ----------------------------------------------------------------- decode
     @torch.no_grad()
-    def decode(self, records: Sequence[bytes], mode: DecodeMode = "corrdiff", steps: int | None = None,
-               batch_size: int = 8) -> list[np.ndarray]:
+    def decode(self, records: Sequence[bytes], mode: DecodeMode = "corrdiff",
+               steps: int | None = None) -> list[np.ndarray]:
         """Reconstruct images from records.
 
         ``mode``: "corrdiff" (the transmitted gammas; the step count is the record's),
@@ -150,13 +146,7 @@ class CorrDiffCodec:
         parsed = [self.parse(record) for record in records]
         if mode == "corrdiff" and steps is not None and any(r.steps != steps for r in parsed):
             raise ValueError("corrdiff decoding uses the record's own step count; leave steps=None")
-        results: list[np.ndarray | None] = [None] * len(parsed)
-        keys = [(r.padded_size, r.steps if mode == "corrdiff" else 0) for r in parsed]
-        for indices in _batches(keys, batch_size):
-            batch = [parsed[i] for i in indices]
-            for i, image in zip(indices, self._decode_batch(batch, mode, steps or self.default_steps)):
-                results[i] = image
-        return results  # type: ignore[return-value]
+        return [self._decode_one(record, mode, steps or self.default_steps) for record in parsed]
 
     def parse(self, data: bytes) -> Record:
         """Parse and verify a record, and check that this codec's model wrote it."""
@@ -165,32 +155,28 @@ class CorrDiffCodec:
             raise ModelMismatchError(record.model_id.hex(), self.model_id_hex)
         return record
 
-    def _decode_batch(self, records: list[Record], mode: DecodeMode, steps: int) -> list[np.ndarray]:
+    def _decode_one(self, record: Record, mode: DecodeMode, steps: int) -> np.ndarray:
         model = self.model
-        streams = [LatentBitstreams(z=r.z_string, y=r.y_string) for r in records]
-        y_hat = model.latent.decompress(streams, records[0].padded_size).to(self.device)
+        streams = LatentBitstreams(z=record.z_string, y=record.y_string)
+        y_hat = model.latent.decompress([streams], record.padded_size).to(self.device)
         x_e = model.reconstruct_e2e(y_hat)
         if mode == "e2e":
             out = x_e
         else:
-            shape = (len(records), 3, *records[0].padded_size)
-            noise = torch.cat([self._noise(1, shape, r.seed) for r in records])
-            x_start = initial_state(x_e, noise, model.schedule)
+            x_start = initial_state(x_e, self._noise(x_e.shape, record.seed), model.schedule)
             denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
             if mode == "corrdiff":
-                table = torch.tensor([r.gammas for r in records], dtype=torch.float32, device=self.device)
+                table = torch.tensor([record.gammas], dtype=torch.float32, device=self.device)
                 rule = lambda step, x0_theta: table[:, step]  # noqa: E731
-                steps = records[0].steps
+                steps = record.steps
             else:
-                rule = lambda step, x0_theta: torch.zeros(len(records), device=self.device)  # noqa: E731
+                rule = lambda step, x0_theta: torch.zeros(1, device=self.device)  # noqa: E731
             out, _ = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, rule)
-        pixels = _to_uint8(out)
-        return [pixels[i, :r.height, :r.width].copy() for i, r in enumerate(records)]
+        return _to_uint8(out)[:record.height, :record.width]
 
-    def _noise(self, count: int, shape: torch.Size | tuple[int, ...], seed: int) -> Tensor:
-        """x_T noise from a seeded CPU generator: identical on every device (one draw per image)."""
-        draws = [torch.randn((3, *shape[-2:]), generator=torch.Generator().manual_seed(seed)) for _ in range(count)]
-        return torch.stack(draws).to(self.device)
+    def _noise(self, shape: torch.Size | tuple[int, ...], seed: int) -> Tensor:
+        """x_T noise from a seeded CPU generator: identical on every device."""
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
 
 
 def _check_image(image: np.ndarray, index: int) -> np.ndarray:
@@ -203,31 +189,11 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
     return image
 
 
-def _padded(height: int, width: int) -> tuple[int, int]:
-    return height + pad_amount(height), width + pad_amount(width)
-
-
-def _batches(keys: Sequence[object], batch_size: int) -> list[list[int]]:
-    """Indices grouped by key (images that can share a tensor), in chunks of batch_size."""
-    groups: dict[object, list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        groups[key].append(i)
-    return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
-
-
 def _to_tensor(image: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 def _to_uint8(x: Tensor) -> np.ndarray:
-    """[-1, 1] (B, 3, H, W) -> (B, H, W, 3) uint8, rounded to nearest."""
-    scaled = ((x.float() + 1.0) * 127.5).clamp(0.0, 255.0).round()
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _valid_mask(images: list[np.ndarray], shape: torch.Size, device: torch.device) -> Tensor:
-    """1 on each image's own pixels, 0 on its padding: gamma is fitted on real pixels only."""
-    mask = torch.zeros((shape[0], 1, shape[2], shape[3]), device=device)
-    for i, image in enumerate(images):
-        mask[i, :, :image.shape[0], :image.shape[1]] = 1.0
-    return mask
+    """[-1, 1] (1, 3, H, W) -> (H, W, 3) uint8, rounded to nearest."""
+    scaled = ((x[0].float() + 1.0) * 127.5).clamp(0.0, 255.0).round()
+    return scaled.to(torch.uint8).permute(1, 2, 0).cpu().numpy()

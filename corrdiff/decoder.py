@@ -7,7 +7,7 @@ the "e2e" decode mode; inside the sampler it is the anchor the gammas pull towar
 
 from __future__ import annotations
 
-from compressai.layers import GDN
+from corrdiff.layers import GDN
 from torch import Tensor, nn
 
 

@@ -98,11 +98,11 @@ class FixedPointHyperSynthesis(nn.Module):
             )
             if shift < 0:
                 raise ValueError(f"hyper-synthesis layer {i} has a weight of {largest}, too large for fixed point")
-            w_q = torch.round(weight * 2.0**shift).to(torch.int32)
-            b_q = torch.round(bias * 2.0 ** (shift + ACT_FRAC_BITS)).to(torch.int64)
+            w_q = torch.round(weight * 2.0**shift)
+            b_q = torch.round(bias * 2.0 ** (shift + ACT_FRAC_BITS))
             _check_exact(w_q, b_q, layer=i)
-            getattr(self, f"weight_{i}").copy_(w_q)
-            getattr(self, f"bias_{i}").copy_(b_q)
+            getattr(self, f"weight_{i}").copy_(w_q.to(torch.int32))
+            getattr(self, f"bias_{i}").copy_(b_q.to(torch.int64))
             getattr(self, f"shift_{i}").fill_(shift)
 
     def forward(self, z_fixed: Tensor) -> Tensor:
@@ -137,8 +137,11 @@ def exact_conv2d(a: Tensor, weight: Tensor, bias: Tensor, kernel: int) -> Tensor
 
 
 def _check_exact(w_q: Tensor, b_q: Tensor, layer: int) -> None:
-    """Prove that no partial sum of this layer can reach 2^53 for any admissible input."""
-    worst = w_q.abs().to(torch.float64).flatten(1).sum(1) * ACT_MAX + b_q.abs().to(torch.float64)
+    """Prove that no partial sum of this layer can reach 2^53 for any admissible input.
+
+    Takes the rounded weights and biases still in float64, before any integer cast could wrap.
+    """
+    worst = w_q.abs().flatten(1).sum(1) * ACT_MAX + b_q.abs()
     if float(worst.max()) >= EXACT_LIMIT:
         raise ValueError(f"hyper-synthesis layer {layer} could overflow exact float64 sums")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from compressai.ans import RansDecoder, RansEncoder
 from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
-from compressai.layers import GDN
+from corrdiff.layers import GDN
 from torch import Tensor, nn
 
 from corrdiff.config import LatentConfig

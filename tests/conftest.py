@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny randomly initialised codec (fast on two CPU cores) and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from corrdiff import CorrDiffCodec, tiny_config
+
+
+@pytest.fixture(scope="session")
+def codec() -> CorrDiffCodec:
+    return CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def other_codec() -> CorrDiffCodec:
+    return CorrDiffCodec.from_config(tiny_config(), seed=1, device="cpu")
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth random colour field with some texture: more like a photo than white noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.zeros((height, width, 3))
+    for c in range(3):
+        fy, fx, phase = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6.28)]
+        image[..., c] = 128 + 80 * np.sin(fy * yy + fx * xx + phase)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def images() -> list[np.ndarray]:
+    return [smooth_image(h, w, seed=i) for i, (h, w) in enumerate([(1, 1), (37, 5), (333, 500), (64, 64)])]
+
+
+@pytest.fixture(scope="session")
+def encoded(codec: CorrDiffCodec, images: list[np.ndarray]):
+    return codec.encode_detailed(images)

@@ -1,0 +1,182 @@
+"""End-to-end behaviour of the public codec API on a tiny random model."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from corrdiff import CorrDiffCodec, ModelMismatchError, RecordError
+from corrdiff.record import Record
+
+from conftest import smooth_image
+
+
+def test_decode_equals_encoder_simulation_exactly(codec, images, encoded):
+    decoded = codec.decode([e.record for e in encoded])
+    for image, enc, dec in zip(images, encoded, decoded):
+        assert dec.shape == image.shape and dec.dtype == np.uint8
+        assert np.array_equal(dec, enc.reconstruction)
+
+
+@pytest.mark.parametrize("mode", ["e2e", "diffusion", "corrdiff"])
+def test_every_mode_returns_the_original_size(codec, images, encoded, mode):
+    for image, dec in zip(images, codec.decode([e.record for e in encoded], mode=mode)):
+        assert dec.shape == image.shape and dec.dtype == np.uint8
+
+
+def test_bpp_comes_from_the_record_bytes(encoded, images):
+    for enc, image in zip(encoded, images):
+        assert enc.bpp == 8 * len(enc.record) / (image.shape[0] * image.shape[1])
+        record = Record.from_bytes(enc.record)
+        assert len(record.z_string) > 0 and len(record.y_string) > 0
+
+
+def test_gamma_zero_record_decodes_like_diffusion_only(codec, encoded):
+    record = Record.from_bytes(encoded[2].record)
+    zeroed = Record(**{**record.__dict__, "gammas": (0.0,) * record.steps}).to_bytes()
+    corrdiff = codec.decode([zeroed], mode="corrdiff")[0]
+    diffusion = codec.decode([encoded[2].record], mode="diffusion", steps=record.steps)[0]
+    assert np.array_equal(corrdiff, diffusion)
+
+
+def test_gamma_one_record_decodes_like_e2e(codec, encoded):
+    record = Record.from_bytes(encoded[2].record)
+    ones = Record(**{**record.__dict__, "gammas": (1.0,) * record.steps}).to_bytes()
+    corrdiff = codec.decode([ones], mode="corrdiff")[0].astype(int)
+    e2e = codec.decode([ones], mode="e2e")[0].astype(int)
+    # x0_theta + 1 * (x_e - x0_theta) is x_e up to one float rounding, which can flip a .5.
+    assert np.abs(corrdiff - e2e).max() <= 1
+    assert (corrdiff != e2e).mean() < 1e-3
+
+
+def test_gammas_are_fitted_not_constant(encoded):
+    assert len({g for e in encoded for g in e.gammas}) > 1
+
+
+def test_decoding_does_not_depend_on_the_other_records(codec, encoded):
+    records = [e.record for e in encoded]
+    together = codec.decode(records + records[::-1])
+    alone = [codec.decode([r])[0] for r in records]
+    for a, b in zip(together, alone + alone[::-1]):
+        assert np.array_equal(a, b)
+
+
+def _digest(images: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def test_same_bytes_with_one_and_two_threads(codec, encoded):
+    records = [e.record for e in encoded]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _digest(codec.decode(records))
+        torch.set_num_threads(2)
+        two = _digest(codec.decode(records))
+    finally:
+        torch.set_num_threads(previous)
+    assert one == two == _digest([e.reconstruction for e in encoded])
+
+
+def test_same_bytes_in_a_fresh_process(codec, encoded, tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    codec.save_pretrained(weights)
+    for i, e in enumerate(encoded):
+        (tmp_path / f"{i}.cdar").write_bytes(e.record)
+    script = textwrap.dedent(f"""
+        import hashlib, pathlib, torch
+        torch.set_num_threads(1)
+        from corrdiff import CorrDiffCodec
+        codec = CorrDiffCodec.from_pretrained({str(weights)!r}, device="cpu")
+        records = [pathlib.Path({str(tmp_path)!r}, f"{{i}}.cdar").read_bytes() for i in range({len(encoded)})]
+        digest = hashlib.sha256()
+        for image in codec.decode(records):
+            digest.update(image.tobytes())
+        print(digest.hexdigest())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == _digest([e.reconstruction for e in encoded])
+
+
+def test_corrupt_record_is_an_error_not_garbage(codec, encoded):
+    record = bytearray(encoded[2].record)
+    record[len(record) // 2] ^= 0x10
+    with pytest.raises(RecordError, match="checksum"):
+        codec.decode([bytes(record)])
+
+
+def test_truncated_record_is_an_error(codec, encoded):
+    with pytest.raises(RecordError):
+        codec.decode([encoded[2].record[:-7]])
+    with pytest.raises(RecordError, match="truncated"):
+        codec.decode([encoded[2].record[:10]])
+
+
+def test_record_from_another_model_names_both_ids(codec, other_codec, encoded):
+    with pytest.raises(ModelMismatchError) as error:
+        other_codec.decode([encoded[0].record])
+    assert codec.model_id_hex in str(error.value) and other_codec.model_id_hex in str(error.value)
+
+
+def test_corrdiff_mode_refuses_another_step_count(codec, encoded):
+    with pytest.raises(ValueError, match="step count"):
+        codec.decode([encoded[0].record], mode="corrdiff", steps=99)
+
+
+def test_diffusion_mode_takes_any_step_count(codec, encoded):
+    image = codec.decode([encoded[3].record], mode="diffusion", steps=2)[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_unknown_mode_is_rejected(codec, encoded):
+    with pytest.raises(ValueError, match="decode mode"):
+        codec.decode([encoded[0].record], mode="sharpest")
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
+    np.zeros((0, 4, 3), np.uint8),
+])
+def test_invalid_images_are_rejected_clearly(codec, bad):
+    with pytest.raises(ValueError, match="image 0"):
+        codec.encode([bad])
+
+
+def test_encoding_is_deterministic_and_seeded(codec):
+    image = smooth_image(70, 90, seed=5)
+    assert codec.encode([image]) == codec.encode([image])
+    other_seed = codec.encode([image], seed=7)[0]
+    assert Record.from_bytes(other_seed).seed == 7
+    assert other_seed != codec.encode([image])[0]
+    assert codec.decode([other_seed])[0].shape == image.shape
+
+
+def test_weights_round_trip_keeps_the_model_id(codec, tmp_path):
+    path = tmp_path / "m.safetensors"
+    codec.save_pretrained(path)
+    loaded = CorrDiffCodec.from_pretrained(path, device="cpu")
+    assert loaded.model_id == codec.model_id
+
+
+def test_tampered_weights_are_refused(codec, tmp_path):
+    path = tmp_path / "m.safetensors"
+    codec.save_pretrained(path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # flip a bit inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        CorrDiffCodec.from_pretrained(path, device="cpu")
+
+
+def test_unknown_model_name_lists_what_exists():
+    with pytest.raises(FileNotFoundError, match="available models"):
+        CorrDiffCodec.from_pretrained("no-such-model", device="cpu")

@@ -1,0 +1,77 @@
+"""The record format: round trips, and every corruption or truncation is caught."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corrdiff.record import MIN_RECORD_BYTES, Record, RecordError
+
+float16s = st.floats(width=16, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def records(draw) -> Record:
+    height, width = draw(st.integers(1, 5000)), draw(st.integers(1, 5000))
+    return Record(
+        model_id=draw(st.binary(min_size=16, max_size=16)),
+        height=height, width=width, pad_bottom=(-height) % 64, pad_right=(-width) % 64,
+        seed=draw(st.integers(0, 2**32 - 1)),
+        gammas=tuple(draw(st.lists(float16s, min_size=1, max_size=40))),
+        z_string=draw(st.binary(max_size=64)), y_string=draw(st.binary(max_size=256)),
+    )
+
+
+@settings(max_examples=200)
+@given(records())
+def test_round_trip(record):
+    assert Record.from_bytes(record.to_bytes()) == record
+
+
+@settings(max_examples=50)
+@given(records(), st.data())
+def test_any_single_bit_flip_is_detected(record, data):
+    raw = bytearray(record.to_bytes())
+    position = data.draw(st.integers(0, len(raw) - 1))
+    raw[position] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(RecordError):
+        Record.from_bytes(bytes(raw))
+
+
+@settings(max_examples=50)
+@given(records(), st.data())
+def test_any_truncation_is_detected(record, data):
+    raw = record.to_bytes()
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(RecordError):
+        Record.from_bytes(raw[:cut])
+
+
+def test_minimum_size_is_the_empty_record():
+    record = Record(model_id=bytes(16), height=1, width=1, pad_bottom=63, pad_right=63, seed=0,
+                    gammas=(0.5,), z_string=b"", y_string=b"")
+    assert len(record.to_bytes()) == MIN_RECORD_BYTES
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pad_bottom": 3}, "padding"),
+    ({"gammas": ()}, "steps"),
+    ({"gammas": (float("inf"),)}, "non-finite"),
+    ({"model_id": b"short"}, "model id"),
+])
+def test_invalid_fields_are_refused(change, message):
+    fields = dict(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0,
+                  gammas=(0.5,), z_string=b"z", y_string=b"y")
+    with pytest.raises(RecordError, match=message):
+        Record(**{**fields, **change}).to_bytes()
+
+
+def test_unknown_version_is_named():
+    raw = bytearray(Record(model_id=bytes(16), height=1, width=1, pad_bottom=63, pad_right=63, seed=0,
+                           gammas=(0.5,), z_string=b"", y_string=b"").to_bytes())
+    raw[4] = 9
+    import zlib
+    raw[-4:] = zlib.crc32(bytes(raw[:-4])).to_bytes(4, "little")
+    with pytest.raises(RecordError, match="version 9"):
+        Record.from_bytes(bytes(raw))
