@@ -32,6 +32,9 @@ class ScoreNetConfig:
 
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 4)
+    # The U-Net runs on patch_size x patch_size pixel blocks folded into channels
+    # (pixel unshuffle), which divides its cost by patch_size^2.
+    patch_size: int = 1
     res_blocks: int = 2
     latent_cond_channels: int = 16  # y_hat is projected to this many channels, then upsampled
     time_embed_dim: int = 256
@@ -65,13 +68,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        score = dict(data["score"])
-        score["channel_mults"] = tuple(score["channel_mults"])
+        """Build from a (possibly partial) dict, e.g. a YAML section; missing keys keep defaults."""
+        unknown = set(data) - {"latent", "score", "diffusion", "decoder_channels"}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        score = dict(data.get("score", {}))
+        if "channel_mults" in score:
+            score["channel_mults"] = tuple(score["channel_mults"])
         return cls(
-            latent=LatentConfig(**data["latent"]),
+            latent=LatentConfig(**data.get("latent", {})),
             score=ScoreNetConfig(**score),
-            diffusion=DiffusionConfig(**data["diffusion"]),
-            decoder_channels=data["decoder_channels"],
+            diffusion=DiffusionConfig(**data.get("diffusion", {})),
+            decoder_channels=data.get("decoder_channels", cls.decoder_channels),
         )
 
     @classmethod

@@ -32,8 +32,11 @@ def _conv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.Conv2d:
 
 @dataclass
 class LatentForward:
-    """Training-time outputs: the (noisy) latent and the likelihoods that give the rate."""
+    """Training-time outputs: the latent before and after (noisy) quantization, its
+    predicted means, and the likelihoods that give the rate."""
 
+    y: Tensor
+    means: Tensor
     y_hat: Tensor
     y_likelihoods: Tensor
     z_likelihoods: Tensor
@@ -77,7 +80,7 @@ class LatentCodec(nn.Module):
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
         means, positions = self.h_s(z_hat).chunk(2, dim=1)
         y_hat, y_likelihoods = self.gaussian_conditional(y, self.scales(positions), means=means)
-        return LatentForward(y_hat=y_hat, y_likelihoods=y_likelihoods, z_likelihoods=z_likelihoods)
+        return LatentForward(y=y, means=means, y_hat=y_hat, y_likelihoods=y_likelihoods, z_likelihoods=z_likelihoods)
 
     def scales(self, positions: Tensor) -> Tensor:
         """Gaussian scales from positions in the log-uniform scale table (continuous in training)."""

@@ -1,0 +1,128 @@
+"""Training objectives of the three phases (plain PyTorch; the loop lives in jobs/train.py).
+
+Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: distortion
+         scaled by 255^2), plus compressai's auxiliary loss for the z prior's quantiles.
+Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
+         drawn uniformly in (0, t_max], conditioned on the quantized latent.
+Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
+         frozen): rate + lambda * (MSE + w * LPIPS) of the corrected estimate, whose gamma is
+         the differentiable closed form, plus the phase-1 loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from corrdiff.gamma import closed_form_gamma, correct
+from corrdiff.model import CorrDiffModel
+
+PerceptualLoss = Callable[[Tensor, Tensor], Tensor]  # images in [-1, 1] -> per-image loss
+
+
+@dataclass
+class PhaseLoss:
+    """The loss to minimise and the numbers worth logging."""
+
+    loss: Tensor
+    aux_loss: Tensor | None
+    metrics: dict[str, float]
+
+
+def bits(likelihoods: Tensor) -> Tensor:
+    return -torch.log2(likelihoods).sum()
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB of images in [0, 1] from their MSE."""
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def trainable_parameters(model: CorrDiffModel, phase: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(main, auxiliary) parameters of a phase; auxiliary = the z prior's quantiles."""
+    aux = [p for n, p in model.latent.named_parameters() if n.endswith("quantiles")]
+    if phase == 0:
+        modules = [model.latent, model.decoder]
+    elif phase == 1:
+        modules = [model.score]
+    elif phase == 2:
+        modules = [model.latent, model.score]
+    else:
+        raise ValueError(f"unknown training phase {phase}")
+    aux_ids = {id(p) for p in aux}
+    main = [p for m in modules for p in m.parameters() if id(p) not in aux_ids]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in main + (aux if phase != 1 else []):
+        p.requires_grad_(True)
+    return main, (aux if phase != 1 else [])
+
+
+def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float) -> PhaseLoss:
+    out = model.latent(x)
+    x_hat = model.decoder(out.y_hat)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / pixels
+    mse = F.mse_loss(x_hat, x)
+    loss = bpp + lmbda * 255**2 * mse
+    return PhaseLoss(loss, model.latent.aux_loss(), {"bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item())})
+
+
+def _diffusion_pair(model: CorrDiffModel, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """A noisy x_t of x (in [-1, 1]) at random times in (0, t_max], and those times."""
+    t_max = model.schedule.t_max
+    t = (1.0 - torch.rand(x.shape[0], generator=generator)) * t_max
+    a = model.schedule.alpha_bar_tensor(t.double()).float().to(x.device).view(-1, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    return a.sqrt() * x + (1 - a).sqrt() * noise, t.to(x.device)
+
+
+def _quantized_latent(model: CorrDiffModel, x: Tensor) -> Tensor:
+    """y rounded around the predicted means, as at coding time (float h_s; within 1/512)."""
+    latent = model.latent
+    y = latent.g_a(x)
+    z_hat, _ = latent.entropy_bottleneck(latent.h_a(y), training=False)
+    means, _ = latent.h_s(z_hat).chunk(2, dim=1)
+    return torch.round(y - means) + means
+
+
+def phase1_loss(model: CorrDiffModel, x: Tensor, generator: torch.Generator | None = None) -> PhaseLoss:
+    with torch.no_grad():
+        y_hat = _quantized_latent(model, x)
+        x_e = model.reconstruct_e2e(y_hat)
+    target = x * 2 - 1
+    x_t, t = _diffusion_pair(model, target, generator)
+    x0_theta = model.score(x_t, t, x_e, y_hat)
+    loss = F.mse_loss(x0_theta, target)
+    mse01 = loss.item() / 4  # [-1, 1] -> [0, 1]
+    e2e_mse = F.mse_loss(x_e, target).item() / 4
+    return PhaseLoss(loss, None, {"mse": mse01, "psnr": psnr(mse01), "e2e_psnr": psnr(e2e_mse)})
+
+
+def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: PerceptualLoss,
+                perceptual_weight: float, generator: torch.Generator | None = None) -> PhaseLoss:
+    out = model.latent(x)
+    # Straight-through rounding: the decoder side sees quantized values, gradients pass through.
+    y_hat = out.y + (torch.round(out.y - out.means) + out.means - out.y).detach()
+    x_e = model.reconstruct_e2e(y_hat)
+    target = x * 2 - 1
+    x_t, t = _diffusion_pair(model, target, generator)
+    x0_theta = model.score(x_t, t, x_e, y_hat)
+    mask = torch.ones_like(target[:, :1])
+    gamma = closed_form_gamma(target, x0_theta, x_e, mask).float()
+    x0 = correct(x0_theta, x_e, gamma)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / pixels
+    mse = F.mse_loss(x0, target) / 4
+    lp = perceptual(x0, target).mean()
+    diffusion = F.mse_loss(x0_theta, target)
+    loss = bpp + lmbda * 255**2 * (mse + perceptual_weight * lp) + diffusion
+    return PhaseLoss(loss, model.latent.aux_loss(), {
+        "bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item()), "lpips": lp.item(),
+        "gamma": gamma.mean().item(),
+    })

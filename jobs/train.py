@@ -1,0 +1,181 @@
+"""Train a CorrDiff model through its three phases, resumably, and export it.
+
+    python jobs/train.py --config configs/train/photo-0.3.yaml [--data URL] [--output DIR]
+
+Phases (corrdiff/training.py): 0 latent codec + D, 1 score network, 2 perceptual
+fine-tuning. Every ``checkpoint_every`` steps the whole state goes to
+``OUTPUT/checkpoint.pt``; rerunning the same command resumes from it. Losses, bpp and
+PSNR go to ``OUTPUT/log.csv``. At the end the model is frozen (CDF tables, fixed-point
+hyper-synthesis) and written to ``OUTPUT/<name>.safetensors``. Runs on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from corrdiff.config import ModelConfig  # noqa: E402
+from corrdiff.model import CorrDiffModel  # noqa: E402
+from corrdiff.training import PhaseLoss, phase0_loss, phase1_loss, phase2_loss, trainable_parameters  # noqa: E402
+from corrdiff.weights import save_model  # noqa: E402
+from pipeline.training_data import RandomCrops, list_images, load_images  # noqa: E402
+
+LOG_COLUMNS = ["phase", "step", "seconds", "lr", "loss", "bpp", "mse", "psnr", "e2e_psnr", "lpips", "gamma"]
+
+
+@dataclass
+class PhaseConfig:
+    phase: int
+    steps: int
+    lr: float
+    perceptual_weight: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    data: str
+    output: str
+    lmbda: float
+    phases: list[PhaseConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    crop: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    log_every: int = 50
+    checkpoint_every: int = 500
+    storage_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: dict) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text()) | {k: v for k, v in overrides.items() if v is not None}
+        raw["model"] = ModelConfig.from_dict(raw.get("model", {}))
+        raw["phases"] = [PhaseConfig(**p) for p in raw["phases"]]
+        return cls(**raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML training config (configs/train/)")
+    parser.add_argument("--data", help="fsspec URL of a folder of training photos (overrides the config)")
+    parser.add_argument("--output", help="directory for checkpoint, log and model (overrides the config)")
+    parser.add_argument("--device", help="cpu, cuda, or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_yaml(args.config, {"data": args.data, "output": args.output,
+                                                  "device": args.device, "threads": args.threads})
+    model_path = train(config)
+    print(f"model written to {model_path}")
+
+
+def train(config: TrainConfig) -> Path:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = output / "checkpoint.pt"
+
+    torch.manual_seed(config.seed)
+    model = CorrDiffModel(config.model).to(device)
+    start_phase, start_step, saved = 0, 0, None
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        start_phase, start_step = saved["phase_index"], saved["step"]
+        print(f"resuming from {checkpoint_path}: phase index {start_phase}, step {start_step}")
+
+    images = load_images(list_images(config.data, config.storage_options), config.crop, config.storage_options)
+    print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
+    perceptual = _lpips(device) if any(p.phase == 2 for p in config.phases[start_phase:]) else None
+
+    log_exists = (output / "log.csv").exists()
+    with open(output / "log.csv", "a", newline="") as log_file:
+        log = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
+        if not log_exists:
+            log.writeheader()
+        for index in range(start_phase, len(config.phases)):
+            phase = config.phases[index]
+            first = start_step if index == start_phase else 0
+            crops = RandomCrops(images, config.crop, seed=config.seed * 1_000_003 + index * 10_007 + first)
+            main_params, aux_params = trainable_parameters(model, phase.phase)
+            optimizer = torch.optim.Adam(main_params, lr=phase.lr)
+            aux_optimizer = torch.optim.Adam(aux_params, lr=1e-3) if aux_params else None
+            if saved is not None and index == start_phase and first > 0:
+                optimizer.load_state_dict(saved["optimizer"])
+                if aux_optimizer is not None:
+                    aux_optimizer.load_state_dict(saved["aux_optimizer"])
+            model.train()
+            started = time.time()
+            for step in range(first, phase.steps):
+                x = crops.batch(config.batch_size).to(device)
+                result = _loss(model, x, phase, config, perceptual)
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+                optimizer.step()
+                if aux_optimizer is not None and result.aux_loss is not None:
+                    aux_optimizer.zero_grad(set_to_none=True)
+                    result.aux_loss.backward()
+                    aux_optimizer.step()
+                done = step + 1
+                if done % config.log_every == 0 or done == phase.steps:
+                    row = {"phase": phase.phase, "step": done, "seconds": round(time.time() - started, 1),
+                           "lr": phase.lr, "loss": round(result.loss.item(), 5),
+                           **{k: round(v, 5) for k, v in result.metrics.items()}}
+                    log.writerow(row)
+                    log_file.flush()
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                if done % config.checkpoint_every == 0 and done < phase.steps:
+                    _checkpoint(checkpoint_path, model, index, done, optimizer, aux_optimizer)
+            _checkpoint(checkpoint_path, model, index + 1, 0, None, None)
+
+    model.eval().cpu()
+    model.latent.freeze()
+    model_path = output / f"{config.name}.safetensors"
+    save_model(model, model_path)
+    return model_path
+
+
+def _loss(model: CorrDiffModel, x: torch.Tensor, phase: PhaseConfig, config: TrainConfig, perceptual) -> PhaseLoss:
+    if phase.phase == 0:
+        return phase0_loss(model, x, config.lmbda)
+    if phase.phase == 1:
+        return phase1_loss(model, x)
+    return phase2_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight)
+
+
+def _lpips(device: torch.device):
+    import lpips
+
+    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return lambda a, b: net(a, b).flatten(1).mean(1)
+
+
+def _checkpoint(path: Path, model: CorrDiffModel, phase_index: int, step: int,
+                optimizer: torch.optim.Optimizer | None, aux_optimizer: torch.optim.Optimizer | None) -> None:
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    state = {"model": model.state_dict(), "phase_index": phase_index, "step": step,
+             "optimizer": optimizer.state_dict() if optimizer else {},
+             "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else {}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ray Data stages and storage I/O around the corrdiff codec (which knows neither)."""
