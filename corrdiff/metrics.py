@@ -1,0 +1,120 @@
+"""Image quality and rate metrics on HxWx3 uint8 arrays, shared by evaluation, audit and pipeline.
+
+One definition of each metric for the whole project, so that a number in an evaluation
+report, an audit and an archive's quality column means the same thing:
+
+- :func:`psnr`: over all three RGB channels at once, peak 255 (8-bit). No colour
+  conversion (many papers quote PSNR on Y only, which reads higher).
+- :func:`ms_ssim`: pytorch-msssim's MS-SSIM (5 scales, 11-tap Gaussian window,
+  data range 255, mean of the RGB channels). Its five scales need both sides > 160 px,
+  so smaller images get ``None`` rather than an exception or a made-up number.
+- :class:`LPIPS`: the ``lpips`` package with its real ImageNet backbone (installed
+  offline by ``scripts/install_lpips_weights.py``). Lower is better; 0 for identical.
+- :func:`bits_per_pixel`: the rate of a stored object, over the image's own pixels.
+
+Each function takes two arrays of the same shape, one image pair at a time. PSNR and
+MS-SSIM compute in float64 on the CPU; LPIPS runs its network in float32 on the device it
+is given.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pytorch_msssim import ms_ssim as _ms_ssim
+
+PEAK = 255.0
+MS_SSIM_MIN_SIDE = 161  # pytorch-msssim asserts min(H, W) > (win_size - 1) * 2**4 = 160
+
+LpipsNet = Literal["alex", "vgg"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two HxWx3 uint8 images over all RGB values; ``inf`` if they are identical."""
+    _check_pair(a, b)
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(PEAK**2 / mse)
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """MS-SSIM of two HxWx3 uint8 images (1.0 for identical), or ``None`` if a side is <= 160 px.
+
+    MS-SSIM downsamples four times and still needs a full 11-tap window at the coarsest
+    scale, so it is undefined for images whose smaller side is 160 px or less; ``None``
+    says "not measurable", which callers must not average as a number.
+    """
+    _check_pair(a, b)
+    if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
+        return None
+    value = _ms_ssim(_to_nchw(a), _to_nchw(b), data_range=PEAK, size_average=True)
+    return float(value)
+
+
+def bits_per_pixel(num_bytes: int, height: int, width: int) -> float:
+    """Rate of ``num_bytes`` stored bytes (headers included) for a ``height`` x ``width`` image."""
+    if height < 1 or width < 1:
+        raise ValueError(f"empty image {height}x{width}")
+    return 8.0 * num_bytes / (height * width)
+
+
+def lpips_backbone_path(net: LpipsNet) -> Path:
+    """Where torchvision looks for the ImageNet backbone that ``lpips.LPIPS(net=...)`` loads."""
+    import torchvision
+
+    weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net]
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.IMAGENET1K_V1.url).name
+
+
+class LPIPS:
+    """LPIPS distance between two HxWx3 uint8 images: the model is loaded once, reused per call.
+
+    Without its ImageNet backbone in torch's cache, ``lpips`` would try to download it
+    (impossible on our machines) or, worse, run on the wrong weights; the constructor
+    therefore checks for the file first and names the script that installs it.
+    Images need both sides >= :attr:`min_side` (the backbone's pooling stack; measured).
+    """
+
+    _MIN_SIDE: dict[str, int] = {"alex": 31, "vgg": 16}
+
+    def __init__(self, net: LpipsNet = "alex", device: str | torch.device = "cpu") -> None:
+        import lpips
+
+        backbone = lpips_backbone_path(net)
+        if not backbone.is_file():
+            raise FileNotFoundError(
+                f"LPIPS-{net} needs its ImageNet backbone at {backbone}; run scripts/install_lpips_weights.py"
+            )
+        self.net = net
+        self.min_side = self._MIN_SIDE[net]
+        self.device = torch.device(device)
+        with warnings.catch_warnings():
+            # lpips 0.1.4 passes torchvision the deprecated `pretrained=` argument.
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
+            self.model = lpips.LPIPS(net=net, verbose=False).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        """LPIPS(a, b) >= 0, lower is more similar; raises ``ValueError`` below :attr:`min_side`."""
+        _check_pair(a, b)
+        if min(a.shape[:2]) < self.min_side:
+            raise ValueError(f"LPIPS-{self.net} needs both sides >= {self.min_side} px, got {a.shape[1]}x{a.shape[0]}")
+        scaled = [(_to_nchw(x).float() / 127.5 - 1.0).to(self.device) for x in (a, b)]
+        return float(self.model(*scaled).item())
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
+            raise ValueError(f"{name}: expected an HxWx3 uint8 array, got {x.dtype} {x.shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+
+
+def _to_nchw(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 1x3xHxW float64 in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].double()

@@ -1,0 +1,94 @@
+"""Compress an image collection into a CorrDiff Parquet archive.
+
+Locally (starts an embedded Ray cluster):
+    python jobs/compress.py --input s3://bucket/photos/ --output s3://bucket/archive/
+
+On a Ray cluster:
+    ray job submit --working-dir . -- python jobs/compress.py --input ... --output ...
+
+Settings come from the embedded defaults, then --config FILE (YAML, see
+configs/compress.yaml), then the flags. Rerunning the same command resumes: keys already
+in the archive are skipped. Prints a summary and writes it as _summary.json in the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.compress import CompressConfig, run_compress  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="fsspec URL of the images: a folder/prefix, or a manifest file")
+    parser.add_argument("--output", help="fsspec URL of the archive (a folder/prefix of Parquet files)")
+    parser.add_argument("--config", help="YAML config file (configs/compress.yaml documents every key)")
+    parser.add_argument("--input-kind", choices=["files", "tar", "parquet", "manifest"], help="layout of --input")
+    parser.add_argument("--model", help="shipped model name or weights file (default: the default model)")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
+    parser.add_argument("--job-id", help="id recorded in every row (default: time + random suffix)")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> CompressConfig:
+    data: dict = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    data = data or {}
+    data.setdefault("input", {})
+    for flag, section, key in [("input", "input", "url"), ("input_kind", "input", "kind"),
+                               ("model", "codec", "model"), ("device", "codec", "device"),
+                               ("endpoint_url", "storage", "endpoint_url")]:
+        if getattr(args, flag) is not None:
+            data.setdefault(section, {})[key] = getattr(args, flag)
+    if args.output is not None:
+        data["output"] = args.output
+    if args.job_id is not None:
+        data["job_id"] = args.job_id
+    if not data["input"].get("url") or not data.get("output"):
+        raise SystemExit("compress: --input and --output are required (or input.url and output in --config)")
+    return CompressConfig.from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = build_config(args)
+    import ray
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    summary = run_compress(config)
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"archive        {summary['archive']}",
+        f"job            {summary['job_id']}",
+        f"images         {summary['rows']} ({summary['ok']} ok, {summary['errors']} errors)"
+        + ("" if summary["rows"] == summary["unique_keys"] else f"  WARNING: {summary['rows'] - summary['unique_keys']} duplicate keys"),
+        f"bytes          {summary['input_bytes']:,} in -> {summary['archive_bytes']:,} archived"
+        + (f" ({summary['compression_ratio']}x)" if summary["compression_ratio"] else ""),
+        f"mean bpp       {summary['mean_bpp']:.4f}" if summary["mean_bpp"] is not None else "mean bpp       -",
+        f"this run       {summary['processed_this_job']} images in {summary['seconds']} s"
+        + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""),
+    ]
+    if summary["error_reasons"]:
+        lines.append("error reasons  " + json.dumps(summary["error_reasons"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

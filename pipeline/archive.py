@@ -1,0 +1,146 @@
+"""The archive: a Parquet dataset of compressed records, its schema, writer and reader.
+
+The schema (docs/archive.md) is versioned and self-contained: pyarrow, DuckDB or Spark can
+read an archive without this project, and each file's key-value metadata names the model
+and the job's config. The archive is also the job's checkpoint: a file appears under its
+final name only once it is complete (written under a hidden temporary name, then
+renamed; object stores make the upload itself atomic), so on a rerun every key found in a
+readable file is done and is skipped, and a half-written file from a crash is invisible
+(hidden names are ignored by Parquet readers) and is cleaned up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data._internal.execution.interfaces import TaskContext
+
+from pipeline.storage import StorageConfig, filesystem, with_retries
+
+ARCHIVE_SCHEMA_VERSION = "1"
+
+SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("source_bytes", pa.int64()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("record", pa.binary()),
+    pa.field("record_bytes", pa.int64()),
+    pa.field("bpp", pa.float64()),
+    pa.field("psnr", pa.float64()),
+    pa.field("model_id", pa.string()),
+    pa.field("format_version", pa.int16()),
+    pa.field("gammas", pa.list_(pa.float32())),
+    pa.field("steps", pa.int16()),
+    pa.field("encode_seconds", pa.float64()),
+    pa.field("error", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("job_id", pa.string(), nullable=False),
+])
+
+_TEMP_PREFIX = ".tmp-"
+
+
+def is_data_file(path: str) -> bool:
+    """Archive data files: Parquet files not hidden ('.') or internal ('_'), as readers see them."""
+    name = posixpath.basename(path)
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str
+    rows: int
+
+
+class ArchiveDatasink(Datasink[WrittenFile]):
+    """Writes each write task's rows as one Parquet file, atomically, with archive metadata."""
+
+    def __init__(self, url: str, storage: StorageConfig, metadata: dict[str, str], job_id: str,
+                 rows_per_file: int) -> None:
+        self.url, self.storage, self.job_id = url.rstrip("/"), storage, job_id
+        self.rows_per_file = rows_per_file
+        self.schema = SCHEMA.with_metadata({**metadata, "corrdiff.archive_schema": ARCHIVE_SCHEMA_VERSION})
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        fs, root = filesystem(self.url, self.storage)
+        fs.makedirs(root, exist_ok=True)
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> WrittenFile:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return WrittenFile("", 0)
+        table = pa.concat_tables([t.select(SCHEMA.names).cast(SCHEMA) for t in tables]).replace_schema_metadata(
+            self.schema.metadata)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        name = f"part-{self.job_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        fs, root = filesystem(self.url, self.storage)
+        final, temp = posixpath.join(root, name), posixpath.join(root, _TEMP_PREFIX + name)
+        with_retries(lambda: fs.pipe_file(temp, buffer.getvalue()), self.storage, f"write {temp}")
+        with_retries(lambda: fs.mv(temp, final), self.storage, f"rename {temp}")
+        return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
+
+
+def list_data_files(url: str, storage: StorageConfig) -> list[str]:
+    fs, root = filesystem(url, storage)
+    if not fs.exists(root):
+        return []
+    return sorted(p for p in fs.find(root) if is_data_file(p))
+
+
+def clean_incomplete(url: str, storage: StorageConfig) -> list[str]:
+    """Delete temporary files left by a crashed or killed job; return what was removed."""
+    fs, root = filesystem(url, storage)
+    if not fs.exists(root):
+        return []
+    stale = [p for p in fs.find(root) if posixpath.basename(p).startswith(_TEMP_PREFIX)]
+    for path in stale:
+        fs.rm(path)
+    return stale
+
+
+def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Table:
+    """Selected columns of every data file (empty table with the schema if none)."""
+    fs, _ = filesystem(url, storage)
+    files = list_data_files(url, storage)
+    if not files:
+        return SCHEMA.empty_table().select(columns)
+    return pa.concat_tables([pq.read_table(path, columns=columns, filesystem=fs) for path in files])
+
+
+def done_keys(url: str, storage: StorageConfig) -> set[str]:
+    """Keys already in the archive: the resume point of a rerun."""
+    return set(read_columns(url, storage, ["key"]).column("key").to_pylist())
+
+
+def file_metadata(path: str, storage: StorageConfig) -> dict[str, str]:
+    fs, _ = filesystem(path, storage)
+    with fs.open(path, "rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    return {k.decode(): v.decode() for k, v in metadata.items()}
+
+
+def job_metadata(model_name: str, model_id: str, config: dict, job_id: str) -> dict[str, str]:
+    return {
+        "corrdiff.model_name": model_name,
+        "corrdiff.model_id": model_id,
+        "corrdiff.job_id": job_id,
+        "corrdiff.config": json.dumps(config, sort_keys=True, default=str),
+    }

@@ -1,0 +1,139 @@
+"""The compress pipeline's processing stages, as Ray Data batch UDFs.
+
+Each stage follows one contract (NeMo Curator's): it declares its resources and batch
+size, loads anything heavy once (``setup``, called by the actor's constructor), and maps
+a batch of rows to a batch of rows. Failures are per row: a bad image becomes a row with
+an ``error`` reason and flows on to the archive; an exception never escapes a UDF, because
+Ray Data would drop the whole block with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.archive import SCHEMA
+from pipeline.images import ImageDecodeError, decode_image
+
+Batch = dict[str, np.ndarray]
+
+EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)  # stands for "no image" in the ragged pixel column
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """What one worker of a stage asks Ray for, and how many rows it takes at a time."""
+
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+
+
+def decode_batch(batch: Batch, max_pixels: int) -> Batch:
+    """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits)."""
+    n = len(batch["key"])
+    pixels = np.empty(n, dtype=object)
+    errors = np.array(batch["error"], dtype=object)
+    sizes = np.full(n, -1, dtype=np.int64)
+    digests = np.empty(n, dtype=object)
+    for i, data in enumerate(batch["data"]):
+        pixels[i] = EMPTY_PIXELS
+        if data is None or errors[i] is not None:
+            errors[i] = errors[i] or "no image bytes"
+            continue
+        data = bytes(data)
+        sizes[i] = len(data)
+        digests[i] = hashlib.sha256(data).hexdigest()
+        try:
+            pixels[i] = decode_image(data, max_pixels)
+        except ImageDecodeError as error:
+            errors[i] = str(error)
+        except Exception as error:  # noqa: BLE001 - a decoder bug must not drop the block
+            errors[i] = f"decode failed: {type(error).__name__}: {error}"
+    return {
+        "key": np.asarray(batch["key"], dtype=object),
+        "source_uri": np.asarray(batch["source_uri"], dtype=object),
+        "source_bytes": sizes,
+        "source_sha256": digests,
+        "pixels": pixels,
+        "error": errors,
+    }
+
+
+class EncodeStage:
+    """Actor stage: runs the codec on decoded images and emits archive rows."""
+
+    def __init__(self, model: str | None, model_id: str, device: str, seed: int, steps: int | None,
+                 torch_threads: int | None, job_id: str) -> None:
+        self.model, self.model_id, self.device, self.seed, self.steps = model, model_id, device, seed, steps
+        self.torch_threads, self.job_id = torch_threads, job_id
+        self.setup()
+
+    def setup(self) -> None:
+        """Load the model once per actor, by name so that each node resolves its own copy,
+        and refuse to run if that copy is not the model the job planned with."""
+        import torch
+
+        from corrdiff import CorrDiffCodec
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        device = None if self.device == "auto" else self.device
+        self.codec = CorrDiffCodec.from_pretrained(self.model, device=device)
+        if self.codec.model_id_hex != self.model_id:
+            raise RuntimeError(f"worker loaded model {self.codec.model_id_hex}, the job uses {self.model_id}")
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        from corrdiff.metrics import psnr
+        from corrdiff.record import FORMAT_VERSION
+
+        n = len(batch["key"])
+        out: dict[str, list[Any]] = {name: [None] * n for name in (
+            "record", "record_bytes", "bpp", "psnr", "width", "height", "gammas", "steps", "encode_seconds",
+        )}
+        errors = list(batch["error"])
+        for i, pixels in enumerate(batch["pixels"]):
+            if errors[i] is not None:
+                continue
+            pixels = np.asarray(pixels, dtype=np.uint8)
+            out["height"][i], out["width"][i] = int(pixels.shape[0]), int(pixels.shape[1])
+            started = time.perf_counter()
+            try:
+                (encoded,) = self.codec.encode_detailed([pixels], seed=self.seed, steps=self.steps)
+            except Exception as error:  # noqa: BLE001 - one failing image must not fail its batch
+                errors[i] = f"encode failed: {type(error).__name__}: {error}"
+                continue
+            out["encode_seconds"][i] = time.perf_counter() - started
+            out["record"][i] = encoded.record
+            out["record_bytes"][i] = len(encoded.record)
+            out["bpp"][i] = encoded.bpp
+            out["psnr"][i] = psnr(pixels, encoded.reconstruction)
+            out["gammas"][i] = list(encoded.gammas)
+            out["steps"][i] = len(encoded.gammas)
+        now = datetime.now(timezone.utc)
+        ok = [e is None for e in errors]
+        sizes = [int(v) if v >= 0 else None for v in batch["source_bytes"]]
+        return pa.Table.from_pydict({
+            "key": list(batch["key"]),
+            "source_uri": list(batch["source_uri"]),
+            "source_bytes": sizes,
+            "source_sha256": list(batch["source_sha256"]),
+            **out,
+            "model_id": [self.codec.model_id_hex if good else None for good in ok],
+            "format_version": [FORMAT_VERSION if good else None for good in ok],
+            "error": errors,
+            "created_at": [now] * n,
+            "job_id": [self.job_id] * n,
+        }, schema=SCHEMA)
+
+
+def default_threads(actors: int) -> int:
+    """Torch threads per encode actor: the machine's cores shared among its actors."""
+    return max(1, (os.cpu_count() or 1) // max(1, actors))

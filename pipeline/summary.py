@@ -1,0 +1,59 @@
+"""The job summary, computed from the archive itself so that it covers resumed runs too."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from typing import Any
+
+import pyarrow.compute as pc
+
+from pipeline.archive import list_data_files, read_columns
+from pipeline.storage import StorageConfig, filesystem
+
+TOP_REASONS = 10
+
+
+def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float) -> dict[str, Any]:
+    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "job_id"])
+    keys = table.column("key")
+    errors = table.column("error")
+    ok_mask = pc.is_null(errors)
+    error_texts = [e for e in errors.to_pylist() if e is not None]
+    this_job = int(pc.sum(pc.equal(table.column("job_id"), job_id)).as_py() or 0)
+    fs, _ = filesystem(url, storage)
+    archive_bytes = sum(fs.size(p) for p in list_data_files(url, storage))
+    input_bytes = int(pc.sum(table.column("source_bytes")).as_py() or 0)
+    return {
+        "archive": url,
+        "job_id": job_id,
+        "rows": table.num_rows,
+        "unique_keys": pc.count_distinct(keys).as_py(),
+        "ok": int(pc.sum(ok_mask).as_py() or 0),
+        "errors": len(error_texts),
+        "error_reasons": dict(Counter(_reason(e) for e in error_texts).most_common(TOP_REASONS)),
+        "input_bytes": input_bytes,
+        "archive_bytes": archive_bytes,
+        "compression_ratio": round(input_bytes / archive_bytes, 3) if archive_bytes else None,
+        "mean_bpp": pc.mean(pc.filter(table.column("bpp"), ok_mask)).as_py(),
+        "processed_this_job": this_job,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(this_job / seconds, 3) if seconds > 0 else None,
+    }
+
+
+def _reason(error: str) -> str:
+    """Group errors by their kind (the text before the first colon), not by file-specific detail."""
+    return error.split(":", 1)[0]
+
+
+def write_summary(url: str, storage: StorageConfig, summary: dict[str, Any]) -> str:
+    """Write the summary as ``_summary.json`` (latest) and ``_summaries/<job>.json`` (history)."""
+    fs, root = filesystem(url, storage)
+    fs.makedirs(posixpath.join(root, "_summaries"), exist_ok=True)
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    fs.pipe_file(posixpath.join(root, "_summaries", f"{summary['job_id']}.json"), text.encode())
+    latest = posixpath.join(root, "_summary.json")
+    fs.pipe_file(latest, text.encode())
+    return fs.unstrip_protocol(latest)
