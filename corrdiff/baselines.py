@@ -64,9 +64,9 @@ def encode_classic(image: np.ndarray, codec: ClassicCodec, quality: int) -> byte
 
 
 def decode_classic(data: bytes) -> np.ndarray:
-    """Decode a JPEG, WebP or AVIF file to an HxWx3 uint8 array (format from its bytes)."""
+    """Decode a JPEG, WebP or AVIF file to a writable HxWx3 uint8 array (format from its bytes)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def match_bpp(image: np.ndarray, codec: ClassicCodec, target_bpp: float,

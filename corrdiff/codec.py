@@ -190,7 +190,7 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
 
 
 def _to_tensor(image: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.tensor(image).permute(2, 0, 1).float() / 255.0  # a copy: inputs may be read-only
 
 
 def _to_uint8(x: Tensor) -> np.ndarray:

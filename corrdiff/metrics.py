@@ -12,9 +12,9 @@ report, an audit and an archive's quality column means the same thing:
   offline by ``scripts/install_lpips_weights.py``). Lower is better; 0 for identical.
 - :func:`bits_per_pixel`: the rate of a stored object, over the image's own pixels.
 
-Each function takes two arrays of the same shape, one image pair at a time. PSNR and
-MS-SSIM compute in float64 on the CPU; LPIPS runs its network in float32 on the device it
-is given.
+Each function takes two arrays of the same shape, one image pair at a time. PSNR computes
+in float64; MS-SSIM in float32 on the CPU (float64 agrees to about 1e-7 and is about nine
+times slower); LPIPS runs its network in float32 on the device it is given.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class LPIPS:
         _check_pair(a, b)
         if min(a.shape[:2]) < self.min_side:
             raise ValueError(f"LPIPS-{self.net} needs both sides >= {self.min_side} px, got {a.shape[1]}x{a.shape[0]}")
-        scaled = [(_to_nchw(x).float() / 127.5 - 1.0).to(self.device) for x in (a, b)]
+        scaled = [(_to_nchw(x) / 127.5 - 1.0).to(self.device) for x in (a, b)]
         return float(self.model(*scaled).item())
 
 
@@ -116,5 +116,5 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _to_nchw(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 1x3xHxW float64 in [0, 255]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].double()
+    """HxWx3 uint8 -> 1x3xHxW float32 in [0, 255]."""
+    return torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None]  # a copy: inputs may be read-only

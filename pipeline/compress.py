@@ -113,8 +113,11 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> Res
         actors = settings.encode_actors or max(1, int((cpus - 1) // threads))
         actor_gpus = 0.0
         actor_cpus = settings.actor_cpus if settings.actor_cpus is not None else max(0.5, min(threads, cpus - 1))
+    # Decode tasks ask for half a CPU: decoding is light, and a resource shape unlike the
+    # actors' keeps Ray from fusing decode into the encode actors (which would then decode
+    # serially between encodes instead of overlapping with them).
     return ResourcePlan(
-        decode=StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=settings.decode_batch_size),
+        decode=StageResources(num_cpus=0.5, num_gpus=0.0, batch_size=settings.decode_batch_size),
         encode=StageResources(num_cpus=actor_cpus, num_gpus=actor_gpus, batch_size=settings.encode_batch_size),
         actors=actors,
         torch_threads=threads,
@@ -144,7 +147,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     dataset = read_source(config.input, config.storage, done_keys=skip)
     dataset = dataset.map_batches(
         decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.decode.batch_size,
-        batch_format="numpy", num_cpus=plan.decode.num_cpus,
+        batch_format="pyarrow", num_cpus=plan.decode.num_cpus,
     )
     dataset = dataset.map_batches(
         EncodeStage,

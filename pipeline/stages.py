@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ray.data.extensions import ArrowVariableShapedTensorArray
+
 from pipeline.archive import SCHEMA
 from pipeline.images import ImageDecodeError, decode_image
 
@@ -36,35 +38,45 @@ class StageResources:
     batch_size: int
 
 
-def decode_batch(batch: Batch, max_pixels: int) -> Batch:
-    """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits)."""
-    n = len(batch["key"])
-    pixels = np.empty(n, dtype=object)
-    errors = np.array(batch["error"], dtype=object)
-    sizes = np.full(n, -1, dtype=np.int64)
-    digests = np.empty(n, dtype=object)
-    for i, data in enumerate(batch["data"]):
-        pixels[i] = EMPTY_PIXELS
-        if data is None or errors[i] is not None:
-            errors[i] = errors[i] or "no image bytes"
-            continue
-        data = bytes(data)
-        sizes[i] = len(data)
-        digests[i] = hashlib.sha256(data).hexdigest()
-        try:
-            pixels[i] = decode_image(data, max_pixels)
-        except ImageDecodeError as error:
-            errors[i] = str(error)
-        except Exception as error:  # noqa: BLE001 - a decoder bug must not drop the block
-            errors[i] = f"decode failed: {type(error).__name__}: {error}"
-    return {
-        "key": np.asarray(batch["key"], dtype=object),
-        "source_uri": np.asarray(batch["source_uri"], dtype=object),
-        "source_bytes": sizes,
-        "source_sha256": digests,
-        "pixels": pixels,
-        "error": errors,
-    }
+DECODED_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source_uri", pa.string()), ("source_bytes", pa.int64()),
+    ("source_sha256", pa.string()), ("error", pa.string()),
+])
+
+
+def decode_batch(batch: pa.Table, max_pixels: int) -> pa.Table:
+    """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits).
+
+    Returns an Arrow table with explicit types (an all-null column would otherwise be
+    inferred as untyped) and the pixels as a ragged tensor column.
+    """
+    rows = batch.to_pylist()
+    pixels, sizes, digests, errors = [], [], [], []
+    for row in rows:
+        data, error, image = row["data"], row["error"], EMPTY_PIXELS
+        size = digest = None
+        if data is None or error is not None:
+            error = error or "no image bytes"
+        else:
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+            try:
+                image = decode_image(data, max_pixels)
+            except ImageDecodeError as decode_error:
+                error = str(decode_error)
+            except Exception as decode_error:  # noqa: BLE001 - a decoder bug must not drop the block
+                error = f"decode failed: {type(decode_error).__name__}: {decode_error}"
+        pixels.append(image)
+        sizes.append(size)
+        digests.append(digest)
+        errors.append(error)
+    table = pa.Table.from_pydict({
+        "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
+        "source_bytes": sizes, "source_sha256": digests, "error": errors,
+    }, schema=DECODED_SCHEMA)
+    ragged = np.empty(len(pixels), dtype=object)
+    for i, image in enumerate(pixels):  # element-wise: equal shapes must not become one 4-D array
+        ragged[i] = image
+    return table.append_column("pixels", ArrowVariableShapedTensorArray.from_numpy(ragged))
 
 
 class EncodeStage:

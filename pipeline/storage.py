@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 import aiohttp
 import botocore.exceptions
 import fsspec
-import pyarrow as pa
 
 T = TypeVar("T")
 
@@ -78,10 +77,9 @@ class StorageConfig:
         return self._generic_options()
 
     def _s3_options(self) -> dict[str, Any]:
-        options = self._generic_options()
+        options = self._credential_options()
         if self.region:
-            options.pop("region")
-            options["client_kwargs"] = {"region_name": self.region}
+            options["client_kwargs"] = {"region_name": self.region}  # s3fs takes no region= argument
         return options
 
     def _gcs_options(self) -> dict[str, Any]:
@@ -93,10 +91,15 @@ class StorageConfig:
 
     def _generic_options(self) -> dict[str, Any]:
         """The fields under the names most fsspec backends use, passed through as they are."""
+        options = self._credential_options()
+        if self.region:
+            options["region"] = self.region
+        return options
+
+    def _credential_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             name: value
-            for name, value in (("endpoint_url", self.endpoint_url), ("key", self.key),
-                                ("secret", self.secret), ("region", self.region))
+            for name, value in (("endpoint_url", self.endpoint_url), ("key", self.key), ("secret", self.secret))
             if value is not None
         }
         if self.anon:
@@ -122,16 +125,17 @@ def with_retries(fn: Callable[[], T], storage: StorageConfig, what: str) -> T:
     saying what was attempted and how often.
     """
     attempts = max(1, storage.retries)
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         try:
             return fn()
         except Exception as error:
-            if attempt == attempts or not is_transient(error):
+            if attempt >= attempts or not is_transient(error):
                 if attempt > 1:
                     error.add_note(f"{what}: gave up after {attempt} attempts")
                 raise
-            time.sleep(storage.retry_wait * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")  # the loop returns or raises
+        time.sleep(storage.retry_wait * 2 ** (attempt - 1))
+        attempt += 1
 
 
 def is_transient(error: BaseException) -> bool:
@@ -155,6 +159,3 @@ def _client_error_is_transient(error: botocore.exceptions.ClientError) -> bool:
     code = response.get("Error", {}).get("Code", "")
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return code in _TRANSIENT_S3_CODES or status >= 500 or status == 429
-
-
-__all__ = ["StorageConfig", "filesystem", "is_transient", "read_bytes", "with_retries"]

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.images import decode_image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+from pipeline.sources import IMAGE_EXTENSIONS
 
 
 def list_images(url: str, storage_options: dict | None = None) -> list[str]:

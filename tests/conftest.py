@@ -38,3 +38,7 @@ def images() -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def encoded(codec: CorrDiffCodec, images: list[np.ndarray]):
     return codec.encode_detailed(images)
+
+
+from s3 import s3_server  # noqa: F401,E402
+from ray_fixture import ray_local  # noqa: F401,E402

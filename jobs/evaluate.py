@@ -1,0 +1,289 @@
+"""Evaluate a CorrDiff model against JPEG, WebP and AVIF at the same rate, image by image.
+
+    python jobs/evaluate.py --images DIR_OR_URL --model NAME_OR_PATH [--output DIR]
+        [--modes corrdiff,e2e,diffusion] [--baselines jpeg,webp,avif] [--device cpu]
+        [--curve-qualities 5,10,20,30,40,50,60,70,80,90]
+
+Each image is encoded once (``CorrDiffCodec.encode``) and its record decoded in every
+mode, so the numbers are what a reader of the archive gets. The rate is the whole
+record's bits per pixel. Each classic codec is then run on the same image at the quality
+whose file is closest to that record's size (``corrdiff.baselines.match_bpp``), and,
+to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities.
+
+Averages are means of the per-image values (PSNR too: a mean of dB, not the PSNR of the
+mean MSE); MS-SSIM is averaged over the images where it is defined (> 160 px a side).
+Images smaller than LPIPS's minimum (31 px a side) are skipped with a message.
+
+Writes to OUTPUT (default ``runs/eval/<model name>``):
+
+- ``eval.json``: model name and id, library versions, date, per-image and average metrics,
+  and the classic codecs' curves. Strict JSON: an infinite PSNR (identical images) and an
+  undefined MS-SSIM are both ``null``.
+- ``eval.md``: a table with one row per decode mode and baseline.
+- ``rate_quality.png``: PSNR and LPIPS against bpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fsspec
+import matplotlib
+import numpy as np
+import PIL
+import torch
+from PIL import features
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from corrdiff import DECODE_MODES, CorrDiffCodec  # noqa: E402
+from corrdiff import weights  # noqa: E402
+from corrdiff.baselines import CLASSIC_CODECS, decode_classic, encode_classic, match_bpp  # noqa: E402
+from corrdiff.metrics import LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+from pipeline.training_data import list_images  # noqa: E402
+
+METRICS = ("bpp", "psnr", "ms_ssim", "lpips")
+BPP_TOLERANCE = 0.05  # a baseline within 5% of the CorrDiff rate counts as matched
+CURVE_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90)
+CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+LABELS = {**{mode: f"CorrDiff, {mode} decode" for mode in DECODE_MODES},
+          **{codec: f"{name}, matched bpp" for codec, name in CODEC_NAMES.items()}}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate; the command line's flags one to one (modes and codecs as tuples)."""
+
+    images: str
+    model: str
+    output: str
+    modes: tuple[str, ...] = DECODE_MODES
+    baselines: tuple[str, ...] = CLASSIC_CODECS
+    device: str = "cpu"
+    curve_qualities: tuple[int, ...] = CURVE_QUALITIES
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="fsspec URL or folder of test images")
+    parser.add_argument("--model", required=True, help="a shipped model's name or a weights file")
+    parser.add_argument("--output", help="output directory (default runs/eval/<model name>)")
+    parser.add_argument("--modes", default=",".join(DECODE_MODES), help="decode modes, comma-separated")
+    parser.add_argument("--baselines", default=",".join(CLASSIC_CODECS), help="classic codecs, comma-separated ('' for none)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--curve-qualities", default=",".join(map(str, CURVE_QUALITIES)),
+                        help="qualities at which to trace each classic codec's curve, comma-separated")
+    args = parser.parse_args(argv)
+    config = EvalConfig(
+        images=args.images, model=args.model,
+        output=args.output or str(Path("runs/eval") / weights.resolve(args.model).stem),
+        modes=_choices(args.modes, DECODE_MODES, "mode"),
+        baselines=_choices(args.baselines, CLASSIC_CODECS, "baseline"), device=args.device,
+        curve_qualities=tuple(int(q) for q in args.curve_qualities.split(",")),
+    )
+    print(markdown(run(config)))
+
+
+def _choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    chosen = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def run(config: EvalConfig) -> dict:
+    """Evaluate, write eval.json, eval.md and rate_quality.png, and return the report."""
+    model_path = weights.resolve(config.model)
+    codec = CorrDiffCodec.from_pretrained(model_path, device=config.device)
+    lpips = LPIPS("alex", device=config.device)
+    images = _load(config.images, lpips.min_side)
+    per_image = [_evaluate_image(url, image, codec, lpips, config) for url, image in images]
+    report = {
+        "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
+        "images_url": config.images,
+        "modes": list(config.modes),
+        "baselines": list(config.baselines),
+        "versions": _versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "images": per_image,
+        "averages": {method: _average([im["methods"][method] for im in per_image])
+                     for method in [*config.modes, *config.baselines]},
+        "curves": {name: _curve(images, name, config.curve_qualities, lpips) for name in config.baselines},
+    }
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(_strict(report), indent=2, allow_nan=False) + "\n")
+    (output / "eval.md").write_text(markdown(report))
+    _plot(report, output / "rate_quality.png")
+    return report
+
+
+def _load(url: str, min_side: int) -> list[tuple[str, np.ndarray]]:
+    images = []
+    for image_url in list_images(url):
+        with fsspec.open(image_url, "rb") as handle:
+            image = decode_image(handle.read())
+        if min(image.shape[:2]) < min_side:
+            print(f"skipping {image_url}: {image.shape[1]}x{image.shape[0]} is below LPIPS's {min_side} px")
+            continue
+        images.append((image_url, image))
+    if not images:
+        raise SystemExit(f"no image under {url} is large enough to evaluate")
+    return images
+
+
+def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, lpips: LPIPS, config: EvalConfig) -> dict:
+    height, width = image.shape[:2]
+    [record] = codec.encode([image])
+    bpp = bits_per_pixel(len(record), height, width)
+    methods = {}
+    for mode in config.modes:
+        [reconstruction] = codec.decode([record], mode=mode)
+        methods[mode] = {"bpp": bpp, **_quality(image, reconstruction, lpips)}
+    for name in config.baselines:
+        result = match_bpp(image, name, bpp, tolerance=BPP_TOLERANCE)
+        methods[name] = {"bpp": result.bpp, **_quality(image, result.reconstruction, lpips),
+                         "quality": result.quality, "within_tolerance": result.within_tolerance}
+    print(f"{url}: {width}x{height}, {bpp:.4f} bpp, "
+          + ", ".join(f"{m} {v['psnr']:.2f} dB / LPIPS {v['lpips']:.4f}" for m, v in methods.items()), flush=True)
+    return {"url": url, "height": height, "width": width, "record_bytes": len(record), "methods": methods}
+
+
+def _quality(original: np.ndarray, reconstruction: np.ndarray, lpips: LPIPS) -> dict:
+    return {"psnr": psnr(original, reconstruction), "ms_ssim": ms_ssim(original, reconstruction),
+            "lpips": lpips(original, reconstruction)}
+
+
+def _average(results: list[dict]) -> dict:
+    """Mean of each metric over the images where it is defined, and how many those were."""
+    average: dict = {}
+    for metric in METRICS:
+        values = [r[metric] for r in results if r[metric] is not None]
+        average[metric] = float(np.mean(values)) if values else None
+    average["images"] = len(results)
+    average["ms_ssim_images"] = sum(r["ms_ssim"] is not None for r in results)
+    if "within_tolerance" in results[0]:
+        average["within_tolerance"] = sum(r["within_tolerance"] for r in results)
+    return average
+
+
+def _curve(images: list[tuple[str, np.ndarray]], codec: str, qualities: tuple[int, ...], lpips: LPIPS) -> list[dict]:
+    """The codec's average rate and quality at each quality setting, over all images."""
+    curve = []
+    for quality in qualities:
+        results = []
+        for _, image in images:
+            data = encode_classic(image, codec, quality)
+            bpp = bits_per_pixel(len(data), *image.shape[:2])
+            results.append({"bpp": bpp, **_quality(image, decode_classic(data), lpips)})
+        curve.append({"quality": quality, **_average(results)})
+    return curve
+
+
+def _versions() -> dict:
+    return {
+        "corrdiff-archive": _package_version("corrdiff-archive"),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "lpips": _package_version("lpips"),
+        "pytorch-msssim": _package_version("pytorch-msssim"),
+        "libjpeg-turbo": features.version("libjpeg_turbo"),
+        "libwebp": features.version("webp"),
+        "libavif": features.version("avif"),
+    }
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _strict(value):
+    """Infinite and NaN floats -> None, so eval.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def markdown(report: dict) -> str:
+    """The averages as a markdown table, one row per decode mode and baseline."""
+    count = len(report["images"])
+    lines = [
+        f"# {report['model']['name']} (model id `{report['model']['id']}`)",
+        "",
+        f"{count} images from `{report['images_url']}`, {report['date']}. Means over images; "
+        "baselines at the quality closest to each image's CorrDiff rate.",
+        "",
+        "| method | bpp | PSNR (dB) | MS-SSIM | LPIPS |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    notes = []
+    measurable = sum(min(im["height"], im["width"]) > 160 for im in report["images"])
+    if measurable < count:
+        notes.append(f"MS-SSIM over the {measurable} of {count} images larger than 160 px a side.")
+    for method, average in report["averages"].items():
+        cells = [_format(average["bpp"], 4), _format(average["psnr"], 2),
+                 _format(average["ms_ssim"], 4), _format(average["lpips"], 4)]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        if average.get("within_tolerance", count) < count:
+            notes.append(f"{LABELS[method]}: within {BPP_TOLERANCE:.0%} of the CorrDiff rate on {average['within_tolerance']} of "
+                         f"{count} images; the others use the quality with the closest rate (eval.json).")
+    return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])) + "\n"
+
+
+def _format(value: float | None, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+def _plot(report: dict, path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = {"corrdiff": "*", "e2e": "o", "diffusion": "D", "jpeg": "s", "webp": "^", "avif": "v"}
+    for axis, metric, title in zip(axes, ("psnr", "lpips"), ("PSNR (dB), higher is better",
+                                                            "LPIPS-alex, lower is better")):
+        for method, average in report["averages"].items():
+            color = None
+            if method in report["curves"]:
+                points = [(c["bpp"], c[metric]) for c in report["curves"][method] if _finite(c[metric])]
+                (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], "-", alpha=0.6,
+                                    label=f"{CODEC_NAMES[method]} over qualities")
+                color = line.get_color()
+            if _finite(average[metric]):
+                axis.plot(average["bpp"], average[metric], markers[method], color=color,
+                          markersize=11 if method == "corrdiff" else 8, label=LABELS[method])
+        axis.set_xlabel("bits per pixel")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(f"{report['model']['name']}: {len(report['images'])} images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+if __name__ == "__main__":
+    main()

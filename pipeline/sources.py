@@ -1,0 +1,441 @@
+"""Where the images come from: a listing on the driver, the bytes fetched in Ray tasks.
+
+Four kinds of source (docs/sources.md): a folder or prefix of image files, a manifest of
+URIs, WebDataset tar shards, and Parquet files with a binary image column. Each becomes
+one Ray Dataset with the columns key, source_uri, data and error, one row per input image.
+
+Keys. A key names one image for good: the archive stores it, a rerun skips what is already
+archived by key (done_keys), and an audit finds the original by key years later. So a key
+depends only on where the image sits inside the source, never on the bucket, the mount
+point or the time of the run, and it is unique within the source:
+- files: the path relative to the folder/prefix, with '/' separators ("sub/a.jpg");
+- manifest: the manifest's key column if it has one, else the URI as written;
+- tar: "<shard path relative to the prefix, without .tar>/<member name>"
+  ("train/shard-000001/000001.jpg");
+- parquet: the value of the key column (the input must keep it unique across its files:
+  checking that would take a pass over all the data before the first image).
+`source_uri` says where the bytes were read, for people and audits: the full URL
+("s3://bucket/prefix/sub/a.jpg", "/abs/path/a.jpg"), for a tar member
+"<shard url>#<member name>", for a Parquet row "<file url>#<key>".
+
+Failures are rows, not crashes: an image that cannot be read is a row with data null and
+error set, so that a job over millions of objects finishes and says what it missed. A
+corrupt or truncated tar shard yields the members read before the damage, then one row
+keyed "<shard key prefix>/#shard" with error "corrupt tar shard: <reason>"; Parquet files
+likewise end with "<file path without .parquet>/#file" and "corrupt parquet file: <reason>".
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import IO, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray.data
+
+from pipeline.storage import StorageConfig, filesystem, read_bytes, with_retries
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+SourceKind = Literal["files", "tar", "parquet", "manifest"]
+
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string())])
+OUTPUT_SCHEMA = pa.schema(
+    [("key", pa.string()), ("source_uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
+)
+
+SHARD_ERROR_SUFFIX = "#shard"
+FILE_ERROR_SUFFIX = "#file"
+_FETCH_THREADS = 16  # concurrent reads per block: object stores are latency-bound
+_TAR_BLOCK = 512
+_MANIFEST_FORMATS = (".txt", ".csv", ".parquet")
+
+Row = tuple[str, str, bytes | None, str | None]  # key, source_uri, data, error
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """What to read and how its records are laid out."""
+
+    url: str  # folder/prefix (files, tar, parquet) or the manifest file
+    kind: SourceKind = "files"
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # files + tar members; case-insensitive
+    key_column: str = "key"  # parquet input
+    image_column: str = "image"  # parquet input: binary column of encoded image bytes
+    uri_column: str = "uri"  # manifest given as CSV/Parquet; a .txt manifest is one URI per line
+
+
+def list_items(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+    """The driver-side listing (key, source_uri), sorted by key.
+
+    One row per image for files and manifests; one row per shard or file for tar and
+    parquet (key = its path relative to the prefix), whose images are known only once read.
+    """
+    listers: dict[str, Callable[[SourceConfig, StorageConfig], pa.Table]] = {
+        "files": _list_files, "manifest": _list_manifest, "tar": _list_tar, "parquet": _list_parquet,
+    }
+    if source.kind not in listers:
+        raise ValueError(f"unknown source kind {source.kind!r}; expected one of {', '.join(listers)}")
+    return listers[source.kind](source, storage).sort_by("key")
+
+
+def read_source(
+    source: SourceConfig,
+    storage: StorageConfig,
+    done_keys: set[str] | frozenset[str] = frozenset(),
+    rows_per_block: int = 64,
+) -> ray.data.Dataset:
+    """A Dataset of (key, source_uri, data, error), one row per image not in done_keys.
+
+    Files and manifests are filtered before any byte is fetched; tar and Parquet rows are
+    filtered as their shards are expanded, before their bytes leave the task.
+    """
+    if rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
+    listing = list_items(source, storage)
+    if source.kind in ("files", "manifest"):
+        todo = _without_done(listing, done_keys)
+        if todo.num_rows == 0:
+            return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
+        fetch = partial(_fetch_batch, storage=storage)
+        return _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
+    tables_of = _tar_tables if source.kind == "tar" else _parquet_tables
+    expand = partial(
+        _expand,
+        tables_of=partial(tables_of, source=source, storage=storage, done=frozenset(done_keys),
+                          rows_per_block=rows_per_block),
+    )
+    return _blocks(listing, 1).map_batches(expand, batch_format="pyarrow", batch_size=1)
+
+
+# Listing -------------------------------------------------------------------------------
+
+
+def _list_files(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+    return _find(source, storage, _lower(source.extensions), "images")
+
+
+def _list_tar(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+    return _find(source, storage, (".tar",), "tar shards")
+
+
+def _list_parquet(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+    listing = _find(source, storage, (".parquet",), "Parquet files")
+    # One footer read catches a wrong column name before the job starts; a later file
+    # that differs is reported by its task as a '#file' error row.
+    first_uri = listing["source_uri"][0].as_py()
+    fs, path = filesystem(first_uri, storage)
+    schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), storage, f"read the schema of {first_uri}")
+    _check_parquet_schema(schema, source, first_uri)
+    return listing
+
+
+def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...], what: str) -> pa.Table:
+    """Files under the folder/prefix whose names end with a suffix (case-insensitive)."""
+    fs, root = filesystem(source.url, storage)
+    fs.invalidate_cache(root)  # a driver that listed before must see what was added since
+    found = with_retries(lambda: fs.find(root), storage, f"list {source.url}")
+    paths = [path for path in found if path.lower().endswith(suffixes)]
+    if not paths:
+        raise FileNotFoundError(f"no {what} ({', '.join(suffixes)}) under {source.url}")
+    keys = [_relative(path, root) for path in paths]
+    return _listing(keys, [_full_uri(fs, path, source.url) for path in paths])
+
+
+def _relative(path: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+
+
+def _full_uri(fs: fsspec.AbstractFileSystem, path: str, like_url: str) -> str:
+    """The path as a URL with the protocol the user gave; a plain local path stays plain."""
+    return path if fsspec.core.split_protocol(like_url)[0] is None else fs.unstrip_protocol(path)
+
+
+def _list_manifest(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+    data = read_bytes(source.url, storage)
+    suffix = posixpath.splitext(source.url.lower())[1]
+    if suffix == ".txt":
+        lines = (line.strip() for line in data.decode("utf-8").splitlines())
+        uris = [line for line in lines if line and not line.startswith("#")]
+        keys = uris
+    elif suffix in (".csv", ".parquet"):
+        keys, uris = _manifest_columns(_manifest_table(data, suffix, source), source)
+    else:
+        raise ValueError(f"manifest {source.url} must end with one of {', '.join(_MANIFEST_FORMATS)}")
+    _check_manifest(keys, uris, source.url)
+    return _listing(keys, uris)
+
+
+def _manifest_table(data: bytes, suffix: str, source: SourceConfig) -> pa.Table:
+    if suffix == ".parquet":
+        return pq.read_table(pa.BufferReader(data))
+    # Read as text: inferred types would turn a key "000123" into the number 123.
+    as_text = {source.uri_column: pa.string(), source.key_column: pa.string()}
+    return pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(column_types=as_text))
+
+
+def _manifest_columns(table: pa.Table, source: SourceConfig) -> tuple[list[str], list[str]]:
+    if source.uri_column not in table.column_names:
+        raise ValueError(
+            f"manifest {source.url} has no column {source.uri_column!r} (columns: {', '.join(table.column_names)})"
+        )
+    uris = pc.cast(table[source.uri_column], pa.string()).to_pylist()
+    if source.key_column not in table.column_names:
+        return uris, uris
+    return pc.cast(table[source.key_column], pa.string()).to_pylist(), uris
+
+
+def _check_manifest(keys: list[str | None], uris: list[str | None], url: str) -> None:
+    """Refuse what would make keys ambiguous or reads depend on a worker's directory."""
+    if not uris:
+        raise ValueError(f"manifest {url} lists no URIs")
+    if any(not value for value in keys + uris):
+        raise ValueError(f"manifest {url} has rows with an empty key or URI")
+    relative = [uri for uri in uris if fsspec.core.split_protocol(uri)[0] is None and not posixpath.isabs(uri)]
+    if relative:
+        raise ValueError(f"manifest {url} has relative paths (use URLs or absolute paths): {_few(relative)}")
+    duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
+    if duplicates:
+        raise ValueError(
+            f"manifest {url} has {len(duplicates)} duplicate keys (keys must be unique): {_few(duplicates)}"
+        )
+
+
+def _few(values: list[str], shown: int = 5) -> str:
+    more = f" and {len(values) - shown} more" if len(values) > shown else ""
+    return ", ".join(repr(v) for v in values[:shown]) + more
+
+
+def _listing(keys: list[str], uris: list[str]) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string())], schema=LISTING_SCHEMA)
+
+
+def _without_done(listing: pa.Table, done_keys: Iterable[str]) -> pa.Table:
+    done = pa.array(list(done_keys), pa.string())
+    if len(done) == 0:
+        return listing
+    return listing.filter(pc.invert(pc.is_in(listing["key"], value_set=done)))
+
+
+def _blocks(listing: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """The listing as Ray blocks of rows_per_block rows, so that reads spread over tasks.
+
+    Sliced on the driver (zero-copy): a repartition step would be one more task holding a
+    CPU, which on a small cluster keeps the encode actors from starting.
+    """
+    slices = [listing.slice(start, rows_per_block) for start in range(0, listing.num_rows, rows_per_block)]
+    return ray.data.from_arrow(slices or [listing])
+
+
+# Fetching whole objects (files, manifest) ------------------------------------------------
+
+
+def _fetch_batch(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+    """Every object of a block, read concurrently; a failed read becomes an error row."""
+    uris = batch["source_uri"].to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, min(_FETCH_THREADS, len(uris)))) as pool:
+        fetched = list(pool.map(partial(_fetch_one, storage=storage), uris))
+    return _output_table(
+        batch["key"].to_pylist(), uris, [data for data, _ in fetched], [error for _, error in fetched]
+    )
+
+
+def _fetch_one(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
+    try:
+        return read_bytes(uri, storage), None
+    except Exception as error:  # one unreadable object must not drop its block
+        return None, f"read failed: {_reason(error)}"
+
+
+def _reason(error: BaseException) -> str:
+    """A short, stable reason for the error column (with retry notes when there were any)."""
+    if isinstance(error, FileNotFoundError):
+        reason = "not found"
+    elif isinstance(error, PermissionError):
+        reason = "permission denied"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return "; ".join([reason, *getattr(error, "__notes__", [])])
+
+
+def _output_table(
+    keys: list[str], uris: list[str], data: list[bytes | None], errors: list[str | None]
+) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(keys, pa.string()), pa.array(uris, pa.string()), pa.array(data, pa.binary()),
+         pa.array(errors, pa.string())],
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+def _in_tables(rows: Iterable[Row], rows_per_block: int) -> Iterator[pa.Table]:
+    """Rows gathered into tables of at most rows_per_block rows, so memory stays bounded."""
+    pending: list[Row] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == rows_per_block:
+            yield _rows_table(pending)
+            pending = []
+    if pending:
+        yield _rows_table(pending)
+
+
+def _rows_table(rows: list[Row]) -> pa.Table:
+    keys, uris, data, errors = (list(column) for column in zip(*rows))
+    return _output_table(keys, uris, data, errors)
+
+
+# Expanding shards and files (tar, parquet) -------------------------------------------------
+
+
+def _expand(batch: pa.Table, tables_of: Callable[[str, str], Iterator[pa.Table]]) -> Iterator[pa.Table]:
+    """The output tables of each listed shard or file (key, uri) in a block, as they stream."""
+    empty = True
+    for key, uri in zip(batch["key"].to_pylist(), batch["source_uri"].to_pylist()):
+        for table in tables_of(key, uri):
+            empty = False
+            yield table
+    if empty:  # all done already: an empty table keeps the dataset's schema known downstream
+        yield OUTPUT_SCHEMA.empty_table()
+
+
+# Tar shards (WebDataset layout) -------------------------------------------------------------
+
+
+def _tar_tables(
+    shard_key: str, shard_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
+    rows_per_block: int,
+) -> Iterator[pa.Table]:
+    rows = _tar_rows(shard_key, shard_uri, _lower(source.extensions), storage, done)
+    return _in_tables(rows, rows_per_block)
+
+
+def _tar_rows(
+    shard_key: str, shard_uri: str, extensions: tuple[str, ...], storage: StorageConfig, done: frozenset[str]
+) -> Iterator[Row]:
+    """The image members of one shard, streamed; damage ends the shard with a '#shard' row."""
+    prefix = shard_key[: -len(".tar")]
+    try:
+        fs, path = filesystem(shard_uri, storage)
+        with with_retries(lambda: fs.open(path, "rb"), storage, f"open {shard_uri}") as handle:
+            end = yield from _tar_members(handle, prefix, shard_uri, extensions, storage, done)
+            _check_end_of_archive(handle, end, storage, shard_uri)
+    except Exception as error:  # corrupt, truncated or unreadable: record it, keep the rest
+        yield f"{prefix}/{SHARD_ERROR_SUFFIX}", shard_uri, None, f"corrupt tar shard: {_reason(error)}"
+
+
+def _tar_members(
+    handle: IO[bytes],
+    prefix: str,
+    shard_uri: str,
+    extensions: tuple[str, ...],
+    storage: StorageConfig,
+    done: frozenset[str],
+) -> Generator[Row, None, int]:
+    """Stream the tar; returns (as the generator's value) the offset where its members end.
+
+    A member name seen before in the same shard is a copy that a key cannot tell apart:
+    it becomes an error row keyed "<key>#<n>" rather than a second row under one key.
+    """
+    copies: dict[str, int] = {}
+    with tarfile.open(fileobj=_RetryingReader(handle, storage, shard_uri), mode="r|") as archive:
+        for member in archive:
+            if not (member.isfile() and member.name.lower().endswith(extensions)):
+                continue
+            base, uri = f"{prefix}/{member.name}", f"{shard_uri}#{member.name}"
+            copies[base] = copy = copies.get(base, 0) + 1
+            key = base if copy == 1 else f"{base}#{copy}"
+            if key in done:
+                continue  # tarfile skips the unread data
+            if copy == 1:
+                yield key, uri, archive.extractfile(member).read(), None
+            else:
+                yield key, uri, None, f"duplicate member name in tar shard (copy {copy})"
+        return archive.offset
+
+
+def _check_end_of_archive(handle: IO[bytes], offset: int, storage: StorageConfig, shard_uri: str) -> None:
+    """Python's tarfile ends quietly at a cut between members or at garbage; a zero block must follow."""
+    handle.seek(offset)
+    block = with_retries(lambda: handle.read(_TAR_BLOCK), storage, f"read {shard_uri}")
+    if len(block) < _TAR_BLOCK or block.count(0) != _TAR_BLOCK:
+        raise tarfile.ReadError(f"no end-of-archive marker at offset {offset} (truncated or damaged)")
+
+
+class _RetryingReader:
+    """A file's read() with transient errors retried.
+
+    fsspec's buffered files advance their position only after a successful read, so a
+    retried read resumes in place and a long shard survives a dropped connection.
+    """
+
+    def __init__(self, handle: IO[bytes], storage: StorageConfig, uri: str) -> None:
+        self._handle, self._storage, self._what = handle, storage, f"read {uri}"
+
+    def read(self, size: int = -1) -> bytes:
+        return with_retries(lambda: self._handle.read(size), self._storage, self._what)
+
+
+# Parquet files ----------------------------------------------------------------------------
+
+
+def _parquet_tables(
+    file_key: str, file_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
+    rows_per_block: int,
+) -> Iterator[pa.Table]:
+    """One file, a row group at a time (the memory bound); damage ends it with a '#file' row."""
+    columns = [source.key_column, source.image_column]
+    try:
+        fs, path = filesystem(file_uri, storage)
+        with with_retries(lambda: fs.open(path, "rb"), storage, f"open {file_uri}") as handle:
+            parquet = with_retries(lambda: pq.ParquetFile(handle), storage, f"read the footer of {file_uri}")
+            _check_parquet_schema(parquet.schema_arrow, source, file_uri)
+            for index in range(parquet.num_row_groups):
+                group = with_retries(
+                    lambda: parquet.read_row_group(index, columns=columns), storage, f"read {file_uri}"
+                )
+                for start in range(0, group.num_rows, rows_per_block):
+                    yield _parquet_rows(group.slice(start, rows_per_block), file_uri, source, done)
+    except Exception as error:  # corrupt or unreadable: record it, keep what was read
+        key = f"{file_key[: -len('.parquet')]}/{FILE_ERROR_SUFFIX}"
+        yield _output_table([key], [file_uri], [None], [f"corrupt parquet file: {_reason(error)}"])
+
+
+def _parquet_rows(rows: pa.Table, file_uri: str, source: SourceConfig, done: frozenset[str]) -> pa.Table:
+    """Output rows for a slice of a file, the image bytes staying in Arrow buffers."""
+    keys = pc.cast(rows[source.key_column], pa.string())
+    if keys.null_count:
+        raise ValueError(f"null value in key column {source.key_column!r}")
+    data = pc.cast(rows[source.image_column], pa.binary())
+    key_list = keys.to_pylist()
+    uris = pa.array([f"{file_uri}#{key}" for key in key_list], pa.string())
+    errors = pc.if_else(pc.is_null(data), pa.scalar("missing image bytes"), pa.scalar(None, pa.string()))
+    table = pa.Table.from_arrays([keys, uris, data, errors], schema=OUTPUT_SCHEMA)
+    return table.filter(pa.array([key not in done for key in key_list])) if done else table
+
+
+def _check_parquet_schema(schema: pa.Schema, source: SourceConfig, uri: str) -> None:
+    missing = [c for c in (source.key_column, source.image_column) if c not in schema.names]
+    if missing:
+        raise ValueError(
+            f"{uri} has no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)}); "
+            "set SourceConfig.key_column / image_column"
+        )
+    image_type = schema.field(source.image_column).type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise ValueError(f"{uri}: column {source.image_column!r} is {image_type}, expected binary image bytes")
+
+
+def _lower(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(extension.lower() for extension in extensions)

@@ -1,0 +1,115 @@
+"""Classic baselines at a matched rate, and the evaluation job end to end on the tiny model.
+
+Why: a comparison is only fair if the baselines really run at CorrDiff's rate and the rate
+is measured on the bytes a reader stores; and the report's files are what people read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import cbook
+from PIL import Image, features
+
+from conftest import smooth_image
+from corrdiff import CorrDiffCodec, tiny_config
+from corrdiff.baselines import CLASSIC_CODECS, QUALITY_RANGE, decode_classic, encode_classic, match_bpp
+from corrdiff.metrics import lpips_backbone_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grace_hopper() -> np.ndarray:
+    with cbook.get_sample_data("grace_hopper.jpg") as handle:
+        return np.asarray(Image.open(handle).convert("RGB"))
+
+
+def test_pillow_has_avif_built_in() -> None:
+    assert features.check("avif"), "Pillow lacks AVIF: install pillow-avif-plugin or a Pillow built with libavif"
+
+
+@pytest.mark.parametrize("codec", CLASSIC_CODECS)
+def test_classic_round_trip_keeps_the_shape(codec: str) -> None:
+    image = smooth_image(37, 53)
+    decoded = decode_classic(encode_classic(image, codec, 80))
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - image.astype(int)).mean() < 10
+
+
+def test_encode_classic_refuses_out_of_range_quality() -> None:
+    with pytest.raises(ValueError, match="quality"):
+        encode_classic(smooth_image(8, 8), "jpeg", 0)
+
+
+@pytest.mark.parametrize("codec", CLASSIC_CODECS)
+def test_match_bpp_lands_within_five_percent(grace_hopper: np.ndarray, codec: str) -> None:
+    result = match_bpp(grace_hopper, codec, 0.5)
+    height, width = grace_hopper.shape[:2]
+    assert result.within_tolerance and abs(result.bpp - 0.5) <= 0.025, (result.quality, result.bpp)
+    assert result.bpp == 8 * len(result.data) / (height * width)
+    assert np.array_equal(result.reconstruction, decode_classic(result.data))
+
+
+def test_match_bpp_reports_an_unreachable_target(grace_hopper: np.ndarray) -> None:
+    result = match_bpp(grace_hopper, "jpeg", 0.001)  # below JPEG's headers alone
+    assert not result.within_tolerance
+    assert result.quality == QUALITY_RANGE["jpeg"][0]
+
+
+@pytest.fixture(scope="module")
+def evaluate_job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not lpips_backbone_path("alex").is_file(), reason="LPIPS AlexNet weights not installed")
+def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.CaptureFixture[str]) -> None:
+    codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
+    model_path = tmp_path / "tiny.safetensors"
+    codec.save_pretrained(model_path)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    images = {"a.png": smooth_image(176, 200, seed=1), "b.png": smooth_image(64, 80, seed=2),
+              "too_small.png": smooth_image(20, 20, seed=3)}
+    for name, image in images.items():
+        Image.fromarray(image).save(image_dir / name)
+    output = tmp_path / "eval"
+
+    evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
+                       "--curve-qualities", "20,60"])
+
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "too_small.png" in printed
+    report = json.loads((output / "eval.json").read_text())
+    assert report["model"] == {"name": "tiny", "id": codec.model_id_hex, "path": str(model_path)}
+    assert {"torch", "pillow"} <= set(report["versions"]) and report["date"]
+    assert [Path(im["url"]).name for im in report["images"]] == ["a.png", "b.png"]
+    methods = ["corrdiff", "e2e", "diffusion", "jpeg", "webp", "avif"]
+    for entry in report["images"]:
+        image = images[Path(entry["url"]).name]
+        [record] = codec.encode([image])
+        assert entry["record_bytes"] == len(record)
+        assert list(entry["methods"]) == methods
+        for mode in ("corrdiff", "e2e", "diffusion"):
+            assert entry["methods"][mode]["bpp"] == 8 * len(record) / (image.shape[0] * image.shape[1])
+        assert (entry["methods"]["corrdiff"]["ms_ssim"] is None) == (min(image.shape[:2]) <= 160)
+    assert list(report["averages"]) == methods
+    for name in CLASSIC_CODECS:
+        assert [point["quality"] for point in report["curves"][name]] == [20, 60]
+        assert report["curves"][name][0]["bpp"] < report["curves"][name][1]["bpp"]
+
+    table = (output / "eval.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0][2:] for row in rows] == [evaluate_job.LABELS[m] for m in methods]
+    assert table in printed
+    with Image.open(output / "rate_quality.png") as plot:
+        assert plot.format == "PNG" and plot.width > 500

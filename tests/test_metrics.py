@@ -1,0 +1,95 @@
+"""The shared metrics: PSNR and rate by their formulas, MS-SSIM's size limit, LPIPS's behaviour.
+
+Why: evaluation, audit and the archive's quality columns all report these numbers, so a
+wrong peak, a silently padded small image or a backbone with the wrong weights would make
+every report wrong at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib import cbook
+from PIL import Image
+
+from conftest import smooth_image
+from corrdiff.baselines import decode_classic, encode_classic
+from corrdiff.metrics import LPIPS, bits_per_pixel, lpips_backbone_path, ms_ssim, psnr
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A 256x256 crop (the face) of the real photograph that matplotlib ships."""
+    with cbook.get_sample_data("grace_hopper.jpg") as handle:
+        image = np.asarray(Image.open(handle).convert("RGB"))
+    return np.ascontiguousarray(image[100:356, 128:384])
+
+
+def test_psnr_of_identical_images_is_infinite() -> None:
+    image = smooth_image(40, 30)
+    assert psnr(image, image.copy()) == math.inf
+
+
+def test_psnr_of_a_uniform_shift_matches_the_formula() -> None:
+    image = np.clip(smooth_image(40, 30), 0, 250).astype(np.uint8)
+    shifted = image + np.uint8(5)  # every RGB value off by 5: MSE = 25
+    assert psnr(image, shifted) == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-12)
+
+
+def test_metrics_refuse_mismatched_or_non_rgb_inputs() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        psnr(smooth_image(8, 8), smooth_image(8, 9))
+    with pytest.raises(ValueError, match="uint8"):
+        psnr(smooth_image(8, 8).astype(np.float32), smooth_image(8, 8))
+
+
+def test_ms_ssim_is_undefined_up_to_160_pixels_a_side() -> None:
+    small = smooth_image(160, 300)
+    assert ms_ssim(small, small) is None
+    large = smooth_image(161, 300)
+    assert ms_ssim(large, large) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ms_ssim_drops_with_damage(photo: np.ndarray) -> None:
+    damaged = decode_classic(encode_classic(photo, "jpeg", 10))
+    assert 0.0 < ms_ssim(photo, damaged) < 0.99
+
+
+def test_bits_per_pixel_counts_every_byte() -> None:
+    assert bits_per_pixel(1000, 100, 80) == 1.0
+    with pytest.raises(ValueError):
+        bits_per_pixel(10, 0, 5)
+
+
+lpips_weights = pytest.mark.skipif(
+    not lpips_backbone_path("alex").is_file(),
+    reason="ImageNet AlexNet weights not installed; run scripts/install_lpips_weights.py",
+)
+
+
+@pytest.fixture(scope="module")
+def lpips_alex() -> LPIPS:
+    return LPIPS("alex")
+
+
+@lpips_weights
+def test_lpips_of_identical_images_is_zero(lpips_alex: LPIPS, photo: np.ndarray) -> None:
+    assert lpips_alex(photo, photo.copy()) == 0.0
+
+
+@lpips_weights
+def test_lpips_grows_with_jpeg_damage(lpips_alex: LPIPS, photo: np.ndarray) -> None:
+    distances = [lpips_alex(photo, decode_classic(encode_classic(photo, "jpeg", q))) for q in (90, 50, 10)]
+    assert distances[0] < distances[1] < distances[2], distances
+    assert distances[2] > 0.1, distances  # heavy blocking is far above noise for the real backbone
+
+
+@lpips_weights
+def test_lpips_refuses_images_below_its_minimum(lpips_alex: LPIPS) -> None:
+    assert lpips_alex.min_side == 31
+    image = smooth_image(lpips_alex.min_side, 64)
+    assert lpips_alex(image, image) == 0.0
+    with pytest.raises(ValueError, match="31 px"):
+        lpips_alex(image[:30], image[:30])

@@ -1,0 +1,371 @@
+"""Storage access and image sources: keys, URIs, bytes, resume filtering and failures as rows."""
+
+from __future__ import annotations
+
+import errno
+import io
+import tarfile
+from pathlib import Path
+
+import botocore.exceptions
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+from PIL import Image
+
+from pipeline import storage as storage_module
+from pipeline.sources import OUTPUT_SCHEMA, SourceConfig, _tar_rows, list_items, read_source
+from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
+
+LOCAL = StorageConfig(retry_wait=0.01)
+
+
+def png(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (seed * 40 % 256, seed * 90 % 256, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def collect(dataset: ray.data.Dataset) -> dict[str, dict]:
+    """Every row by key, after checking the exact output schema and key uniqueness."""
+    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
+    table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+    assert table.schema.equals(OUTPUT_SCHEMA), table.schema
+    rows = table.to_pylist()
+    assert len({row["key"] for row in rows}) == len(rows), "keys must be unique"
+    return {row["key"]: row for row in rows}
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def tar_layout(data: bytes) -> dict[str, tuple[int, int]]:
+    """Where each member's header starts and its data ends, to cut a shard at a chosen place."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return {member.name: (member.offset, member.offset_data + member.size) for member in archive.getmembers()}
+
+
+def parquet_bytes(keys: list[str], images: list[bytes | None], row_group_size: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    table = pa.table({"id": keys, "bytes": pa.array(images, pa.binary()), "label": list(range(len(keys)))})
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    return buffer.getvalue()
+
+
+# Storage ---------------------------------------------------------------------------------
+
+
+def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
+
+
+def wrapped(error: BaseException) -> OSError:
+    """What s3fs raises for an S3 error code it does not know: OSError(EIO) caused by it."""
+    oserror = OSError(errno.EIO, str(error))
+    oserror.__cause__ = error
+    return oserror
+
+
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (ConnectionResetError("reset"), True),
+        (TimeoutError("slow"), True),
+        (OSError(errno.EIO, "i/o"), True),
+        (OSError(errno.EBUSY, "SlowDown"), True),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), True),
+        (client_error("SlowDown", 503), True),
+        (client_error("Whatever", 500), True),
+        (wrapped(client_error("Whatever", 502)), True),
+        (FileNotFoundError("gone"), False),
+        (PermissionError("denied"), False),
+        (IsADirectoryError("dir"), False),
+        (NotADirectoryError("file"), False),
+        (OSError(errno.EINVAL, "InvalidRange"), False),
+        (wrapped(client_error("Whatever", 400)), False),
+        (client_error("AccessDenied", 403), False),
+        (botocore.exceptions.NoCredentialsError(), False),
+        (ValueError("bad"), False),
+    ],
+)
+def test_is_transient(error, transient):
+    assert is_transient(error) is transient
+
+
+def test_with_retries_backs_off_then_succeeds(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(storage_module.time, "sleep", waits.append)
+    failures = iter([ConnectionResetError("1"), TimeoutError("2"), OSError(errno.EIO, "3")])
+
+    def flaky() -> str:
+        error = next(failures, None)
+        if error:
+            raise error
+        return "ok"
+
+    assert with_retries(flaky, StorageConfig(retries=4, retry_wait=0.5), "flaky") == "ok"
+    assert waits == [0.5, 1.0, 2.0]
+
+
+def test_with_retries_gives_up_after_the_attempts(monkeypatch):
+    monkeypatch.setattr(storage_module.time, "sleep", lambda seconds: None)
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise ConnectionRefusedError("down")
+
+    with pytest.raises(ConnectionRefusedError) as raised:
+        with_retries(down, StorageConfig(retries=3), "ping")
+    assert len(calls) == 3
+    assert raised.value.__notes__ == ["ping: gave up after 3 attempts"]
+
+
+def test_with_retries_never_retries_permanent_errors(monkeypatch):
+    monkeypatch.setattr(storage_module.time, "sleep", lambda seconds: pytest.fail("slept"))
+    calls = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, StorageConfig(retries=5), "read")
+    assert len(calls) == 1
+
+
+def test_fsspec_options_per_protocol():
+    config = StorageConfig(endpoint_url="http://127.0.0.1:9", key="k", secret="s", region="eu-west-1")
+    assert config.fsspec_options("/data/photos") == {}
+    assert config.fsspec_options("file:///data/photos") == {}
+    assert config.fsspec_options("s3://bucket/prefix") == {
+        "endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s", "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    assert StorageConfig().fsspec_options("s3://bucket") == {}  # all from the environment
+    assert StorageConfig(anon=True).fsspec_options("gs://bucket") == {"token": "anon"}
+    assert StorageConfig(key="k").fsspec_options("memory://x") == {"key": "k"}
+
+
+def test_config_credentials_take_precedence_over_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-environment")
+    fs, path = filesystem("s3://bucket/prefix/a.jpg", StorageConfig(key="from-config", secret="s"))
+    assert (fs.key, path) == ("from-config", "bucket/prefix/a.jpg")
+
+
+# files ------------------------------------------------------------------------------------
+
+
+def test_files_local_keys_uris_bytes_resume_and_a_vanished_file(tmp_path, ray_local):
+    files = {"a.png": png(1), "sub/b.JPG": png(2), "sub/deeper/c.jpeg": png(3), "sub/d.png": png(4)}
+    write_files(tmp_path, {**files, "notes.txt": b"not an image", "sub/e.json": b"{}"})
+    source = SourceConfig(url=str(tmp_path))
+
+    listing = list_items(source, LOCAL)
+    assert listing.column("key").to_pylist() == ["a.png", "sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
+
+    dataset = read_source(source, LOCAL, done_keys={"a.png"}, rows_per_block=2)
+    (tmp_path / "sub/d.png").unlink()  # listed on the driver, gone before the tasks read it
+    rows = collect(dataset)
+
+    assert sorted(rows) == ["sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
+    for key in ("sub/b.JPG", "sub/deeper/c.jpeg"):
+        assert rows[key]["source_uri"] == str(tmp_path / key)
+        assert (rows[key]["data"], rows[key]["error"]) == (files[key], None)
+    assert rows["sub/d.png"]["data"] is None
+    assert rows["sub/d.png"]["error"] == "read failed: not found"
+
+    nothing_left = collect(read_source(source, LOCAL, done_keys=set(files)))
+    assert nothing_left == {}
+
+
+def test_files_on_s3_with_credentials_from_the_environment(s3_server, ray_local):
+    files = {"photos/a.jpg": png(1), "photos/sub/b.png": png(2)}
+    bucket = s3_server.make_bucket({**files, "photos/readme.md": b"#", "photos2/c.jpg": png(3)})
+    environment_only = StorageConfig(endpoint_url=s3_server.endpoint_url)
+
+    rows = collect(read_source(SourceConfig(url=f"{bucket}/photos/"), environment_only))
+
+    assert sorted(rows) == ["a.jpg", "sub/b.png"]  # photos2/ shares the prefix string, not the folder
+    for key, row in rows.items():
+        assert row["source_uri"] == f"{bucket}/photos/{key}"
+        assert (row["data"], row["error"]) == (files[f"photos/{key}"], None)
+
+
+def test_no_images_is_an_error_not_an_empty_archive(tmp_path):
+    write_files(tmp_path, {"notes.txt": b"x"})
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_items(SourceConfig(url=str(tmp_path)), LOCAL)
+
+
+# manifest ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["txt", "csv"])
+def test_manifest_on_s3_with_a_missing_object(form, s3_server, ray_local):
+    bucket = s3_server.make_bucket({"x/a.jpg": png(1), "y/b.png": png(2)})
+    uris = [f"{bucket}/x/a.jpg", f"{bucket}/y/b.png", f"{bucket}/x/missing.jpg"]
+    if form == "txt":
+        manifest, keys = "# images to archive\n\n" + "\n".join(uris) + "\n", uris
+    else:
+        keys = ["0001", "0002", "0003"]  # leading zeros must survive: keys are text
+        manifest = "key,uri,note\n" + "".join(f"{k},{u},n\n" for k, u in zip(keys, uris))
+    s3_server.put(f"{bucket}/lists/manifest.{form}", manifest.encode())
+
+    rows = collect(read_source(SourceConfig(url=f"{bucket}/lists/manifest.{form}", kind="manifest"), s3_server.storage))
+
+    assert sorted(rows) == sorted(keys)
+    assert [rows[k]["source_uri"] for k in keys] == uris
+    assert rows[keys[0]]["data"] == png(1) and rows[keys[1]]["data"] == png(2)
+    assert rows[keys[2]]["data"] is None
+    assert rows[keys[2]]["error"] == "read failed: not found"
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ("key,uri\na,/x/1.jpg\nb,/x/2.jpg\na,/x/3.jpg\n", "1 duplicate keys.*'a'"),
+        ("uri\n/x/1.jpg\nrelative/2.jpg\n", "relative paths.*relative/2.jpg"),
+        ("url\n/x/1.jpg\n", "no column 'uri'"),
+    ],
+)
+def test_manifest_problems_are_refused_at_listing(tmp_path, manifest, message):
+    (tmp_path / "m.csv").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        list_items(SourceConfig(url=str(tmp_path / "m.csv"), kind="manifest"), LOCAL)
+
+
+# tar --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
+    samples = {f"{i:06d}.{ext}": png(i) for i, ext in enumerate(["jpg", "png", "jpg", "png"])}
+    members = {name: data for image, data in samples.items()
+               for name, data in ((image, data), (image.split(".")[0] + ".json", b'{"label": 1}'))}
+    intact = tar_bytes(members)
+    layout = tar_layout(intact)
+    half = len(intact) // 2
+    shards = {
+        "train/shard-0.tar": intact,
+        "train/shard-1.tar": intact[:half],  # cut inside a member
+        "train/shard-2.tar": intact[: layout["000002.jpg"][0]],  # cut between members: tarfile is silent
+        "train/shard-3.tar": b"this is not a tar file" * 30,
+        "train/labels.txt": b"ignored",
+    }
+    if where == "local":
+        write_files(tmp_path, shards)
+        url, storage = str(tmp_path), LOCAL
+    else:
+        url, storage = s3_server.make_bucket(shards), s3_server.storage
+    shard_0_done = "train/shard-0/000003.png"
+
+    rows = collect(read_source(SourceConfig(url=url, kind="tar"), storage, done_keys={shard_0_done}, rows_per_block=3))
+
+    intact_keys = {f"train/shard-0/{name}" for name in samples} - {shard_0_done}
+    cut_keys = {f"train/shard-1/{name}" for name in samples if layout[name][1] <= half}
+    assert 0 < len(cut_keys) < len(samples)
+    expected = intact_keys | cut_keys | {
+        "train/shard-1/#shard", "train/shard-2/000000.jpg", "train/shard-2/000001.png", "train/shard-2/#shard",
+        "train/shard-3/#shard",
+    }
+    assert set(rows) == expected
+    for key in expected - {"train/shard-1/#shard", "train/shard-2/#shard", "train/shard-3/#shard"}:
+        shard, name = key.rsplit("/", 1)
+        assert rows[key]["data"] == samples[name] and rows[key]["error"] is None
+        assert rows[key]["source_uri"] == f"{url}/{shard}.tar#{name}"
+    for shard in ("shard-1", "shard-2", "shard-3"):
+        row = rows[f"train/{shard}/#shard"]
+        assert row["data"] is None and row["error"].startswith("corrupt tar shard: ")
+        assert row["source_uri"] == f"{url}/train/{shard}.tar"
+    assert "end-of-archive" in rows["train/shard-2/#shard"]["error"]
+
+
+class DroppingFile(AbstractBufferedFile):
+    """Serves DroppingFileSystem.data in 1 KiB requests; the first request past the start fails."""
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        if start > 0 and not DroppingFileSystem.dropped:
+            DroppingFileSystem.dropped = True
+            raise ConnectionResetError("connection reset by peer")
+        return DroppingFileSystem.data[start:end]
+
+
+class DroppingFileSystem(AbstractFileSystem):
+    """One object whose connection drops once mid-stream, as object stores' connections do."""
+
+    protocol = "dropping"
+    data = b""
+    dropped = False
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        return DroppingFile(self, path, mode, block_size=1024, size=len(self.data))
+
+    def info(self, path, **kwargs):
+        return {"name": path, "size": len(self.data), "type": "file"}
+
+
+def test_a_connection_dropped_mid_shard_is_retried_in_place(monkeypatch):
+    members = {f"{i:06d}.png": bytes([i]) * 30_000 for i in range(4)}  # larger than tarfile's reads
+    monkeypatch.setattr(DroppingFileSystem, "data", tar_bytes(members))
+    monkeypatch.setattr(DroppingFileSystem, "dropped", False)
+    fsspec.register_implementation("dropping", DroppingFileSystem, clobber=True)
+
+    rows = list(_tar_rows("s.tar", "dropping://s.tar", (".png",), LOCAL, frozenset()))
+
+    assert DroppingFileSystem.dropped
+    assert [(key, data, error) for key, _, data, error in rows] == [(f"s/{n}", d, None) for n, d in members.items()]
+
+
+# parquet ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_parquet_rows_with_a_null_image_a_corrupt_file_and_resume(where, tmp_path, s3_server, ray_local):
+    images = {f"img-{i}": png(i) for i in range(5)}
+    files = {
+        "part/a.parquet": parquet_bytes(["img-0", "img-1", "img-2"], [images["img-0"], None, images["img-2"]],
+                                        row_group_size=2),
+        "b.parquet": parquet_bytes(["img-3", "img-4"], [images["img-3"], images["img-4"]]),
+        "c.parquet": b"PAR1 but not really",
+    }
+    if where == "local":
+        write_files(tmp_path, files)
+        url, storage = str(tmp_path), LOCAL
+    else:
+        url, storage = s3_server.make_bucket(files), s3_server.storage
+    source = SourceConfig(url=url, kind="parquet", key_column="id", image_column="bytes")
+
+    assert list_items(source, storage).column("key").to_pylist() == ["b.parquet", "c.parquet", "part/a.parquet"]
+    rows = collect(read_source(source, storage, done_keys={"img-3"}))
+
+    assert sorted(rows) == ["c/#file", "img-0", "img-1", "img-2", "img-4"]
+    assert rows["img-1"]["data"] is None and rows["img-1"]["error"] == "missing image bytes"
+    for key in ("img-0", "img-2", "img-4"):
+        assert (rows[key]["data"], rows[key]["error"]) == (images[key], None)
+    assert rows["img-0"]["source_uri"] == f"{url}/part/a.parquet#img-0"
+    assert rows["c/#file"]["source_uri"] == f"{url}/c.parquet"
+    assert rows["c/#file"]["data"] is None and rows["c/#file"]["error"].startswith("corrupt parquet file: ")
+
+
+def test_parquet_missing_columns_are_refused_at_listing(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(parquet_bytes(["a"], [b"x"]))
+    with pytest.raises(ValueError, match="no column 'key', 'image'"):
+        list_items(SourceConfig(url=str(tmp_path), kind="parquet"), LOCAL)
