@@ -149,3 +149,87 @@ def test_plan_never_starves_the_readers():
     assert big.actors * big.encode.num_cpus <= 15.0 and big.actors == 3
     gpu = plan_resources(ResourceSettings(), {"CPU": 16.0, "GPU": 2.0})
     assert gpu.actors == 4 and gpu.encode.num_gpus == 0.5
+
+
+def test_s3_input_and_output(ray_local, s3_server, tiny_model):
+    photos = {f"in/{p.name}": p.read_bytes() for p in sorted(EXAMPLES.glob("*.jpg"))[:3]}
+    photos["in/broken.jpg"] = b"\xff\xd8\xff\xe0 truncated jpeg"
+    bucket = s3_server.make_bucket(photos)
+    config = CompressConfig(
+        input=SourceConfig(url=f"{bucket}/in"), output=f"{bucket}/archive", storage=s3_server.storage,
+        codec=CodecSettings(model=str(tiny_model), device="cpu"), resources=ResourceSettings(rows_per_file=2),
+    )
+    summary = run_compress(config)
+    assert summary["rows"] == summary["unique_keys"] == 4 and summary["ok"] == 3 and summary["errors"] == 1
+    listed = s3_server.client.list_objects_v2(Bucket=bucket.removeprefix("s3://"), Prefix="archive/")
+    names = [o["Key"] for o in listed["Contents"]]
+    assert "archive/_summary.json" in names and any(n.endswith(".parquet") for n in names)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server.storage.fsspec_options(bucket))
+    table = pads.dataset(f"{bucket.removeprefix('s3://')}/archive", format="parquet", filesystem=fs).to_table()
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert rows["broken.jpg"]["error"] is not None
+    assert rows["sunset.jpg" if "sunset.jpg" in rows else sorted(rows)[0]]["source_uri"].startswith(bucket)
+
+
+def _tar_shard(path: Path, members: dict[str, bytes]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards(ray_local, tiny_model, tmp_path):
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    (tmp_path / "shards").mkdir()
+    _tar_shard(tmp_path / "shards" / "000000.tar", {
+        "000000.jpg": photos[0].read_bytes(), "000000.json": b"{}", "000001.jpg": photos[1].read_bytes(),
+    })
+    _tar_shard(tmp_path / "shards" / "000001.tar", {"000002.jpg": photos[2].read_bytes(), "000003.jpg": b"garbage"})
+    summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "tar"}))
+    keys = sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist())
+    assert keys == ["000000/000000.jpg", "000000/000001.jpg", "000001/000002.jpg", "000001/000003.jpg"]
+    assert summary["ok"] == 3 and summary["errors"] == 1
+
+
+def test_parquet_input(ray_local, tiny_model, tmp_path):
+    import pyarrow as pa
+
+    photos = sorted(EXAMPLES.glob("*.jpg"))[:3]
+    (tmp_path / "table").mkdir()
+    pq.write_table(pa.table({
+        "id": [p.stem for p in photos] + ["missing"],
+        "jpeg": [p.read_bytes() for p in photos] + [None],
+    }), tmp_path / "table" / "images.parquet")
+    summary = run_compress(_config(str(tmp_path / "table"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "parquet", "key_column": "id", "image_column": "jpeg"}))
+    rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
+    assert sorted(rows) == sorted([p.stem for p in photos] + ["missing"])
+    assert rows["missing"]["error"] == "missing image bytes" and summary["ok"] == 3
+
+
+def test_killed_job_resumes_without_loss_or_duplicates(tiny_model, tmp_path):
+    """A real kill -9 of the whole job (driver and its local cluster), then the same command."""
+    expected = _photo_folder(tmp_path / "in")
+    archive = tmp_path / "archive"
+    command = [sys.executable, str(ROOT / "jobs" / "compress.py"), "--input", str(tmp_path / "in"),
+               "--output", str(archive), "--model", str(tiny_model), "--device", "cpu"]
+    config = tmp_path / "one-row-files.yaml"
+    config.write_text("resources: {rows_per_file: 1, encode_batch_size: 1, decode_batch_size: 1}\nmax_pixels: 300000\n")
+    job = subprocess.Popen([*command, "--config", str(config)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None and len(list(archive.glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    before = len(list(archive.glob("part-*.parquet")))
+    subprocess.run([*command, "--config", str(config)], check=True, capture_output=True, timeout=300)
+    keys = _archive(str(archive)).column("key").to_pylist()
+    assert sorted(keys) == sorted(expected), f"{before} files existed after the kill"
