@@ -113,9 +113,9 @@ def train(config: TrainConfig) -> Path:
             main_params, aux_params = trainable_parameters(model, phase.phase)
             optimizer = torch.optim.Adam(main_params, lr=phase.lr)
             aux_optimizer = torch.optim.Adam(aux_params, lr=1e-3) if aux_params else None
-            if saved is not None and index == start_phase and first > 0:
+            if saved is not None and index == start_phase and first > 0 and saved["optimizer"]:
                 optimizer.load_state_dict(saved["optimizer"])
-                if aux_optimizer is not None:
+                if aux_optimizer is not None and saved["aux_optimizer"]:
                     aux_optimizer.load_state_dict(saved["aux_optimizer"])
             model.train()
             started = time.time()

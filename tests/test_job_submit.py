@@ -1,0 +1,141 @@
+"""`ray job submit` end to end: jobs/compress.py run as a Ray job on a private Ray head.
+
+This is the way the README tells users to run the compressor on a cluster, so it is tested
+the same way: a real `ray start --head`, a real `ray job submit --working-dir <repo>`, the
+job's own Python process importing the uploaded copy of the repository.
+
+Isolation from every other Ray cluster on the machine (the `ray_local` cluster that other
+tests start inside this very pytest process, other sessions' clusters):
+- the head gets its own free ports (GCS, dashboard, client server, dashboard agent) and its
+  own temp dir, so it writes no `/tmp/ray/ray_current_cluster` and an address-less
+  `ray.init()` elsewhere never joins it; the temp dir is short because Ray's Unix socket
+  paths (<temp dir>/session_<date>_<pid>/sockets/plasma_store) must fit in 107 bytes;
+- RAY_AUTH_MODE=disabled and RAY_ADDRESS are set only in the subprocesses' environment;
+- teardown does NOT run `ray stop`: it has no address or temp-dir filter and kills every
+  Ray process on the machine (it matches process names). Instead it kills exactly the
+  processes of this cluster: those whose command line names its private folder (GCS,
+  raylet, dashboard, agents, the job's driver) and all their descendants (the workers,
+  whose command line Ray rewrites to `ray::...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as pads
+import pytest
+
+from corrdiff import CorrDiffCodec, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "photos"
+BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job runs
+PHOTOS = ["aitzgorri.jpg", "life.jpg", "sunset.jpg"]
+SUBMISSION_ID = "corrdiff-test-job-submit"
+# Ignored folders are left out by .gitignore already (Ray honours it); these are the rest.
+EXCLUDES = [".git", ".hypothesis", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", "runs", "data"]
+JOB_TIMEOUT_S = 100
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:3])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _kill_cluster(marker: str) -> None:
+    """Kill this test's cluster only: processes naming ``marker``, and their descendants."""
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    procs: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid not in me and marker in " ".join(proc.info["cmdline"] or []):
+                procs[proc.pid] = proc
+                procs |= {child.pid: child for child in proc.children(recursive=True) if child.pid not in me}
+        except psutil.Error:
+            pass
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def test_ray_job_submit_compresses_a_folder():
+    """`ray job submit -- python jobs/compress.py ...` on a private head: the job succeeds,
+    the archive holds each of the 3 photos exactly once, and the job prints its summary."""
+    work = Path(tempfile.mkdtemp(prefix="cdjob-", dir="/tmp"))  # short: Ray's socket paths
+    marker = str(work)
+    temp_dir, photos, archive = work / "ray", work / "in", work / "archive"
+    model = work / "tiny.safetensors"
+    CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu").save_pretrained(model)
+    photos.mkdir()
+    for name in PHOTOS:
+        shutil.copy(EXAMPLES / name, photos / name)
+
+    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0"}
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+              f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+              f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+              "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+             env, timeout=90)
+        assert not (Path("/tmp/ray") / "ray_current_cluster").exists() or \
+            str(gcs_port) not in (Path("/tmp/ray") / "ray_current_cluster").read_text()
+
+        _run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", SUBMISSION_ID,
+              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+              "--no-wait", "--",
+              "python", "jobs/compress.py", "--input", str(photos), "--output", str(archive),
+              "--model", str(model), "--device", "cpu", "--job-id", "submitted"],
+             env, timeout=60)
+        # Follows the job's output until the job ends (whatever its outcome).
+        logs = _run([str(BIN / "ray"), "job", "logs", "--address", address, "--follow", SUBMISSION_ID],
+                    env, timeout=JOB_TIMEOUT_S).stdout
+        status = _run([str(BIN / "ray"), "job", "status", "--address", address, SUBMISSION_ID], env, timeout=30)
+        assert "SUCCEEDED" in status.stdout + status.stderr, f"job did not succeed:\n{status.stdout}\n{logs}"
+
+        table = pads.dataset(str(archive), format="parquet").to_table()
+        keys = table.column("key").to_pylist()
+        assert sorted(keys) == PHOTOS  # every key exactly once
+        assert table.column("error").null_count == table.num_rows
+        assert set(table.column("job_id").to_pylist()) == {"submitted"}
+        assert f"archive        {archive}" in logs
+        assert "job            submitted" in logs
+        assert "images         3 (3 ok, 0 errors)" in logs
+        summary = json.loads((archive / "_summary.json").read_text())
+        assert summary["rows"] == summary["unique_keys"] == summary["ok"] == 3
+    finally:
+        _kill_cluster(marker)
+        shutil.rmtree(work, ignore_errors=True)
