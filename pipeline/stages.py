@@ -10,7 +10,6 @@ Ray Data would drop the whole block with it.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -144,8 +143,3 @@ class EncodeStage:
             "created_at": [now] * n,
             "job_id": [self.job_id] * n,
         }, schema=SCHEMA)
-
-
-def default_threads(actors: int) -> int:
-    """Torch threads per encode actor: the machine's cores shared among its actors."""
-    return max(1, (os.cpu_count() or 1) // max(1, actors))

@@ -198,11 +198,9 @@ def stanza_for(stanzas: list[CopyrightStanza], source_path: str) -> CopyrightSta
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file (hashlib reads it in chunks)."""
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def expected_files() -> set[str]:

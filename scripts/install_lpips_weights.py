@@ -127,11 +127,8 @@ def load_arrays_pickle(stream: IO[bytes]) -> Params:
 
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file, read in chunks (the archive is 63 MB)."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fetch_sdist(directory: Path) -> Path:
