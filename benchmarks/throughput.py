@@ -96,7 +96,8 @@ def pipeline_runs(model_path: Path, files: list[Path], work: Path, device: str, 
     import ray
     from ray.data import DataContext
 
-    from pipeline.compress import CodecSettings, CompressConfig, ResourceSettings, plan_resources, run_compress
+    from pipeline.compress import CodecSettings, CompressConfig, run_compress
+from pipeline.resources import ResourceSettings, plan_resources
     from pipeline.sources import SourceConfig
 
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def pipeline_runs(model_path: Path, files: list[Path], work: Path, device: str, 
         "seconds": full_s, "images_per_second": n / full_s,
         "steady_images_per_second": (n - 1) / (full_s - one_s) if full_s > one_s else None,
         "actor_encode_seconds": encode_s,
-        "encode_actors": plan.actors, "actor_cpus": plan.encode.num_cpus, "actor_torch_threads": plan.torch_threads,
+        "actors": plan.actors, "actor_cpus": plan.actor.num_cpus, "actor_torch_threads": plan.torch_threads,
     }
 
 
@@ -195,7 +196,7 @@ def report(r: dict) -> str:
         f"(a) bare loop      {b['images_per_second']:8.3f} images/s   {b['seconds']:.2f} s "
         f"(decode {b['decode_seconds']:.2f} s, encode {b['encode_seconds']:.2f} s; torch threads {b['torch_threads']})",
         f"(b) pipeline       {p['images_per_second']:8.3f} images/s   {p['seconds']:.2f} s end to end, "
-        f"actor start-up included ({p['encode_actors']} encode actor(s) x {p['actor_torch_threads']} torch "
+        f"actor start-up included ({p['actors']} encode actor(s) x {p['actor_torch_threads']} torch "
         f"threads, {p['actor_cpus']} CPU reserved each)",
         f"    steady state   " + (f"{steady:8.3f} images/s   (N-1)/(t_N - t_1), per-run fixed cost removed"
                                   if steady else "       -   (the 1-image run took as long as the full run)"),

@@ -62,6 +62,33 @@ def load_model(path: str | Path) -> CorrDiffModel:
     return model
 
 
+def declared_model_id(path: str | Path) -> str:
+    """The model id a weights file declares in its header (hex), without loading its tensors.
+
+    Cheap enough to scan every available model; ``load_model`` then verifies the claim.
+    """
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != WEIGHTS_FORMAT or "model_id" not in metadata:
+        raise ValueError(f"{path} is not a CorrDiff weights file (format {metadata.get('format')!r})")
+    return metadata["model_id"]
+
+
+def find_model(model_id_hex: str) -> Path:
+    """The available weights file (shipped or under $CORRDIFF_MODELS) whose model id this is.
+
+    Records name their model by id, not by name, so a decoder years later finds the exact
+    weights an archive was written with, whatever the file is called now.
+    """
+    for path in _model_files():
+        if declared_model_id(path) == model_id_hex:
+            return path
+    raise FileNotFoundError(
+        f"no available model has id {model_id_hex}: put its weights file in a directory listed in "
+        f"${MODELS_PATH_ENV} (available: {', '.join(available_models()) or 'none'})"
+    )
+
+
 def resolve(name_or_path: str | os.PathLike[str] | None) -> Path:
     """A path to a weights file, or the name of a shipped model (or one under $CORRDIFF_MODELS)."""
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
@@ -78,8 +105,13 @@ def resolve(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 
 def available_models() -> list[str]:
+    return sorted({p.stem for p in _model_files()})
+
+
+def _model_files() -> list[Path]:
+    """Weights files in $CORRDIFF_MODELS directories (first) and the shipped ones."""
     extra = [Path(p) for p in os.environ.get(MODELS_PATH_ENV, "").split(os.pathsep) if p]
-    return sorted({p.stem for d in [*extra, PRETRAINED_DIR] if d.is_dir() for p in d.glob("*.safetensors")})
+    return [p for d in [*extra, PRETRAINED_DIR] if d.is_dir() for p in sorted(d.glob("*.safetensors"))]
 
 
 def _resize_buffers(model: CorrDiffModel, state: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cluster import connect  # noqa: E402
 from pipeline.compress import CompressConfig, run_compress  # noqa: E402
 
 
@@ -61,13 +61,7 @@ def build_config(args: argparse.Namespace) -> CompressConfig:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = build_config(args)
-    import ray
-
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    connect(args.ray_address)
     summary = run_compress(config)
     print(format_summary(summary))
     return summary

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corrdiff.config import ModelConfig  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
 from corrdiff.training import PhaseLoss, phase0_loss, phase1_loss, phase2_loss, trainable_parameters  # noqa: E402
-from corrdiff.weights import save_model  # noqa: E402
+from corrdiff.weights import load_model, resolve, save_model  # noqa: E402
 from pipeline.training_data import RandomCrops, list_images, load_images  # noqa: E402
 
 LOG_COLUMNS = ["phase", "step", "seconds", "lr", "loss", "bpp", "mse", "psnr", "e2e_psnr", "lpips", "gamma"]
@@ -49,6 +49,8 @@ class TrainConfig:
     phases: list[PhaseConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
     crop: int = 256
+    min_scale: float = 1.0
+    init: str | None = None
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
@@ -89,7 +91,7 @@ def train(config: TrainConfig) -> Path:
     checkpoint_path = output / "checkpoint.pt"
 
     torch.manual_seed(config.seed)
-    model = CorrDiffModel(config.model).to(device)
+    model = _initial_model(config).to(device)
     start_phase, start_step, saved = 0, 0, None
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -109,7 +111,8 @@ def train(config: TrainConfig) -> Path:
         for index in range(start_phase, len(config.phases)):
             phase = config.phases[index]
             first = start_step if index == start_phase else 0
-            crops = RandomCrops(images, config.crop, seed=config.seed * 1_000_003 + index * 10_007 + first)
+            crops = RandomCrops(images, config.crop, seed=config.seed * 1_000_003 + index * 10_007 + first,
+                                min_scale=config.min_scale)
             main_params, aux_params = trainable_parameters(model, phase.phase)
             optimizer = torch.optim.Adam(main_params, lr=phase.lr)
             aux_optimizer = torch.optim.Adam(aux_params, lr=1e-3) if aux_params else None
@@ -147,6 +150,18 @@ def train(config: TrainConfig) -> Path:
     model_path = output / f"{config.name}.safetensors"
     save_model(model, model_path)
     return model_path
+
+
+def _initial_model(config: TrainConfig) -> CorrDiffModel:
+    """Fresh weights, or (``init``) a trained model's, to fine-tune it on new data or crops."""
+    if config.init is None:
+        return CorrDiffModel(config.model)
+    model = load_model(resolve(config.init))
+    if model.config != config.model:
+        raise ValueError(f"init model {config.init!r} has a different architecture than the config's model: "
+                         f"{model.config} != {config.model}")
+    print(f"starting from the weights of {config.init}")
+    return model
 
 
 def _loss(model: CorrDiffModel, x: torch.Tensor, phase: PhaseConfig, config: TrainConfig, perceptual) -> PhaseLoss:

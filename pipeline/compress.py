@@ -25,7 +25,8 @@ from corrdiff import weights
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.sources import SourceConfig, read_source
-from pipeline.stages import EncodeStage, StageResources, decode_batch
+from pipeline.resources import ResourceSettings, plan_resources
+from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
 from pipeline.summary import summarize, write_summary
 
@@ -36,19 +37,6 @@ class CodecSettings:
     device: str = "auto"  # auto = cuda where the actor has a GPU, else cpu
     seed: int = 0
     steps: int | None = None  # sampler steps; None = the model's
-
-
-@dataclass(frozen=True)
-class ResourceSettings:
-    """Worker sizing; None means derived from the cluster (see ``plan_resources``)."""
-
-    encode_actors: int | None = None
-    actor_cpus: float | None = None
-    actor_gpus: float | None = None
-    torch_threads: int | None = None
-    encode_batch_size: int = 4
-    decode_batch_size: int = 16
-    rows_per_file: int = 1000
 
 
 @dataclass(frozen=True)
@@ -86,44 +74,6 @@ class CompressConfig:
         return data
 
 
-@dataclass(frozen=True)
-class ResourcePlan:
-    decode: StageResources
-    encode: StageResources
-    actors: int
-    torch_threads: int
-
-
-def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> ResourcePlan:
-    """Size the encode actor pool from the cluster, unless the settings fix it.
-
-    GPUs: two actors per GPU (half a GPU each), so one actor's CPU work (entropy coding,
-    batching) overlaps the other's GPU work. CPUs only: actors of up to 4 torch threads,
-    each reserving at most (CPUs - 1) so that the read and decode tasks always keep a CPU
-    (on 2 CPUs, two actors of one CPU each would starve the readers and deadlock).
-    """
-    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    if gpus >= 1:
-        actors = settings.encode_actors or int(2 * gpus)
-        actor_gpus = settings.actor_gpus if settings.actor_gpus is not None else gpus / actors
-        actor_cpus = settings.actor_cpus if settings.actor_cpus is not None else 1.0
-        threads = settings.torch_threads or 2
-    else:
-        threads = settings.torch_threads or int(min(cpus, 4))
-        actors = settings.encode_actors or max(1, int((cpus - 1) // threads))
-        actor_gpus = 0.0
-        actor_cpus = settings.actor_cpus if settings.actor_cpus is not None else max(0.5, min(threads, cpus - 1))
-    # Decode tasks ask for half a CPU: decoding is light, and a resource shape unlike the
-    # actors' keeps Ray from fusing decode into the encode actors (which would then decode
-    # serially between encodes instead of overlapping with them).
-    return ResourcePlan(
-        decode=StageResources(num_cpus=0.5, num_gpus=0.0, batch_size=settings.decode_batch_size),
-        encode=StageResources(num_cpus=actor_cpus, num_gpus=actor_gpus, batch_size=settings.encode_batch_size),
-        actors=actors,
-        torch_threads=threads,
-    )
-
-
 def new_job_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -136,7 +86,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     job_id = config.job_id or new_job_id()
     started = time.time()
     model_path = weights.resolve(config.codec.model)
-    model_id = weights.model_id(weights.load_model(model_path)).hex()
+    model_id = weights.declared_model_id(model_path)  # the actors load the weights and verify it
     removed = clean_incomplete(config.output, config.storage)
     skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
@@ -146,8 +96,8 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
 
     dataset = read_source(config.input, config.storage, done_keys=skip)
     dataset = dataset.map_batches(
-        decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.decode.batch_size,
-        batch_format="pyarrow", num_cpus=plan.decode.num_cpus,
+        decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
+        batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
     dataset = dataset.map_batches(
         EncodeStage,
@@ -155,9 +105,9 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
             "model": config.codec.model, "model_id": model_id, "device": config.codec.device, "seed": config.codec.seed,
             "steps": config.codec.steps, "torch_threads": plan.torch_threads, "job_id": job_id,
         },
-        batch_size=plan.encode.batch_size, batch_format="numpy",
+        batch_size=plan.actor.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus or None,
+        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
     )
     metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,15 +25,6 @@ from pipeline.images import ImageDecodeError, decode_image
 Batch = dict[str, np.ndarray]
 
 EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)  # stands for "no image" in the ragged pixel column
-
-
-@dataclass(frozen=True)
-class StageResources:
-    """What one worker of a stage asks Ray for, and how many rows it takes at a time."""
-
-    num_cpus: float
-    num_gpus: float
-    batch_size: int
 
 
 DECODED_SCHEMA = pa.schema([

@@ -42,3 +42,4 @@ def encoded(codec: CorrDiffCodec, images: list[np.ndarray]):
 
 from s3 import s3_server  # noqa: F401,E402
 from ray_fixture import ray_local  # noqa: F401,E402
+from archives import tiny_model  # noqa: F401,E402

@@ -21,44 +21,16 @@ from PIL import Image
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import psnr
 from pipeline.archive import SCHEMA, file_metadata, list_data_files
-from pipeline.compress import CodecSettings, CompressConfig, ResourceSettings, plan_resources, run_compress
+from pipeline.compress import CodecSettings, CompressConfig, run_compress
+from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.images import decode_image
 from pipeline.sources import SourceConfig
 from pipeline.storage import StorageConfig
 
+from archives import photo_folder as _photo_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "photos"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu").save_pretrained(path)
-    return path
-
-
-def _photo_folder(root: Path, broken: bool = True) -> dict[str, str | None]:
-    """Real photos plus, optionally, bad inputs; returns key -> expected error prefix (None = ok)."""
-    expected: dict[str, str | None] = {}
-    for photo in sorted(EXAMPLES.glob("*.jpg")):
-        (root / "photos").mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, root / "photos" / photo.name)
-        expected[f"photos/{photo.name}"] = None
-    if broken:
-        (root / "bad").mkdir(parents=True, exist_ok=True)
-        data = (EXAMPLES / "life.jpg").read_bytes()
-        (root / "bad" / "truncated.jpg").write_bytes(data[: len(data) // 3])
-        (root / "bad" / "not-an-image.jpg").write_bytes(b"just some text, certainly not an image " * 10)
-        (root / "bad" / "empty.png").write_bytes(b"")
-        Image.new("RGB", (700, 500), (10, 20, 30)).save(root / "bad" / "too-large.png")
-        (root / "notes.txt").write_text("not an image extension: not an input")
-        expected |= {
-            "bad/truncated.jpg": "corrupt or truncated image",
-            "bad/not-an-image.jpg": "not a recognised image format",
-            "bad/empty.png": "empty file",
-            "bad/too-large.png": "image too large",
-        }
-    return expected
 
 
 def _config(source: str, output: str, model: Path, **kwargs) -> CompressConfig:
@@ -144,11 +116,11 @@ def test_rerun_after_a_crash_writes_only_the_missing_keys(ray_local, tiny_model,
 
 def test_plan_never_starves_the_readers():
     plan = plan_resources(ResourceSettings(), {"CPU": 2.0})
-    assert plan.actors == 1 and plan.encode.num_cpus <= 1.0 and plan.torch_threads == 2
+    assert plan.actors == 1 and plan.actor.num_cpus <= 1.0 and plan.torch_threads == 2
     big = plan_resources(ResourceSettings(), {"CPU": 16.0})
-    assert big.actors * big.encode.num_cpus <= 15.0 and big.actors == 3
+    assert big.actors * big.actor.num_cpus <= 15.0 and big.actors == 3
     gpu = plan_resources(ResourceSettings(), {"CPU": 16.0, "GPU": 2.0})
-    assert gpu.actors == 4 and gpu.encode.num_gpus == 0.5
+    assert gpu.actors == 4 and gpu.actor.num_gpus == 0.5
 
 
 def test_s3_input_and_output(ray_local, s3_server, tiny_model):
@@ -220,7 +192,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "jobs" / "compress.py"), "--input", str(tmp_path / "in"),
                "--output", str(archive), "--model", str(tiny_model), "--device", "cpu"]
     config = tmp_path / "one-row-files.yaml"
-    config.write_text("resources: {rows_per_file: 1, encode_batch_size: 1, decode_batch_size: 1}\nmax_pixels: 300000\n")
+    config.write_text("resources: {rows_per_file: 1, actor_batch_size: 1, task_batch_size: 1}\nmax_pixels: 300000\n")
     job = subprocess.Popen([*command, "--config", str(config)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240

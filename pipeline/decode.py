@@ -1,0 +1,189 @@
+"""The decode pipeline: archive -> records (tasks) -> pixels (actor pool) -> PNG files (tasks).
+
+    footers (driver) -> read selected rows (tasks, one per archive file)
+        -> DecodeStage (actors: the models, GPUs where there are any)
+        -> write_png (CPU tasks; PNG encoding stays off the GPU actors)
+        -> manifest: OUTPUT/_restore/<run>.parquet (key -> file, status) + <run>.json
+
+Every selected key gets a manifest row: restored (with its path), or why not (an error row
+of the archive, a corrupt record, a missing model, a failed write, a key that is not in the
+archive). Files are written under names from ``pipeline.keys``: never outside the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.data import ActorPoolStrategy
+from ray.data.extensions import ArrowVariableShapedTensorArray
+
+from pipeline.compress import new_job_id
+from pipeline.keys import is_safe_join, key_to_path
+from pipeline.resources import ResourceSettings, plan_resources
+from pipeline.restore import OK, RecordDecoder
+from pipeline.selection import all_rows, archive_files, read_selected
+from pipeline.stages import EMPTY_PIXELS
+from pipeline.storage import StorageConfig, filesystem, with_retries
+
+DECODE_MODES = ("corrdiff", "e2e", "diffusion")
+NOT_IN_ARCHIVE = "not_in_archive"
+WRITE_FAILED = "write_failed"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("path", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("model_id", pa.string()), ("mode", pa.string()),
+    ("archive_file", pa.string()), ("archive_row", pa.int64()), ("seconds", pa.float64()),
+])
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    archive: str
+    output: str
+    keys: tuple[str, ...] | None = None  # None = every key
+    mode: str = "corrdiff"
+    model: str | None = None  # None = each record's own model, found by its id
+    device: str = "auto"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {', '.join(DECODE_MODES)}")
+
+
+class DecodeStage:
+    """Actor stage: archive rows -> pixels (ragged column) and a status per row."""
+
+    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str) -> None:
+        self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
+        self.setup()
+
+    def setup(self) -> None:
+        self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels, statuses, errors, model_ids, seconds = [], [], [], [], []
+        for record, error in zip(batch["record"].to_pylist(), batch["error"].to_pylist()):
+            started = time.perf_counter()
+            restored = self.decoder.restore(record, error, self.mode)
+            pixels.append(restored.pixels if restored.pixels is not None else EMPTY_PIXELS)
+            statuses.append(restored.status)
+            errors.append(restored.error)
+            model_ids.append(restored.model_id)
+            seconds.append(time.perf_counter() - started)
+        ragged = np.empty(len(pixels), dtype=object)
+        for i, image in enumerate(pixels):
+            ragged[i] = image
+        return pa.table({
+            "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
+            "status": pa.array(statuses, pa.string()), "error": pa.array(errors, pa.string()),
+            "model_id": pa.array(model_ids, pa.string()), "seconds": pa.array(seconds, pa.float64()),
+            "pixels": ArrowVariableShapedTensorArray.from_numpy(ragged),
+        })
+
+
+def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig, mode: str) -> pa.Table:
+    """CPU task: PNG-encode and write each restored image; emit manifest rows (no pixels)."""
+    fs, root = filesystem(output, storage)
+    rows = []
+    for i, key in enumerate(batch["key"]):
+        status, error = batch["status"][i], batch["error"][i]
+        pixels = np.asarray(batch["pixels"][i], dtype=np.uint8)
+        relative, height, width = key_to_path(key), None, None
+        if status == OK:
+            height, width = int(pixels.shape[0]), int(pixels.shape[1])
+            try:
+                if not is_safe_join(root, relative):
+                    raise ValueError(f"refusing to write outside {output}: {relative!r}")
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                target = posixpath.join(root, relative)
+                with_retries(lambda: fs.makedirs(posixpath.dirname(target), exist_ok=True), storage, f"mkdir {target}")
+                with_retries(lambda: fs.pipe_file(target, buffer.getvalue()), storage, f"write {target}")
+            except Exception as write_error:  # noqa: BLE001 - reported in the manifest
+                status, error = WRITE_FAILED, f"write failed: {type(write_error).__name__}: {write_error}"
+        rows.append({"key": key, "path": relative if status == OK else None, "status": status, "error": error,
+                     "width": width, "height": height, "model_id": batch["model_id"][i], "mode": mode,
+                     "archive_file": batch["archive_file"][i], "archive_row": int(batch["archive_row"][i]),
+                     "seconds": float(batch["seconds"][i])})
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def run_decode(config: DecodeConfig) -> dict[str, Any]:
+    """Restore the selected keys (all by default) as PNG under ``config.output``; return the summary.
+
+    Ray must be initialised by the caller.
+    """
+    run_id = config.run_id or new_job_id()
+    started = time.time()
+    files = archive_files(config.archive, config.storage)
+    if not files:
+        raise FileNotFoundError(f"no archive data files under {config.archive}")
+    plan = plan_resources(config.resources, ray.cluster_resources())
+    keys = frozenset(config.keys) if config.keys is not None else None
+    dataset = read_selected(all_rows(files), config.storage, keys=keys)
+    dataset = dataset.map_batches(
+        DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
+                                            "torch_threads": plan.torch_threads, "mode": config.mode},
+        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+    )
+    dataset = dataset.map_batches(write_png, fn_kwargs={"output": config.output, "storage": config.storage,
+                                                        "mode": config.mode},
+                                  batch_size=plan.actor.batch_size, batch_format="numpy", num_cpus=plan.tasks.num_cpus)
+    manifest = _write_manifest(dataset, files, keys, config, run_id)
+    summary = _summarize(manifest, config, run_id, time.time() - started)
+    fs, root = filesystem(config.output, config.storage)
+    fs.pipe_file(posixpath.join(root, "_restore", f"{run_id}.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _write_manifest(dataset: ray.data.Dataset, files: list, keys: frozenset[str] | None, config: DecodeConfig,
+                    run_id: str) -> pa.Table:
+    """Stream the manifest rows into OUTPUT/_restore/<run>.parquet, adding the rows for
+    unreadable archive files and for asked-for keys that the archive does not hold."""
+    tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+    extra = [{"key": None, "status": "unreadable_file", "error": f.error, "archive_file": f.path, "mode": config.mode}
+             for f in files if f.error]
+    found = {k for t in tables for k in t["key"].to_pylist()}
+    extra += [{"key": k, "status": NOT_IN_ARCHIVE, "error": "key not in archive", "mode": config.mode}
+              for k in sorted(keys - found)] if keys is not None else []
+    manifest = pa.concat_tables([*tables, pa.Table.from_pylist(extra, schema=MANIFEST_SCHEMA)])
+    fs, root = filesystem(config.output, config.storage)
+    fs.makedirs(posixpath.join(root, "_restore"), exist_ok=True)
+    buffer = io.BytesIO()
+    pq.write_table(manifest, buffer, compression="zstd")
+    fs.pipe_file(posixpath.join(root, "_restore", f"{run_id}.parquet"), buffer.getvalue())
+    return manifest
+
+
+def _summarize(manifest: pa.Table, config: DecodeConfig, run_id: str, seconds: float) -> dict[str, Any]:
+    statuses = Counter(manifest["status"].to_pylist())
+    return {
+        "run_id": run_id, "archive": config.archive, "output": config.output, "mode": config.mode,
+        "requested": len(config.keys) if config.keys is not None else None,
+        "rows": manifest.num_rows, "restored": statuses.get(OK, 0), "statuses": dict(sorted(statuses.items())),
+        "manifest": posixpath.join(config.output, "_restore", f"{run_id}.parquet"),
+        "seconds": round(seconds, 2), "config": _public(config),
+    }
+
+
+def _public(config: DecodeConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("key", "secret")}
+    data["keys"] = len(config.keys) if config.keys is not None else None
+    return data

@@ -1,0 +1,74 @@
+"""Archive keys as relative file paths: reversible, and never a way out of the output prefix.
+
+A key is untrusted input (it came from a listing, a manifest or a Parquet column), yet
+restored images are written under names derived from it. The mapping keeps ordinary keys
+readable (``photos/cat.jpg`` -> ``photos/cat.jpg.png``: the key's folders become folders,
+and the suffix is appended, never substituted, so ``a.jpg`` and ``a.png`` cannot collide)
+and makes every other key safe by percent-encoding, segment by segment:
+
+- ``%``, ``\\``, control characters (Unicode category C*) and the characters Windows
+  forbids in names (``<>:"|?*``) become ``%XX`` escapes of their UTF-8 bytes;
+- a segment that is ``.`` or ``..`` is written ``%2E`` / ``%2E%2E``; an empty segment (a
+  leading ``/`` of an absolute key, ``a//b``) is written ``%``;
+- a segment longer than 200 bytes is cut and given a hash of the whole segment.
+
+Because ``%`` itself is always escaped, the mapping is injective (no two keys share a
+path) and, below the length limit, :func:`path_to_key` inverts it. No result can contain
+``..``, an absolute path, or a separator other than the key's own ``/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import unicodedata
+from urllib.parse import unquote
+
+_ESCAPED = frozenset('%\\<>:"|?*')
+_EMPTY_SEGMENT = "%"
+MAX_SEGMENT_BYTES = 200  # file systems allow 255; room for the suffix and a hash
+
+
+def key_to_path(key: str, suffix: str = ".png") -> str:
+    """The relative path (``/``-separated) under which the image of ``key`` is written."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a string, got {type(key).__name__}")
+    segments = [_encode_segment(s) for s in key.split("/")]
+    segments[-1] += suffix
+    path = "/".join(segments)
+    if path.startswith("/") or ".." in path.split("/") or posixpath.normpath(path) != path:
+        raise AssertionError(f"unsafe path {path!r} for key {key!r}")  # unreachable by construction
+    return path
+
+
+def path_to_key(path: str, suffix: str = ".png") -> str:
+    """Inverse of :func:`key_to_path` (for keys whose segments were not shortened)."""
+    if not path.endswith(suffix):
+        raise ValueError(f"{path!r} does not end with {suffix!r}")
+    segments = path[: len(path) - len(suffix)].split("/")
+    return "/".join("" if s == _EMPTY_SEGMENT else unquote(s, errors="strict") for s in segments)
+
+
+def is_safe_join(root: str, relative: str) -> bool:
+    """Whether ``root/relative`` stays inside ``root`` (a last check before any write)."""
+    root = posixpath.normpath(root)
+    joined = posixpath.normpath(posixpath.join(root, relative))
+    return not posixpath.isabs(relative) and joined.startswith(root.rstrip("/") + "/")
+
+
+def _encode_segment(segment: str) -> str:
+    if segment == "":
+        return _EMPTY_SEGMENT
+    if segment in (".", ".."):
+        return "%2E" * len(segment)
+    encoded = "".join(_escape(c) if c in _ESCAPED or unicodedata.category(c).startswith("C") else c
+                      for c in segment)
+    if len(encoded.encode()) > MAX_SEGMENT_BYTES:
+        digest = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        head = encoded.encode()[: MAX_SEGMENT_BYTES - 18].decode(errors="ignore").rstrip("%0123456789ABCDEF")
+        encoded = f"{head}~{digest}"
+    return encoded
+
+
+def _escape(character: str) -> str:
+    return "".join(f"%{b:02X}" for b in character.encode("utf-8", "surrogatepass"))

@@ -1,0 +1,77 @@
+"""Turning archive rows back into pixels: the model lookup and the per-record outcome.
+
+Shared by the decode job (which writes the pixels as PNG), the audit (which scores them)
+and the verify pass (which only needs to know that they decode). Each record's outcome is
+one of :data:`STATUSES`; an exception never escapes, because a corrupt record is a finding
+to report, not a reason to stop restoring the others.
+
+Records name their model by id. Unless a job fixes the model, each record is decoded by
+the available weights file with that id (corrdiff.weights.find_model), so one archive
+written by several models (a model upgrade halfway) restores in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from corrdiff import CorrDiffCodec
+from corrdiff.record import ModelMismatchError, Record, RecordError
+from corrdiff.weights import find_model
+
+OK = "ok"
+COMPRESS_ERROR = "compress_error"  # the archive holds an error row: the image was never compressed
+CORRUPT = "corrupt"  # checksum, truncation or format error in the record bytes
+MODEL_MISSING = "model_missing"  # no available weights have the record's model id
+DECODE_FAILED = "decode_failed"  # anything else raised while decoding
+STATUSES = (OK, COMPRESS_ERROR, CORRUPT, MODEL_MISSING, DECODE_FAILED)
+
+
+@dataclass(frozen=True)
+class Restored:
+    status: str
+    pixels: np.ndarray | None = None
+    model_id: str | None = None
+    error: str | None = None
+
+
+class RecordDecoder:
+    """Decodes records, loading each model the first time a record needs it."""
+
+    def __init__(self, model: str | None, device: str, torch_threads: int | None) -> None:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = None if device == "auto" else device
+        self.fixed = CorrDiffCodec.from_pretrained(model, device=self.device) if model is not None else None
+        self.codecs: dict[str, CorrDiffCodec] = {}
+
+    def codec_for(self, model_id: str) -> CorrDiffCodec:
+        if self.fixed is not None:
+            return self.fixed
+        if model_id not in self.codecs:
+            self.codecs[model_id] = CorrDiffCodec.from_pretrained(find_model(model_id), device=self.device)
+        return self.codecs[model_id]
+
+    def restore(self, record: bytes | None, archive_error: str | None, mode: str) -> Restored:
+        if record is None:
+            return Restored(COMPRESS_ERROR, error=archive_error or "the archive row has no record")
+        try:
+            model_id = Record.from_bytes(record).model_id.hex()
+        except RecordError as error:
+            return Restored(CORRUPT, error=f"corrupt record: {error}")
+        try:
+            codec = self.codec_for(model_id)
+        except FileNotFoundError as error:
+            return Restored(MODEL_MISSING, model_id=model_id, error=str(error))
+        try:
+            (pixels,) = codec.decode([record], mode=mode)
+        except ModelMismatchError as error:
+            return Restored(MODEL_MISSING, model_id=model_id, error=str(error))
+        except RecordError as error:
+            return Restored(CORRUPT, model_id=model_id, error=f"corrupt record: {error}")
+        except Exception as error:  # noqa: BLE001 - one bad record must not stop the batch
+            return Restored(DECODE_FAILED, model_id=model_id, error=f"decode failed: {type(error).__name__}: {error}")
+        return Restored(OK, pixels=pixels, model_id=model_id)

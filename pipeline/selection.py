@@ -1,0 +1,142 @@
+"""Which rows of an archive a decode, audit or verify job reads, and reading them in tasks.
+
+A job never pulls an archive through the driver. The driver reads only Parquet footers
+(row counts: a few KB per file, whatever the archive's size) and decides, per file, which
+rows to read: all of them, a seeded sample, or those whose key is asked for. Tasks then
+read those rows (with the record bytes) one file at a time.
+
+Sampling is stratified by file: the sample size is split over files in proportion to
+their row counts (largest remainders), then each file's rows are drawn uniformly without
+replacement. Every file of a large archive is represented, and the same seed over the
+same files gives the same sample (a rerun of an audit scores the same images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.archive import SCHEMA, list_data_files
+from pipeline.storage import StorageConfig, filesystem, with_retries
+
+# The archive columns the decode/audit stages need; never "gammas" or other bulk.
+ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "record_bytes", "bpp", "psnr",
+               "model_id", "error"]
+UNREADABLE_FILE_KEY = "#file"  # the key of a row that stands for an unreadable data file
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    """A data file of the archive, its row count from the footer, or why it is unreadable."""
+
+    path: str  # full URL
+    rows: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FileSelection:
+    """Rows to read from one file: ``rows`` (sorted positions) or, if None, every row."""
+
+    path: str
+    rows: tuple[int, ...] | None = None
+
+
+def archive_files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
+    """Every data file with its row count; a file whose footer cannot be read is kept, with
+    its error, so that jobs report it instead of failing or silently skipping it."""
+    fs, _ = filesystem(url, storage)
+    files = []
+    for path in list_data_files(url, storage):
+        full = fs.unstrip_protocol(path)
+        try:
+            metadata = with_retries(lambda p=path: pq.read_metadata(p, filesystem=fs), storage, f"read {full}")
+            files.append(ArchiveFile(full, metadata.num_rows))
+        except Exception as error:  # noqa: BLE001 - a broken file is a finding, not a crash
+            files.append(ArchiveFile(full, 0, f"unreadable archive file: {type(error).__name__}: {error}"))
+    return files
+
+
+def sample_size(sample: float, total: int) -> int:
+    """``sample`` >= 1 is a count (capped at ``total``); 0 < ``sample`` < 1 is a fraction."""
+    if sample <= 0:
+        raise ValueError(f"sample must be a positive count or a fraction in (0, 1), got {sample}")
+    if sample < 1:
+        return min(total, math.ceil(sample * total))
+    if sample != int(sample):
+        raise ValueError(f"a sample count must be a whole number, got {sample}")
+    return min(total, int(sample))
+
+
+def sample_rows(files: list[ArchiveFile], sample: float, seed: int) -> list[FileSelection]:
+    """A seeded sample of rows, stratified by file (see the module docstring)."""
+    readable = [f for f in files if f.error is None and f.rows > 0]
+    counts = np.array([f.rows for f in readable], dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return []
+    n = sample_size(sample, total)
+    quotas = n * counts / total
+    allocation = np.floor(quotas).astype(np.int64)
+    remainder = n - int(allocation.sum())
+    allocation[np.argsort(-(quotas - allocation), kind="stable")[:remainder]] += 1
+    rng = np.random.default_rng(seed)
+    selections = []
+    for file, count, take in zip(readable, counts, allocation):
+        if take:
+            rows = np.sort(rng.choice(int(count), size=int(take), replace=False))
+            selections.append(FileSelection(file.path, tuple(int(r) for r in rows)))
+    return selections
+
+
+def all_rows(files: list[ArchiveFile]) -> list[FileSelection]:
+    return [FileSelection(f.path) for f in files if f.error is None and f.rows > 0]
+
+
+def read_selected(selections: list[FileSelection], storage: StorageConfig, keys: frozenset[str] | None = None,
+                  columns: list[str] = ROW_COLUMNS) -> ray.data.Dataset:
+    """The selected rows as a Dataset (one read task per file), with ``archive_file`` and
+    ``archive_row`` saying where each row lives; ``keys`` keeps only rows with those keys."""
+    items = pa.table({"path": [s.path for s in selections],
+                      "rows": pa.array([list(s.rows) if s.rows is not None else None for s in selections],
+                                       pa.list_(pa.int64()))})
+    read = partial(_read_file_rows, storage=storage, keys=keys, columns=columns)
+    blocks = [items.slice(i, 1) for i in range(items.num_rows)] or [items]
+    return ray.data.from_arrow(blocks).map_batches(read, batch_format="pyarrow", batch_size=1)
+
+
+def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: frozenset[str] | None,
+                    columns: list[str]) -> pa.Table:
+    tables = []
+    for path, rows in zip(batch["path"].to_pylist(), batch["rows"].to_pylist()):
+        fs, stripped = filesystem(path, storage)
+        try:
+            table = with_retries(lambda: pq.read_table(stripped, columns=columns, filesystem=fs), storage,
+                                 f"read {path}")
+        except Exception as error:  # noqa: BLE001 - reported as a row, like any other finding
+            tables.append(_unreadable_file_row(path, f"unreadable archive file: {type(error).__name__}: {error}",
+                                               columns))
+            continue
+        positions = pa.array(rows if rows is not None else range(table.num_rows), pa.int64())
+        table = table.take(positions)
+        table = table.append_column("archive_file", pa.array([path] * table.num_rows, pa.string()))
+        table = table.append_column("archive_row", positions)
+        if keys is not None:
+            table = table.filter(pc.is_in(table["key"], pa.array(sorted(keys), pa.string())))
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _unreadable_file_row(path: str, error: str, columns: list[str]) -> pa.Table:
+    """One row standing for a data file whose rows cannot be read (key ``#file``, row -1)."""
+    schema = SCHEMA.select(columns)
+    values = {name: [None] for name in columns} | {"key": [UNREADABLE_FILE_KEY], "error": [error]}
+    table = pa.Table.from_pydict(values, schema=schema)
+    return table.append_column("archive_file", pa.array([path])).append_column("archive_row", pa.array([-1]))

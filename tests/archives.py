@@ -1,0 +1,55 @@
+"""Inputs shared by the pipeline tests: a tiny model that jobs can find by id, and a photo
+folder with the bad inputs a real collection has."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from corrdiff import CorrDiffCodec, tiny_config
+from corrdiff.weights import MODELS_PATH_ENV
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "photos"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Iterator[Path]:
+    """A tiny random model, in a directory on $CORRDIFF_MODELS for the whole session.
+
+    The Ray fixture depends on this one: Ray workers copy the environment at ray.init, and
+    the decode and audit jobs find a record's model by id through $CORRDIFF_MODELS.
+    """
+    directory = tmp_path_factory.mktemp("models")
+    path = directory / "tiny.safetensors"
+    CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu").save_pretrained(path)
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv(MODELS_PATH_ENV, str(directory))
+        yield path
+
+
+def photo_folder(root: Path, broken: bool = True) -> dict[str, str | None]:
+    """Real photos plus, optionally, bad inputs; returns key -> expected error prefix (None = ok)."""
+    expected: dict[str, str | None] = {}
+    for photo in sorted(EXAMPLES.glob("*.jpg")):
+        (root / "photos").mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, root / "photos" / photo.name)
+        expected[f"photos/{photo.name}"] = None
+    if broken:
+        (root / "bad").mkdir(parents=True, exist_ok=True)
+        data = (EXAMPLES / "life.jpg").read_bytes()
+        (root / "bad" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+        (root / "bad" / "not-an-image.jpg").write_bytes(b"just some text, certainly not an image " * 10)
+        (root / "bad" / "empty.png").write_bytes(b"")
+        Image.new("RGB", (700, 500), (10, 20, 30)).save(root / "bad" / "too-large.png")
+        (root / "notes.txt").write_text("not an image extension: not an input")
+        expected |= {
+            "bad/truncated.jpg": "corrupt or truncated image",
+            "bad/not-an-image.jpg": "not a recognised image format",
+            "bad/empty.png": "empty file",
+            "bad/too-large.png": "image too large",
+        }
+    return expected

@@ -1,0 +1,61 @@
+"""Keys to file paths: readable for ordinary keys, reversible, and never outside the output."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.keys import MAX_SEGMENT_BYTES, is_safe_join, key_to_path, path_to_key
+
+
+@pytest.mark.parametrize("key, path", [
+    ("photos/cat.jpg", "photos/cat.jpg.png"),
+    ("a.png", "a.png.png"),
+    ("dir/sub dir/é ü.jpg", "dir/sub dir/é ü.jpg.png"),
+    ("../../etc/passwd", "%2E%2E/%2E%2E/etc/passwd.png"),
+    ("/etc/passwd", "%/etc/passwd.png"),
+    ("a//b", "a/%/b.png"),
+    ("a/./b", "a/%2E/b.png"),
+    ("..", "%2E%2E.png"),
+    ("C:\\Windows\\x", "C%3A%5CWindows%5Cx.png"),
+    ("line\nbreak\x00nul", "line%0Abreak%00nul.png"),
+    ("100%", "100%25.png"),
+    ("", "%.png"),
+])
+def test_paths(key, path):
+    assert key_to_path(key) == path
+    assert path_to_key(path) == key
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=60))
+def test_any_key_maps_inside_the_output_and_back(key):
+    path = key_to_path(key)
+    assert is_safe_join("/out/restored", path)
+    assert not posixpath.isabs(path) and ".." not in path.split("/") and "\\" not in path
+    assert all(segment not in ("", ".") for segment in path.split("/"))
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in path)
+    assert path_to_key(path) == key
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab./%\\\n", max_size=6), min_size=2, max_size=2, unique=True))
+def test_distinct_keys_get_distinct_paths(pair):
+    assert key_to_path(pair[0]) != key_to_path(pair[1])
+
+
+def test_long_segments_are_shortened_with_a_hash():
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    path_a, path_b = key_to_path(long_a), key_to_path(long_b)
+    assert path_a != path_b
+    assert len(path_a.encode()) <= MAX_SEGMENT_BYTES + len(".png")
+
+
+def test_is_safe_join():
+    assert is_safe_join("s3-bucket/out", "a/b.png")
+    assert not is_safe_join("s3-bucket/out", "../b.png")
+    assert not is_safe_join("s3-bucket/out", "/etc/passwd")
+    assert not is_safe_join("s3-bucket/out", "a/../../b.png")
