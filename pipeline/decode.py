@@ -68,8 +68,10 @@ class DecodeConfig:
 class DecodeStage:
     """Actor stage: archive rows -> pixels (ragged column) and a status per row."""
 
-    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str) -> None:
+    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str,
+                 keep_pixels: bool = True) -> None:
         self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
+        self.keep_pixels = keep_pixels  # False: only the status matters (verify), ship no pixels
         self.setup()
 
     def setup(self) -> None:
@@ -80,7 +82,7 @@ class DecodeStage:
         for record, error in zip(batch["record"].to_pylist(), batch["error"].to_pylist()):
             started = time.perf_counter()
             restored = self.decoder.restore(record, error, self.mode)
-            pixels.append(restored.pixels if restored.pixels is not None else EMPTY_PIXELS)
+            pixels.append(restored.pixels if restored.pixels is not None and self.keep_pixels else EMPTY_PIXELS)
             statuses.append(restored.status)
             errors.append(restored.error)
             model_ids.append(restored.model_id)

@@ -12,13 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pytest
-from PIL import Image
 
-from corrdiff import CorrDiffCodec, tiny_config
+from corrdiff import CorrDiffCodec
 from corrdiff.metrics import psnr
 from pipeline.archive import SCHEMA, file_metadata, list_data_files
 from pipeline.compress import CodecSettings, CompressConfig, run_compress

@@ -1,0 +1,394 @@
+"""The audit pipeline: how good is what the archive holds, and is all of it still there?
+
+Audit (a seeded sample, scored)::
+
+    footers (driver) -> sample rows, stratified by file -> read them (tasks)
+        -> AuditStage (actors): fetch the original from source_uri, check its SHA-256,
+           decode the record, score PSNR / MS-SSIM / LPIPS / bpp
+        -> the worst images again through AuditStage with crops (a second, tiny pass)
+        -> REPORT/<audit id>/metrics.parquet, summary.json, report.html
+
+Verify (``--verify-all``; every record, no scoring)::
+
+    footers -> every row -> DecodeStage (e2e: the fast decoder; checksum, format, model,
+        entropy decoding all exercised) -> REPORT/<audit id>/problems.parquet, summary.json,
+        report.html
+
+Both end in checks against the configured thresholds (pipeline/thresholds.py) and compare
+with the earlier audits under the same report prefix. Nothing found is ever an exception:
+a corrupt record, a missing original or an unreadable file is a row and a count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from PIL import Image
+from ray.data import ActorPoolStrategy
+
+from pipeline.compress import new_job_id
+from pipeline.decode import DECODE_MODES, DecodeStage
+from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
+from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
+from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
+                                read_selected, sample_rows)
+from pipeline.storage import StorageConfig, filesystem, read_bytes
+from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
+
+# Original statuses: what fetching source_uri and hashing it found.
+ORIGINAL_OK, ORIGINAL_MISSING, ORIGINAL_CHANGED = "ok", "missing", "changed"
+ORIGINAL_UNREADABLE, ORIGINAL_NO_CHECKSUM = "unreadable", "no_checksum"
+UNREADABLE_FILE = "unreadable_file"  # record status of a row standing for a whole unreadable data file
+
+DEFAULT_THRESHOLDS = {"integrity_failures": {"max": 0}}
+
+METRICS_SCHEMA = pa.schema([
+    ("key", pa.string()), ("archive_file", pa.string()), ("archive_row", pa.int64()), ("source_uri", pa.string()),
+    ("model_id", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("record_bytes", pa.int64()),
+    ("bpp", pa.float64()), ("psnr", pa.float64()), ("ms_ssim", pa.float64()), ("lpips", pa.float64()),
+    ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
+    ("error", pa.string()), ("seconds", pa.float64()),
+])
+CROP_SCHEMA = pa.schema([("key", pa.string()), ("original_png", pa.binary()), ("restored_png", pa.binary()),
+                         ("crop_box", pa.list_(pa.int32()))])
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    archive: str
+    report: str
+    sample: float = 200  # a count (>= 1) or a fraction of the archive's rows (< 1)
+    seed: int = 0
+    mode: str = "corrdiff"
+    model: str | None = None  # None = each record's own model, found by its id
+    device: str = "auto"
+    lpips_net: str = "alex"
+    worst: int = 6  # images shown side by side with their originals
+    crop: int = 256  # side of those crops, px
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    thresholds: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    audit_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {', '.join(DECODE_MODES)}")
+        if self.sample <= 0 or (self.sample >= 1 and self.sample != int(self.sample)):
+            raise ValueError(f"sample must be a whole count >= 1 or a fraction in (0, 1), got {self.sample}")
+        parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditConfig:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown audit config keys: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        data["storage"] = StorageConfig(**(data.get("storage") or {}))
+        data["resources"] = ResourceSettings(**(data.get("resources") or {}))
+        if data.get("thresholds") is None:
+            data.pop("thresholds", None)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As recorded in the summary: credentials are never written out."""
+        data = dataclasses.asdict(self)
+        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("key", "secret")}
+        return data
+
+
+class AuditStage:
+    """Actor stage: for each archive row, check the original and score the restored image."""
+
+    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str, lpips_net: str,
+                 storage: StorageConfig, max_pixels: int, crop: int = 0) -> None:
+        self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
+        self.lpips_net, self.storage, self.max_pixels, self.crop = lpips_net, storage, max_pixels, crop
+        self.setup()
+
+    def setup(self) -> None:
+        import torch
+
+        from corrdiff.metrics import LPIPS
+
+        self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
+        lpips_device = "cuda" if self.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if self.device == "auto" else self.device)
+        self.lpips = LPIPS(self.lpips_net, device=lpips_device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._one(row) for row in batch.to_pylist()]
+        if self.crop:
+            return pa.Table.from_pylist([r for r in rows if r is not None and "original_png" in r], schema=CROP_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        from corrdiff.metrics import bits_per_pixel, ms_ssim, psnr
+
+        started = time.perf_counter()
+        out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
+                                                "height", "record_bytes", "model_id")}
+        out["archived_psnr"] = row.get("psnr")
+        if row["key"] == UNREADABLE_FILE_KEY and row["archive_row"] == -1:
+            return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
+        original, original_status, original_error = self._original(row)
+        restored = self.decoder.restore(row["record"], row["error"], self.mode)
+        out |= {"record_status": restored.status, "original_status": original_status,
+                "model_id": restored.model_id or row.get("model_id"),
+                "error": restored.error or original_error}
+        if row["record"] is not None and row["width"] and row["height"]:
+            out["bpp"] = bits_per_pixel(len(row["record"]), row["height"], row["width"])
+        if restored.status == OK and original is not None:
+            if original.shape != restored.pixels.shape:
+                out["error"] = f"original is {original.shape[1]}x{original.shape[0]}, restored image " \
+                               f"{restored.pixels.shape[1]}x{restored.pixels.shape[0]}"
+            elif self.crop:
+                return {"key": row["key"], **_crops(original, restored.pixels, self.crop)}
+            else:
+                out["psnr"] = psnr(original, restored.pixels)
+                out["ms_ssim"] = ms_ssim(original, restored.pixels)
+                if min(original.shape[:2]) >= self.lpips.min_side:
+                    out["lpips"] = self.lpips(original, restored.pixels)
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+    def _original(self, row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:
+        """The original's pixels if it is there and unchanged, its status, and why not."""
+        try:
+            data = read_bytes(row["source_uri"], self.storage)
+        except FileNotFoundError:
+            return None, ORIGINAL_MISSING, f"original missing: {row['source_uri']}"
+        except Exception as error:  # noqa: BLE001 - recorded, the audit goes on
+            return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(error).__name__}: {error}"
+        if row["source_sha256"] is None:
+            status = ORIGINAL_NO_CHECKSUM
+        elif hashlib.sha256(data).hexdigest() != row["source_sha256"]:
+            return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
+        else:
+            status = ORIGINAL_OK
+        try:
+            return decode_image(data, self.max_pixels), status, None
+        except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
+            return None, status, f"original does not decode: {error}"
+
+
+def _crops(original: np.ndarray, restored: np.ndarray, side: int) -> dict[str, Any]:
+    """The ``side`` x ``side`` window with the largest squared error, from both images, as PNG."""
+    height, width = original.shape[:2]
+    h, w = min(side, height), min(side, width)
+    error = ((original.astype(np.float64) - restored.astype(np.float64)) ** 2).sum(axis=2)
+    integral = np.pad(error.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = integral[h:, w:] - integral[:-h, w:] - integral[h:, :-w] + integral[:-h, :-w]
+    step_y, step_x = max(1, h // 4), max(1, w // 4)
+    grid = sums[::step_y, ::step_x]
+    iy, ix = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    top, left = iy * step_y, ix * step_x
+    pngs = []
+    for image in (original, restored):
+        buffer = io.BytesIO()
+        Image.fromarray(image[top:top + h, left:left + w]).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return {"original_png": pngs[0], "restored_png": pngs[1], "crop_box": [left, top, w, h]}
+
+
+# Running ------------------------------------------------------------------------------
+
+
+def run_audit(config: AuditConfig) -> dict[str, Any]:
+    """Sample, score, report; return the summary (with its verdict). Ray must be initialised."""
+    from pipeline.report import write_report
+
+    audit_id = config.audit_id or new_job_id()
+    started = time.time()
+    thresholds = parse_thresholds(config.thresholds)
+    files = _files(config.archive, config.storage)
+    selections = sample_rows(files, config.sample, config.seed)
+    plan = plan_resources(config.resources, ray.cluster_resources())
+    metrics = pa.concat_tables([_score(selections, config, plan, crop=0), _unreadable_file_rows(files)])
+    crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
+    measures = audit_measures(metrics)
+    summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
+    summary["models"] = sorted({m for m in metrics["model_id"].to_pylist() if m})
+    write_report(config.report, config.storage, summary, metrics, crops)
+    return summary
+
+
+def run_verify(config: AuditConfig) -> dict[str, Any]:
+    """Check every record's checksum and decodability (e2e decoder), without scoring."""
+    from pipeline.report import write_report
+
+    audit_id = config.audit_id or new_job_id()
+    started = time.time()
+    thresholds = parse_thresholds(config.thresholds)
+    files = _files(config.archive, config.storage)
+    plan = plan_resources(config.resources, ray.cluster_resources())
+    dataset = read_selected(all_rows(files), config.storage,
+                            columns=["key", "record", "error", "model_id", "width", "height"])
+    dataset = dataset.map_batches(
+        DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
+                                            "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False},
+        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+    )
+    statuses: Counter[str] = Counter()
+    problems = []
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch = batch.drop_columns(["pixels"])
+        statuses.update(batch["status"].to_pylist())
+        bad = batch.filter(pc.not_equal(batch["status"], OK))
+        if bad.num_rows:
+            problems.append(bad)
+    table = pa.concat_tables(problems) if problems else None
+    metrics = _problem_rows(table, files)
+    measures = verify_measures(statuses, files)
+    summary = _summary("verify", audit_id, config, files, measures, evaluate(thresholds, measures), started)
+    summary["record_statuses"] = dict(sorted(statuses.items()))
+    write_report(config.report, config.storage, summary, metrics, CROP_SCHEMA.empty_table())
+    return summary
+
+
+def _files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
+    files = archive_files(url, storage)
+    if not files:
+        raise FileNotFoundError(f"no archive data files under {url}")
+    return files
+
+
+def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourcePlan, crop: int) -> pa.Table:
+    """Run AuditStage over the selected rows: metrics, or (``crop`` > 0) worst-region crops."""
+    schema = CROP_SCHEMA if crop else METRICS_SCHEMA
+    if not selections:
+        return schema.empty_table()
+    dataset = read_selected(selections, config.storage)
+    dataset = dataset.map_batches(
+        AuditStage, fn_constructor_kwargs={
+            "model": config.model, "device": config.device, "torch_threads": plan.torch_threads, "mode": config.mode,
+            "lpips_net": config.lpips_net, "storage": config.storage, "max_pixels": config.max_pixels, "crop": crop},
+        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+    )
+    tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def _worst(metrics: pa.Table, count: int) -> list[tuple[str, int]]:
+    """(file, row) of the ``count`` scored images with the highest LPIPS (lowest PSNR if no LPIPS)."""
+    scored = [r for r in metrics.select(["archive_file", "archive_row", "lpips", "psnr"]).to_pylist()
+              if r["psnr"] is not None]
+    scored.sort(key=lambda r: (-(r["lpips"] if r["lpips"] is not None else -1.0), r["psnr"]))
+    return [(r["archive_file"], r["archive_row"]) for r in scored[:count]]
+
+
+def _selection_of(rows: list[tuple[str, int]]) -> list[FileSelection]:
+    wanted: dict[str, list[int]] = {}
+    for path, row in rows:
+        wanted.setdefault(path, []).append(row)
+    return [FileSelection(path, tuple(sorted(positions))) for path, positions in wanted.items()]
+
+
+def _unreadable_file_rows(files: list[ArchiveFile]) -> pa.Table:
+    return pa.Table.from_pylist([{"key": None, "archive_file": f.path, "archive_row": -1,
+                                  "record_status": UNREADABLE_FILE, "error": f.error} for f in files if f.error],
+                                schema=METRICS_SCHEMA)
+
+
+def _problem_rows(problems: pa.Table | None, files: list[ArchiveFile]) -> pa.Table:
+    """Verify's findings in the metrics schema (so one report renders both kinds of run)."""
+    rows = [] if problems is None else [
+        {"key": r["key"], "archive_file": r["archive_file"], "archive_row": r["archive_row"],
+         "model_id": r["model_id"], "record_status": r["status"], "error": r["error"]}
+        for r in problems.to_pylist()]
+    return pa.concat_tables([pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), _unreadable_file_rows(files)])
+
+
+# Measures -----------------------------------------------------------------------------
+
+
+def audit_measures(metrics: pa.Table) -> dict[str, float | None]:
+    """Every measure a threshold can name (pipeline/thresholds.py), from the per-image table."""
+    records = Counter(metrics["record_status"].to_pylist())
+    originals = Counter(metrics["original_status"].to_pylist())
+    sampled = metrics.num_rows - records.get(UNREADABLE_FILE, 0)
+    measures: dict[str, float | None] = {}
+    for metric in METRICS:
+        values = np.array([v for v in metrics[metric].to_pylist() if v is not None], dtype=np.float64)
+        measures |= {f"{metric}.{s}": _statistic(values, s) for s in STATISTICS}
+    measures["scored"] = int(pc.sum(pc.is_valid(metrics["psnr"])).as_py() or 0)
+    measures |= _record_counts(records, sampled)
+    measures |= {
+        "missing_originals": originals.get(ORIGINAL_MISSING, 0),
+        "changed_originals": originals.get(ORIGINAL_CHANGED, 0),
+        "unreadable_originals": originals.get(ORIGINAL_UNREADABLE, 0),
+        "originals_without_checksum": originals.get(ORIGINAL_NO_CHECKSUM, 0),
+    }
+    return measures
+
+
+def verify_measures(statuses: Counter[str], files: list[ArchiveFile]) -> dict[str, float | None]:
+    records = Counter(statuses) + Counter({UNREADABLE_FILE: sum(1 for f in files if f.error)})
+    return _record_counts(records, sum(statuses.values()))
+
+
+def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:
+    failed = sum(records.get(s, 0) for s in (COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING))
+    return {
+        "sampled": rows,
+        "error_rate": failed / rows if rows else None,
+        "compress_errors": records.get(COMPRESS_ERROR, 0),
+        "corrupt_records": records.get(CORRUPT, 0),
+        "decode_failures": records.get(DECODE_FAILED, 0),
+        "model_missing": records.get(MODEL_MISSING, 0),
+        "unreadable_files": records.get(UNREADABLE_FILE, 0),
+        "integrity_failures": sum(records.get(s, 0) for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, UNREADABLE_FILE)),
+    }
+
+
+def _statistic(values: np.ndarray, statistic: str) -> float | None:
+    if values.size == 0:
+        return None
+    if statistic == "mean":
+        return float(values.mean())
+    if statistic in ("min", "max"):
+        return float(getattr(values, statistic)())
+    quantile = {"median": 50, "p5": 5, "p95": 95}[statistic]
+    return float(np.percentile(values, quantile))
+
+
+def _summary(kind: str, audit_id: str, config: AuditConfig, files: list[ArchiveFile],
+             measures: dict[str, float | None], checks: list[Check], started: float) -> dict[str, Any]:
+    return {
+        "kind": kind, "audit_id": audit_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "archive": config.archive, "report": config.report, "verdict": verdict(checks),
+        "archive_rows": sum(f.rows for f in files), "archive_files": len(files),
+        "measures": measures, "checks": [c.to_dict() for c in checks],
+        "seconds": round(time.time() - started, 2), "config": config.to_dict(),
+    }
+
+
+def load_history(report: str, storage: StorageConfig) -> list[dict[str, Any]]:
+    """Summaries of every audit under the report prefix (REPORT/*/summary.json), oldest first."""
+    fs, root = filesystem(report, storage)
+    if not fs.exists(root):
+        return []
+    summaries = []
+    for path in fs.glob(posixpath.join(root, "*", "summary.json")):
+        try:
+            summaries.append(json.loads(fs.cat_file(path)))
+        except (ValueError, OSError):
+            continue  # a half-written or foreign file is not history
+    return sorted((s for s in summaries if "audit_id" in s and "time" in s), key=lambda s: (s["time"], s["audit_id"]))
+
