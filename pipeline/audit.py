@@ -24,10 +24,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
-import posixpath
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -39,9 +38,12 @@ import ray
 from PIL import Image
 from ray.data import ActorPoolStrategy
 
+from corrdiff.weights import find_model
+
 from pipeline.compress import new_job_id
 from pipeline.decode import DECODE_MODES, DecodeStage
 from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
@@ -210,8 +212,6 @@ def _crops(original: np.ndarray, restored: np.ndarray, side: int) -> dict[str, A
 
 def run_audit(config: AuditConfig) -> dict[str, Any]:
     """Sample, score, report; return the summary (with its verdict). Ray must be initialised."""
-    from pipeline.report import write_report
-
     audit_id = config.audit_id or new_job_id()
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
@@ -222,15 +222,13 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
     measures = audit_measures(metrics)
     summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
-    summary["models"] = sorted({m for m in metrics["model_id"].to_pylist() if m})
+    summary["models"] = model_names(metrics["model_id"].to_pylist())
     write_report(config.report, config.storage, summary, metrics, crops)
     return summary
 
 
 def run_verify(config: AuditConfig) -> dict[str, Any]:
     """Check every record's checksum and decodability (e2e decoder), without scoring."""
-    from pipeline.report import write_report
-
     audit_id = config.audit_id or new_job_id()
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
@@ -245,10 +243,12 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
         num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
     )
     statuses: Counter[str] = Counter()
+    models: set[str | None] = set()
     problems = []
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         batch = batch.drop_columns(["pixels"])
         statuses.update(batch["status"].to_pylist())
+        models.update(batch["model_id"].to_pylist())
         bad = batch.filter(pc.not_equal(batch["status"], OK))
         if bad.num_rows:
             problems.append(bad)
@@ -257,8 +257,20 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     measures = verify_measures(statuses, files)
     summary = _summary("verify", audit_id, config, files, measures, evaluate(thresholds, measures), started)
     summary["record_statuses"] = dict(sorted(statuses.items()))
+    summary["models"] = model_names(models)
     write_report(config.report, config.storage, summary, metrics, CROP_SCHEMA.empty_table())
     return summary
+
+
+def model_names(model_ids: Iterable[str | None]) -> dict[str, str | None]:
+    """Each model id met -> the name of the weights file that has it here (None: not available)."""
+    names = {}
+    for model_id in sorted({m for m in model_ids if m}):
+        try:
+            names[model_id] = find_model(model_id).stem
+        except FileNotFoundError:
+            names[model_id] = None
+    return names
 
 
 def _files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
@@ -286,10 +298,10 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
 
 
 def _worst(metrics: pa.Table, count: int) -> list[tuple[str, int]]:
-    """(file, row) of the ``count`` scored images with the highest LPIPS (lowest PSNR if no LPIPS)."""
+    """(file, row) of the ``count`` worst scored images (:func:`worst_first`)."""
     scored = [r for r in metrics.select(["archive_file", "archive_row", "lpips", "psnr"]).to_pylist()
               if r["psnr"] is not None]
-    scored.sort(key=lambda r: (-(r["lpips"] if r["lpips"] is not None else -1.0), r["psnr"]))
+    scored.sort(key=worst_first)
     return [(r["archive_file"], r["archive_row"]) for r in scored[:count]]
 
 
@@ -377,18 +389,3 @@ def _summary(kind: str, audit_id: str, config: AuditConfig, files: list[ArchiveF
         "measures": measures, "checks": [c.to_dict() for c in checks],
         "seconds": round(time.time() - started, 2), "config": config.to_dict(),
     }
-
-
-def load_history(report: str, storage: StorageConfig) -> list[dict[str, Any]]:
-    """Summaries of every audit under the report prefix (REPORT/*/summary.json), oldest first."""
-    fs, root = filesystem(report, storage)
-    if not fs.exists(root):
-        return []
-    summaries = []
-    for path in fs.glob(posixpath.join(root, "*", "summary.json")):
-        try:
-            summaries.append(json.loads(fs.cat_file(path)))
-        except (ValueError, OSError):
-            continue  # a half-written or foreign file is not history
-    return sorted((s for s in summaries if "audit_id" in s and "time" in s), key=lambda s: (s["time"], s["audit_id"]))
-

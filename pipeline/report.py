@@ -35,8 +35,6 @@ TREND_MEASURES = (("lpips.median", "median LPIPS", "lower is better"), ("psnr.p5
 def write_report(report: str, storage: StorageConfig, summary: dict[str, Any], metrics: pa.Table,
                  crops: pa.Table) -> dict[str, str]:
     """Write the three files (and the latest.* copies); return their URLs."""
-    from pipeline.audit import load_history
-
     fs, root = filesystem(report, storage)
     folder = posixpath.join(root, summary["audit_id"])
     history = [s for s in load_history(report, storage) if s["audit_id"] != summary["audit_id"]] + [summary]
@@ -54,6 +52,26 @@ def write_report(report: str, storage: StorageConfig, summary: dict[str, Any], m
     with_retries(lambda: fs.pipe_file(posixpath.join(root, "latest.html"), page), storage, "write latest.html")
     with_retries(lambda: fs.pipe_file(posixpath.join(root, "latest.json"), text), storage, "write latest.json")
     return urls
+
+
+def load_history(report: str, storage: StorageConfig) -> list[dict[str, Any]]:
+    """Summaries of every audit under the report prefix (REPORT/*/summary.json), oldest first."""
+    fs, root = filesystem(report, storage)
+    if not fs.exists(root):
+        return []
+    summaries = []
+    for path in fs.glob(posixpath.join(root, "*", "summary.json")):
+        try:
+            summaries.append(json.loads(fs.cat_file(path)))
+        except (ValueError, OSError):
+            continue  # a half-written or foreign file is not history
+    return sorted((s for s in summaries if "audit_id" in s and "time" in s), key=lambda s: (s["time"], s["audit_id"]))
+
+
+def worst_first(row: dict[str, Any]) -> tuple[float, float]:
+    """Sort key of a scored row: highest LPIPS first, then lowest PSNR (rows without LPIPS,
+    too small for it, come after those with it)."""
+    return (-(row["lpips"] if row.get("lpips") is not None else -1.0), row.get("psnr") or 0.0)
 
 
 # HTML ---------------------------------------------------------------------------------
@@ -100,10 +118,10 @@ def _banner(summary: dict[str, Any]) -> str:
 
 def _overview(summary: dict[str, Any]) -> str:
     m, config = summary["measures"], summary["config"]
-    rows = [("archive rows / files", f"{summary['archive_rows']:,} in {summary['archive_files']} files")]
+    rows = [("archive rows / files", f"{summary['archive_rows']:,} in {_count(summary['archive_files'], 'file')}")]
     if summary["kind"] == "audit":
         rows += [
-            ("sample", f"{m['sampled']:,} rows (config {config['sample']}, seed {config['seed']}), "
+            ("sample", f"{m['sampled']:,} rows ({_sample_setting(config['sample'])}, seed {config['seed']}), "
                        f"{m['scored']:,} scored"),
             ("decode mode", config["mode"]),
             ("median LPIPS-" + config["lpips_net"], _fmt(m["lpips.median"])),
@@ -114,8 +132,10 @@ def _overview(summary: dict[str, Any]) -> str:
     else:
         rows.append(("records checked", f"{m['sampled']:,} (every row, e2e decoder, not scored)"))
     rows += [("error rate", _fmt(m["error_rate"])), ("integrity failures", str(m["integrity_failures"])),
-             ("models", ", ".join(summary.get("models", [])) or "-"), ("run time", f"{summary['seconds']} s")]
-    return "<h2>Overview</h2>" + _table(None, rows)
+             ("models", ", ".join(f"{name or 'not available here'} ({model_id})"
+                                  for model_id, name in summary.get("models", {}).items()) or "-"),
+             ("run time", f"{summary['seconds']} s")]
+    return "<h2>Overview</h2>" + _table(None, rows, align_numbers=False)
 
 
 def _checks(summary: dict[str, Any]) -> str:
@@ -134,7 +154,7 @@ def _trend(history: list[dict[str, Any]]) -> str:
              f"{s.get('archive_rows', 0):,}", f"{s['measures'].get('sampled', 0):,}",
              *[_fmt(s["measures"].get(key)) for key, _, _ in TREND_MEASURES],
              f"<span class='{s['verdict'].lower()}'>{s['verdict']}</span>") for s in same_kind[-20:]]
-    out = f"<h2>Trend ({len(same_kind)} run{'s' if len(same_kind) != 1 else ''} under this report prefix)</h2>"
+    out = f"<h2>Trend ({_count(len(same_kind), 'run')} under this report prefix)</h2>"
     out += _table(header, rows, raw=True)
     if len(same_kind) >= 2 and same_kind[-1].get("kind") == "audit":
         out += f"<div class='plots'>{_img(_trend_plot(same_kind[-20:]), 'trend of median LPIPS and p5 PSNR')}</div>"
@@ -157,7 +177,8 @@ def _worst(metrics: pa.Table, crops: pa.Table) -> str:
     out = ["<h2>Worst images</h2><p class='muted'>The sampled images with the highest LPIPS; each crop is the "
            "region with the largest squared error, original on the left, restored on the right, at 1:1 pixels "
            "(shown at 256 px wide).</p>"]
-    for crop in crops.to_pylist():
+    ranked = sorted(crops.to_pylist(), key=lambda c: worst_first(by_key.get(c["key"], {})))
+    for crop in ranked:
         row = by_key.get(crop["key"], {})
         left, top, width, height = crop["crop_box"]
         caption = (f"<code>{_e(crop['key'])}</code> &middot; LPIPS {_fmt(row.get('lpips'))} &middot; "
@@ -222,6 +243,7 @@ def _distribution_plot(metrics: pa.Table, columns: dict[str, np.ndarray]) -> byt
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for axis, (name, label) in zip(axes[:3], (("bpp", "bits per pixel"), ("psnr", "PSNR (dB)"),
@@ -233,6 +255,7 @@ def _distribution_plot(metrics: pa.Table, columns: dict[str, np.ndarray]) -> byt
             axis.legend(fontsize=8)
         axis.set_xlabel(label)
         axis.set_ylabel("images")
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     pairs = [(r["bpp"], r["lpips"]) for r in metrics.select(["bpp", "lpips"]).to_pylist()
              if r["bpp"] is not None and r["lpips"] is not None]
     axis = axes[3]
@@ -285,15 +308,25 @@ def _img(png: bytes, alt: str) -> str:
     return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
-def _table(columns: list[str] | None, rows: list[tuple], raw: bool = False, raw_last: bool = False) -> str:
-    """Rows as an HTML table; cells are escaped unless ``raw`` (or ``raw_last``: the last cell)."""
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _sample_setting(sample: float) -> str:
+    return f"{sample:.4g} of the rows" if sample < 1 else f"asked for {int(sample):,}"
+
+
+def _table(columns: list[str] | None, rows: list[tuple], raw: bool = False, raw_last: bool = False,
+           align_numbers: bool = True) -> str:
+    """Rows as an HTML table; cells are escaped unless ``raw`` (or ``raw_last``: the last cell);
+    numbers are right-aligned (``align_numbers``) for columns of values to compare."""
     head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>" if columns else ""
     body = []
     for row in rows:
         cells = []
         for i, value in enumerate(row):
             text = str(value) if raw or (raw_last and i == len(row) - 1) else _e(str(value))
-            cls = " class='num'" if _numeric(value) else ""
+            cls = " class='num'" if align_numbers and _numeric(value) else ""
             cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -122,3 +123,21 @@ def test_job_cli_exit_codes(archive, tmp_path, capsys):
     assert decode_job.main(["--archive", str(archive), "--output", str(tmp_path / "b"), "--device", "cpu",
                             "--keys-file", str(keys_file), "--mode", "e2e"]) == 1
     assert '"compress_error": 1' in capsys.readouterr().out
+
+
+def test_restore_from_s3_to_s3(s3_server, ray_local, tiny_model):
+    photos = {p.name: p.read_bytes() for p in sorted(EXAMPLES.glob("*.jpg"))[:2]}  # key -> bytes
+    bucket = s3_server.make_bucket({f"in/{key}": data for key, data in photos.items()})
+    run_compress(CompressConfig(input=SourceConfig(url=f"{bucket}/in"), output=f"{bucket}/archive",
+                                storage=s3_server.storage, codec=CodecSettings(model=str(tiny_model), device="cpu")))
+    summary = run_decode(DecodeConfig(archive=f"{bucket}/archive", output=f"{bucket}/restored", mode="e2e",
+                                      device="cpu", storage=s3_server.storage, run_id="s3"))
+    assert summary["restored"] == 2 and summary["rows"] == 2
+    name = bucket.removeprefix("s3://")
+    keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=name, Prefix="restored/")["Contents"]}
+    assert keys == {f"restored/{key}.png" for key in photos} | {"restored/_restore/s3.parquet",
+                                                                "restored/_restore/s3.json"}
+    for key, data in photos.items():
+        body = s3_server.client.get_object(Bucket=name, Key=f"restored/{key}.png")["Body"].read()
+        restored = Image.open(io.BytesIO(body))
+        assert restored.format == "PNG" and restored.size == Image.open(io.BytesIO(data)).size
