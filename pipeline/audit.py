@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from PIL import Image
-from ray.data import ActorPoolStrategy
 
 from corrdiff.weights import find_model
 
@@ -109,7 +108,7 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         """As recorded in the summary: credentials are never written out."""
         data = dataclasses.asdict(self)
-        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("key", "secret")}
+        data["storage"] = self.storage.public()
         return data
 
 
@@ -239,8 +238,7 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     dataset = dataset.map_batches(
         DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
                                             "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False},
-        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+        batch_format="pyarrow", **plan.actor_pool(),
     )
     statuses: Counter[str] = Counter()
     models: set[str | None] = set()
@@ -290,8 +288,7 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
         AuditStage, fn_constructor_kwargs={
             "model": config.model, "device": config.device, "torch_threads": plan.torch_threads, "mode": config.mode,
             "lpips_net": config.lpips_net, "storage": config.storage, "max_pixels": config.max_pixels, "crop": crop},
-        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+        batch_format="pyarrow", **plan.actor_pool(),
     )
     tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()

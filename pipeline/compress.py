@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import ray
-from ray.data import ActorPoolStrategy
 
 from corrdiff import weights
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
@@ -70,7 +69,7 @@ class CompressConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as recorded in the archive: credentials are never written out."""
         data = dataclasses.asdict(self)
-        data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("key", "secret")}
+        data["storage"] = self.storage.public()
         return data
 
 
@@ -105,9 +104,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
             "model": config.codec.model, "model_id": model_id, "device": config.codec.device, "seed": config.codec.seed,
             "steps": config.codec.steps, "torch_threads": plan.torch_threads, "job_id": job_id,
         },
-        batch_size=plan.actor.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+        batch_format="numpy", **plan.actor_pool(),
     )
     metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,

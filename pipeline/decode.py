@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.data import ActorPoolStrategy
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipeline.compress import new_job_id
@@ -141,8 +140,7 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
     dataset = dataset.map_batches(
         DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
                                             "torch_threads": plan.torch_threads, "mode": config.mode},
-        batch_size=plan.actor.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.actor.num_cpus, num_gpus=plan.actor.num_gpus or None,
+        batch_format="pyarrow", **plan.actor_pool(),
     )
     dataset = dataset.map_batches(write_png, fn_kwargs={"output": config.output, "storage": config.storage,
                                                         "mode": config.mode},
@@ -186,6 +184,6 @@ def _summarize(manifest: pa.Table, config: DecodeConfig, run_id: str, seconds: f
 
 def _public(config: DecodeConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
-    data["storage"] = {k: v for k, v in data["storage"].items() if k not in ("key", "secret")}
+    data["storage"] = config.storage.public()
     data["keys"] = len(config.keys) if config.keys is not None else None
     return data

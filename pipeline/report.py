@@ -28,8 +28,14 @@ import pyarrow.parquet as pq
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 PROBLEM_ROWS_SHOWN = 50
-TREND_MEASURES = (("lpips.median", "median LPIPS", "lower is better"), ("psnr.p5", "5th-percentile PSNR (dB)", ""),
-                  ("bpp.mean", "mean bpp", ""), ("error_rate", "error rate", ""))
+# The columns of the trend table, per kind of run: (measure, heading).
+TREND_MEASURES = {
+    "audit": (("sampled", "sampled"), ("lpips.median", "median LPIPS"), ("psnr.p5", "5th-percentile PSNR (dB)"),
+              ("bpp.mean", "mean bpp"), ("error_rate", "error rate"), ("integrity_failures", "integrity failures")),
+    "verify": (("sampled", "records checked"), ("error_rate", "error rate"), ("corrupt_records", "corrupt"),
+               ("model_missing", "model missing"), ("decode_failures", "decode failures"),
+               ("unreadable_files", "unreadable files")),
+}
 
 
 def write_report(report: str, storage: StorageConfig, summary: dict[str, Any], metrics: pa.Table,
@@ -148,15 +154,17 @@ def _checks(summary: dict[str, Any]) -> str:
 
 
 def _trend(history: list[dict[str, Any]]) -> str:
-    same_kind = [s for s in history if s.get("kind") == history[-1].get("kind")]
-    header = ["audit", "time", "archive rows", "sampled"] + [label for _, label, _ in TREND_MEASURES] + ["verdict"]
+    kind = history[-1]["kind"]
+    same_kind = [s for s in history if s.get("kind") == kind]
+    columns = TREND_MEASURES[kind]
+    header = ["run", "time", "archive rows"] + [label for _, label in columns] + ["verdict"]
     rows = [(_e(s["audit_id"]) + (" (this)" if s is history[-1] else ""), _e(s["time"]),
-             f"{s.get('archive_rows', 0):,}", f"{s['measures'].get('sampled', 0):,}",
-             *[_fmt(s["measures"].get(key)) for key, _, _ in TREND_MEASURES],
+             f"{s.get('archive_rows', 0):,}", *[_fmt(s["measures"].get(key)) for key, _ in columns],
              f"<span class='{s['verdict'].lower()}'>{s['verdict']}</span>") for s in same_kind[-20:]]
-    out = f"<h2>Trend ({_count(len(same_kind), 'run')} under this report prefix)</h2>"
+    noun = "audit" if kind == "audit" else "integrity check"
+    out = f"<h2>Trend ({_count(len(same_kind), noun)} under this report prefix)</h2>"
     out += _table(header, rows, raw=True)
-    if len(same_kind) >= 2 and same_kind[-1].get("kind") == "audit":
+    if len(same_kind) >= 2 and kind == "audit":
         out += f"<div class='plots'>{_img(_trend_plot(same_kind[-20:]), 'trend of median LPIPS and p5 PSNR')}</div>"
     return out
 
@@ -203,36 +211,45 @@ def _integrity(summary: dict[str, Any], metrics: pa.Table) -> str:
                                                                    m["changed_originals"]),
                    ("originals unreadable", m["unreadable_originals"]),
                    ("originals without a stored checksum", m["originals_without_checksum"])]
-    problems = [r for r in metrics.to_pylist() if r["record_status"] != "ok" or
-                (r["original_status"] not in (None, "ok") and summary["kind"] == "audit")]
-    rows = [(_e(r["key"] or "-"), _e(r["record_status"]), _e(r["original_status"] or "-"), _e(r["error"] or ""),
+    audit = summary["kind"] == "audit"
+    problems = [r for r in metrics.to_pylist()
+                if r["record_status"] != "ok" or (audit and r["original_status"] not in (None, "ok"))]
+    rows = [(_e(r["key"] or "-"), _e(r["record_status"]), *([_e(r["original_status"] or "-")] if audit else []),
+             _e(r["error"] or ""),
              f"<code>{_e(posixpath.basename(r['archive_file'] or ''))}</code> row {r['archive_row']}")
             for r in problems[:PROBLEM_ROWS_SHOWN]]
     out = "<h2>Integrity</h2>" + _table(["finding", "count"], [(k, str(v)) for k, v in counts])
     if rows:
         more = len(problems) - len(rows)
-        out += (f"<p>{len(problems)} row(s) with a finding" + (f"; the first {len(rows)} shown, all in "
+        out += (f"<p>{_count(len(problems), 'row')} with a finding" + (f"; the first {len(rows)} shown, all in "
                 "metrics.parquet" if more > 0 else "") + ":</p>")
-        out += _table(["key", "record", "original", "reason", "archive file"], rows, raw=True)
+        out += _table(["key", "record", *(["original"] if audit else []), "reason", "archive file"], rows, raw=True)
     return out
 
 
 def _about(summary: dict[str, Any]) -> str:
     files = summary.get("files", {})
     links = "".join(f"<li><code>{_e(url)}</code></li>" for url in files.values())
-    return (
-        "<h2>How to read this</h2><ul class='muted'>"
-        "<li><b>LPIPS</b> (AlexNet, real ImageNet weights): perceptual distance to the original; 0 is identical, "
-        "lower is better; below about 0.1 differences are hard to see.</li>"
-        "<li><b>PSNR</b>: over all RGB values, peak 255; higher is better. <b>MS-SSIM</b>: 1 is identical; not "
-        "defined for images with a side of 160 px or less.</li>"
-        "<li><b>bpp</b>: bits of the stored record (all headers included) per pixel.</li>"
-        "<li><b>Originals</b> are fetched from each row's source_uri and their SHA-256 compared with the one "
-        "stored at compression; a changed or missing original is reported and not scored.</li>"
-        "<li>The sample is stratified over the archive's files and seeded: the same seed over the same files "
-        "scores the same images.</li></ul>"
-        f"<p class='muted'>Files of this run:</p><ul>{links}</ul>"
-    )
+    if summary["kind"] == "audit":
+        items = (
+            "<li><b>LPIPS</b> (AlexNet, real ImageNet weights): perceptual distance to the original; 0 is identical, "
+            "lower is better; below about 0.1 differences are hard to see.</li>"
+            "<li><b>PSNR</b>: over all RGB values, peak 255; higher is better. <b>MS-SSIM</b>: 1 is identical; not "
+            "defined for images with a side of 160 px or less.</li>"
+            "<li><b>bpp</b>: bits of the stored record (all headers included) per pixel.</li>"
+            "<li><b>Originals</b> are fetched from each row's source_uri and their SHA-256 compared with the one "
+            "stored at compression; a changed or missing original is reported and not scored.</li>"
+            "<li>The sample is stratified over the archive's files and seeded: the same seed over the same files "
+            "scores the same images.</li>")
+    else:
+        items = (
+            "<li>Every row of every archive file was read, and every record decoded with the fast end-to-end "
+            "decoder: its checksum, format, model and entropy-coded data were all checked. Images are not "
+            "compared with their originals here; an audit does that for a sample.</li>"
+            "<li><b>Compress errors</b> are inputs that were never archived (bad images, with their reason): "
+            "they count in the error rate, not as integrity failures.</li>")
+    return (f"<h2>How to read this</h2><ul class='muted'>{items}</ul>"
+            f"<p class='muted'>Files of this run:</p><ul>{links}</ul>")
 
 
 # Plots --------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ pool of actors that each hold a model", and size that pool from the cluster the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ray.data import ActorPoolStrategy
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class ResourcePlan:
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
+
+    def actor_pool(self) -> dict[str, Any]:
+        """``map_batches`` arguments that run a stage class in the model actor pool."""
+        return {"compute": ActorPoolStrategy(size=self.actors), "batch_size": self.actor.batch_size,
+                "num_cpus": self.actor.num_cpus, "num_gpus": self.actor.num_gpus or None}
 
 
 def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> ResourcePlan:

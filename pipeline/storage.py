@@ -14,6 +14,7 @@ request, corrupt data) are never retried: retrying them only delays the error re
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from collections.abc import Callable
@@ -64,6 +65,10 @@ class StorageConfig:
     anon: bool = False
     retries: int = 4  # attempts for transient errors
     retry_wait: float = 0.5  # seconds, doubled after each failed attempt
+
+    def public(self) -> dict[str, Any]:
+        """The settings as written into archives, summaries and reports: never the credentials."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("key", "secret")}
 
     def fsspec_options(self, url: str) -> dict[str, Any]:
         """fsspec storage_options for this URL's protocol; only what is set, so defaults apply."""

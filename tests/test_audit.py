@@ -130,7 +130,7 @@ def test_thresholds_fail_with_banner_exit_code_and_trend(archive, tmp_path):
     assert [c["status"] for c in summary["checks"]] == ["fail", "pass"]
     text = " ".join(_page(report / "a2" / "report.html").text)
     assert "FAIL: 1 of 2 checks breached: lpips.median" in text
-    assert "a1" in text and "a2 (this)" in text and "2 runs under this report prefix" in text
+    assert "a1" in text and "a2 (this)" in text and "2 audits under this report prefix" in text
     assert len([s for s in _page(report / "a2" / "report.html").sources]) == 1 + 1 + 2 * 2  # + trend plot
 
 
