@@ -66,8 +66,18 @@ class GammaFitter:
         x0 = correct(x0_theta, x_e, gamma)
         loss = masked_mse(x0, x, mask)
         if self.perceptual is not None and self.perceptual_weight > 0:
-            loss = loss + self.perceptual_weight * self.perceptual(x0, x)
+            loss = loss + self.perceptual_weight * self._perceptual(x0, x, mask)
         return loss
+
+    def _perceptual(self, x0: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """The perceptual term per image, on the image's own pixels: like the MSE term, it
+        must not be steered by the replicated padding (which is bottom/right)."""
+        losses = []
+        for i in range(x.shape[0]):
+            valid = mask[i, 0] > 0
+            height, width = int(valid.any(1).sum()), int(valid.any(0).sum())
+            losses.append(self.perceptual(x0[i:i + 1, :, :height, :width], x[i:i + 1, :, :height, :width]))
+        return torch.cat(losses)
 
     def __call__(self, x: Tensor, x0_theta: Tensor, x_e: Tensor, mask: Tensor) -> Tensor:
         gamma = closed_form_gamma(x, x0_theta, x_e, mask).float()

@@ -71,6 +71,25 @@ def test_perceptual_refinement_never_worsens_and_here_improves():
     assert torch.equal(fitter(x, x0_theta, x_e, mask), quantize_gamma(refined))
 
 
+def test_perceptual_term_sees_only_the_image_not_its_padding():
+    x, x0_theta, x_e = _triple(4, (2, 3, 16, 16))
+    mask = torch.ones_like(x[:, :1])
+    mask[1, :, 10:, :] = 0
+    mask[1, :, :, 7:] = 0  # the second image is 10x7 inside its 16x16 padded tensor
+    seen = []
+
+    def recording(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        return _l1_perceptual(a, b)
+
+    fitter = GammaFitter(perceptual=recording, perceptual_weight=1.0, refine_steps=3)
+    padded = x.clone()
+    padded[1, :, 10:, :] = 5.0
+    padded[1, :, :, 7:] = -5.0
+    assert torch.equal(fitter(x, x0_theta, x_e, mask), fitter(padded, x0_theta, x_e, mask))
+    assert {s for s in seen} == {((1, 3, 16, 16), (1, 3, 16, 16)), ((1, 3, 10, 7), (1, 3, 10, 7))}
+
+
 def _sampler_inputs():
     schedule = NoiseSchedule(snr_shift=2.0, t_max=0.8)
     g = torch.Generator().manual_seed(0)
