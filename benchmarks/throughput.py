@@ -97,7 +97,7 @@ def pipeline_runs(model_path: Path, files: list[Path], work: Path, device: str, 
     from ray.data import DataContext
 
     from pipeline.compress import CodecSettings, CompressConfig, run_compress
-from pipeline.resources import ResourceSettings, plan_resources
+    from pipeline.resources import ResourceSettings, plan_resources
     from pipeline.sources import SourceConfig
 
     started = time.perf_counter()

@@ -108,7 +108,7 @@ def run(config: EvalConfig) -> dict:
     model_path = weights.resolve(config.model)
     codec = CorrDiffCodec.from_pretrained(model_path, device=config.device)
     lpips = LPIPS("alex", device=config.device)
-    images = _load(config.images, lpips.min_side)
+    images = load_eval_images(config.images, lpips.min_side)
     per_image = [_evaluate_image(url, image, codec, lpips, config) for url, image in images]
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
@@ -124,13 +124,13 @@ def run(config: EvalConfig) -> dict:
     }
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "eval.json").write_text(json.dumps(_strict(report), indent=2, allow_nan=False) + "\n")
+    (output / "eval.json").write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     (output / "eval.md").write_text(markdown(report))
     _plot(report, output / "rate_quality.png")
     return report
 
 
-def _load(url: str, min_side: int) -> list[tuple[str, np.ndarray]]:
+def load_eval_images(url: str, min_side: int) -> list[tuple[str, np.ndarray]]:
     images = []
     for image_url in list_images(url):
         with fsspec.open(image_url, "rb") as handle:
@@ -213,12 +213,12 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _strict(value):
+def strict_json(value):
     """Infinite and NaN floats -> None, so eval.json is strict JSON."""
     if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
+        return {key: strict_json(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_strict(item) for item in value]
+        return [strict_json(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
