@@ -198,7 +198,7 @@ def report(r: dict) -> str:
         f"(b) pipeline       {p['images_per_second']:8.3f} images/s   {p['seconds']:.2f} s end to end, "
         f"actor start-up included ({p['actors']} encode actor(s) x {p['actor_torch_threads']} torch "
         f"threads, {p['actor_cpus']} CPU reserved each)",
-        f"    steady state   " + (f"{steady:8.3f} images/s   (N-1)/(t_N - t_1), per-run fixed cost removed"
+        "    steady state   " + (f"{steady:8.3f} images/s   (N-1)/(t_N - t_1), per-run fixed cost removed"
                                   if steady else "       -   (the 1-image run took as long as the full run)"),
         f"    fixed cost     {p['one_image_run_seconds']:.2f} s per run (a 1-image run: plan, actor start, "
         f"model load, write, summary)",

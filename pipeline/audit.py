@@ -3,8 +3,8 @@
 Audit (a seeded sample, scored)::
 
     footers (driver) -> sample rows, stratified by file -> read them (tasks)
-        -> AuditStage (actors): fetch the original from source_uri, check its SHA-256,
-           decode the record, score PSNR / MS-SSIM / LPIPS / bpp
+        -> fetch_originals (CPU tasks): fetch each source_uri, check its SHA-256, decode it
+        -> AuditStage (actors): decode the record, score PSNR / MS-SSIM / LPIPS / bpp
         -> the worst images again through AuditStage with crops (a second, tiny pass)
         -> REPORT/<audit id>/metrics.parquet, summary.json, report.html
 
@@ -47,7 +47,8 @@ from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
                                 read_selected, sample_rows)
-from pipeline.storage import StorageConfig, filesystem, read_bytes
+from pipeline.stages import EMPTY_PIXELS, ragged_column
+from pipeline.storage import StorageConfig, read_bytes
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
 
 # Original statuses: what fetching source_uri and hashing it found.
@@ -112,13 +113,56 @@ class AuditConfig:
         return data
 
 
+def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int) -> pa.Table:
+    """CPU task: each row's original, fetched from its source_uri, checked against the
+    archived SHA-256 and decoded, with its status. Fetching and image decoding run here, in
+    tasks, so that object-store latency never idles the model actors (and their GPUs)."""
+    pixels, statuses, errors = [], [], []
+    for row in batch.select(["key", "archive_row", "source_uri", "source_sha256"]).to_pylist():
+        original, status, error = (None, None, None) if _stands_for_file(row) else \
+            _original(row["source_uri"], row["source_sha256"], storage, max_pixels)
+        pixels.append(original if original is not None else EMPTY_PIXELS)
+        statuses.append(status)
+        errors.append(error)
+    return (batch.append_column("original_status", pa.array(statuses, pa.string()))
+            .append_column("original_error", pa.array(errors, pa.string()))
+            .append_column("original", ragged_column(pixels)))
+
+
+def _stands_for_file(row: dict[str, Any]) -> bool:
+    """Whether a row stands for a whole unreadable data file (pipeline.selection)."""
+    return row["key"] == UNREADABLE_FILE_KEY and row["archive_row"] == -1
+
+
+def _original(uri: str, sha256: str | None, storage: StorageConfig,
+              max_pixels: int) -> tuple[np.ndarray | None, str, str | None]:
+    """The original's pixels if it is there and unchanged, its status, and why not."""
+    try:
+        data = read_bytes(uri, storage)
+    except FileNotFoundError:
+        return None, ORIGINAL_MISSING, f"original missing: {uri}"
+    except Exception as error:  # noqa: BLE001 - recorded, the audit goes on
+        return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(error).__name__}: {error}"
+    if sha256 is None:
+        status = ORIGINAL_NO_CHECKSUM
+    elif hashlib.sha256(data).hexdigest() != sha256:
+        return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
+    else:
+        status = ORIGINAL_OK
+    try:
+        return decode_image(data, max_pixels), status, None
+    except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
+        return None, status, f"original does not decode: {error}"
+
+
 class AuditStage:
-    """Actor stage: for each archive row, check the original and score the restored image."""
+    """Actor stage: decode each row's record and score it against its original
+    (``crop`` > 0: cut the worst region of both instead)."""
 
     def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str, lpips_net: str,
-                 storage: StorageConfig, max_pixels: int, crop: int = 0) -> None:
+                 crop: int = 0) -> None:
         self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
-        self.lpips_net, self.storage, self.max_pixels, self.crop = lpips_net, storage, max_pixels, crop
+        self.lpips_net, self.crop = lpips_net, crop
         self.setup()
 
     def setup(self) -> None:
@@ -132,25 +176,25 @@ class AuditStage:
         self.lpips = LPIPS(self.lpips_net, device=lpips_device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self._one(row) for row in batch.to_pylist()]
+        originals = batch.column("original").combine_chunks().to_numpy()
+        rows = [self._one(row, original if original.size else None)
+                for row, original in zip(batch.drop_columns(["original"]).to_pylist(), originals)]
         if self.crop:
-            return pa.Table.from_pylist([r for r in rows if r is not None and "original_png" in r], schema=CROP_SCHEMA)
+            return pa.Table.from_pylist([r for r in rows if "original_png" in r], schema=CROP_SCHEMA)
         return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
 
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _one(self, row: dict[str, Any], original: np.ndarray | None) -> dict[str, Any]:
         from corrdiff.metrics import bits_per_pixel, ms_ssim, psnr
 
         started = time.perf_counter()
         out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
-                                                "height", "record_bytes", "model_id")}
+                                                "height", "record_bytes", "model_id", "original_status")}
         out["archived_psnr"] = row.get("psnr")
-        if row["key"] == UNREADABLE_FILE_KEY and row["archive_row"] == -1:
+        if _stands_for_file(row):
             return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
-        original, original_status, original_error = self._original(row)
         restored = self.decoder.restore(row["record"], row["error"], self.mode)
-        out |= {"record_status": restored.status, "original_status": original_status,
-                "model_id": restored.model_id or row.get("model_id"),
-                "error": restored.error or original_error}
+        out |= {"record_status": restored.status, "model_id": restored.model_id or row.get("model_id"),
+                "error": restored.error or row["original_error"]}
         if row["record"] is not None and row["width"] and row["height"]:
             out["bpp"] = bits_per_pixel(len(row["record"]), row["height"], row["width"])
         if restored.status == OK and original is not None:
@@ -166,25 +210,6 @@ class AuditStage:
                     out["lpips"] = self.lpips(original, restored.pixels)
         out["seconds"] = time.perf_counter() - started
         return out
-
-    def _original(self, row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:
-        """The original's pixels if it is there and unchanged, its status, and why not."""
-        try:
-            data = read_bytes(row["source_uri"], self.storage)
-        except FileNotFoundError:
-            return None, ORIGINAL_MISSING, f"original missing: {row['source_uri']}"
-        except Exception as error:  # noqa: BLE001 - recorded, the audit goes on
-            return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(error).__name__}: {error}"
-        if row["source_sha256"] is None:
-            status = ORIGINAL_NO_CHECKSUM
-        elif hashlib.sha256(data).hexdigest() != row["source_sha256"]:
-            return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
-        else:
-            status = ORIGINAL_OK
-        try:
-            return decode_image(data, self.max_pixels), status, None
-        except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
-            return None, status, f"original does not decode: {error}"
 
 
 def _crops(original: np.ndarray, restored: np.ndarray, side: int) -> dict[str, Any]:
@@ -285,9 +310,13 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
         return schema.empty_table()
     dataset = read_selected(selections, config.storage)
     dataset = dataset.map_batches(
+        fetch_originals, fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels},
+        batch_size=plan.tasks.batch_size, batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
+    )
+    dataset = dataset.map_batches(
         AuditStage, fn_constructor_kwargs={
             "model": config.model, "device": config.device, "torch_threads": plan.torch_threads, "mode": config.mode,
-            "lpips_net": config.lpips_net, "storage": config.storage, "max_pixels": config.max_pixels, "crop": crop},
+            "lpips_net": config.lpips_net, "crop": crop},
         batch_format="pyarrow", **plan.actor_pool(),
     )
     tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]

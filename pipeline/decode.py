@@ -26,14 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipeline.compress import new_job_id
 from pipeline.keys import is_safe_join, key_to_path
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, RecordDecoder
 from pipeline.selection import all_rows, archive_files, read_selected
-from pipeline.stages import EMPTY_PIXELS
+from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 DECODE_MODES = ("corrdiff", "e2e", "diffusion")
@@ -86,14 +85,11 @@ class DecodeStage:
             errors.append(restored.error)
             model_ids.append(restored.model_id)
             seconds.append(time.perf_counter() - started)
-        ragged = np.empty(len(pixels), dtype=object)
-        for i, image in enumerate(pixels):
-            ragged[i] = image
         return pa.table({
             "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
             "status": pa.array(statuses, pa.string()), "error": pa.array(errors, pa.string()),
             "model_id": pa.array(model_ids, pa.string()), "seconds": pa.array(seconds, pa.float64()),
-            "pixels": ArrowVariableShapedTensorArray.from_numpy(ragged),
+            "pixels": ragged_column(pixels),
         })
 
 

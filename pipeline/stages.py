@@ -62,10 +62,16 @@ def decode_batch(batch: pa.Table, max_pixels: int) -> pa.Table:
         "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
         "source_bytes": sizes, "source_sha256": digests, "error": errors,
     }, schema=DECODED_SCHEMA)
-    ragged = np.empty(len(pixels), dtype=object)
-    for i, image in enumerate(pixels):  # element-wise: equal shapes must not become one 4-D array
+    return table.append_column("pixels", ragged_column(pixels))
+
+
+def ragged_column(images: list[np.ndarray]) -> pa.ExtensionArray:
+    """Images of different shapes as one Arrow column (Ray's variable-shaped tensor type);
+    :data:`EMPTY_PIXELS` stands for a row without an image."""
+    ragged = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):  # element-wise: equal shapes must not become one 4-D array
         ragged[i] = image
-    return table.append_column("pixels", ArrowVariableShapedTensorArray.from_numpy(ragged))
+    return ArrowVariableShapedTensorArray.from_numpy(ragged)
 
 
 class EncodeStage:
