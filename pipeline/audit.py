@@ -46,7 +46,7 @@ from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
-                                read_selected, sample_rows)
+                                read_selected, sample_rows, sample_size)
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, read_bytes
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
@@ -90,8 +90,7 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {', '.join(DECODE_MODES)}")
-        if self.sample <= 0 or (self.sample >= 1 and self.sample != int(self.sample)):
-            raise ValueError(f"sample must be a whole count >= 1 or a fraction in (0, 1), got {self.sample}")
+        sample_size(self.sample, total=1)  # the sampler's own validation, before any work
         parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
 
     @classmethod
