@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 from corrdiff import CorrDiffCodec, weights  # noqa: E402
 from corrdiff.gamma import GammaFitter, PerceptualLoss  # noqa: E402
 from corrdiff.metrics import LPIPS, psnr  # noqa: E402
-from jobs.evaluate import load_eval_images, strict_json  # noqa: E402
+from jobs.evaluate import strict_json  # noqa: E402
+from pipeline.image_folder import load_images  # noqa: E402
 
 @dataclass(frozen=True)
 class Setting:
@@ -162,7 +163,9 @@ def run(args: argparse.Namespace) -> dict:
     model_path = weights.resolve(args.model)
     codec = CorrDiffCodec.from_pretrained(model_path, device="cpu")
     lpips = LPIPS("alex", device="cpu")
-    images = load_eval_images(args.images, lpips.min_side)
+    images = load_images(args.images, lpips.min_side)
+    if not images:
+        raise SystemExit(f"no image under {args.images} is large enough to measure")
     available = len(images)
     images = images[:args.max_images] if args.max_images else images
     default = codec.default_steps

@@ -113,7 +113,7 @@ class CorrDiffCodec:
     def _encode_one(self, image: np.ndarray, seed: int, steps: int) -> EncodedImage:
         model = self.model
         height, width = image.shape[:2]
-        x = pad_to_stride(_to_tensor(image))[None].to(self.device)
+        x = pad_to_stride(image_to_tensor(image))[None].to(self.device)
         mask = torch.zeros_like(x[:, :1])
         mask[..., :height, :width] = 1.0  # gamma is fitted on the image's own pixels, not its padding
         (streams,), y_hat = model.latent.compress(x)
@@ -128,7 +128,7 @@ class CorrDiffCodec:
             pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
             gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_string=streams.y,
         )
-        return EncodedImage(record.to_bytes(), _to_uint8(out)[:height, :width], record.gammas)
+        return EncodedImage(record.to_bytes(), tensor_to_image(out)[:height, :width], record.gammas)
 
     # ----------------------------------------------------------------- decode
     @torch.no_grad()
@@ -172,7 +172,7 @@ class CorrDiffCodec:
             else:
                 rule = lambda step, x0_theta: torch.zeros(1, device=self.device)  # noqa: E731
             out, _ = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, rule)
-        return _to_uint8(out)[:record.height, :record.width]
+        return tensor_to_image(out)[:record.height, :record.width]
 
     def _noise(self, shape: torch.Size | tuple[int, ...], seed: int) -> Tensor:
         """x_T noise from a seeded CPU generator: identical on every device."""
@@ -189,11 +189,11 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
     return image
 
 
-def _to_tensor(image: np.ndarray) -> Tensor:
+def image_to_tensor(image: np.ndarray) -> Tensor:
     return torch.tensor(image).permute(2, 0, 1).float() / 255.0  # a copy: inputs may be read-only
 
 
-def _to_uint8(x: Tensor) -> np.ndarray:
+def tensor_to_image(x: Tensor) -> np.ndarray:
     """[-1, 1] (1, 3, H, W) -> (H, W, 3) uint8, rounded to nearest."""
     scaled = ((x[0].float() + 1.0) * 127.5).clamp(0.0, 255.0).round()
     return scaled.to(torch.uint8).permute(1, 2, 0).cpu().numpy()

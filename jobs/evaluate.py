@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import fsspec
 import matplotlib
 import numpy as np
 import PIL
@@ -50,8 +49,7 @@ from corrdiff import DECODE_MODES, CorrDiffCodec  # noqa: E402
 from corrdiff import weights  # noqa: E402
 from corrdiff.baselines import CLASSIC_CODECS, decode_classic, encode_classic, match_bpp  # noqa: E402
 from corrdiff.metrics import LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
-from pipeline.training_data import list_images  # noqa: E402
+from pipeline.image_folder import load_images  # noqa: E402
 
 METRICS = ("bpp", "psnr", "ms_ssim", "lpips")
 BPP_TOLERANCE = 0.05  # a baseline within 5% of the CorrDiff rate counts as matched
@@ -108,7 +106,9 @@ def run(config: EvalConfig) -> dict:
     model_path = weights.resolve(config.model)
     codec = CorrDiffCodec.from_pretrained(model_path, device=config.device)
     lpips = LPIPS("alex", device=config.device)
-    images = load_eval_images(config.images, lpips.min_side)
+    images = load_images(config.images, lpips.min_side)
+    if not images:
+        raise SystemExit(f"no image under {config.images} is large enough to evaluate")
     per_image = [_evaluate_image(url, image, codec, lpips, config) for url, image in images]
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
@@ -128,20 +128,6 @@ def run(config: EvalConfig) -> dict:
     (output / "eval.md").write_text(markdown(report))
     _plot(report, output / "rate_quality.png")
     return report
-
-
-def load_eval_images(url: str, min_side: int) -> list[tuple[str, np.ndarray]]:
-    images = []
-    for image_url in list_images(url):
-        with fsspec.open(image_url, "rb") as handle:
-            image = decode_image(handle.read())
-        if min(image.shape[:2]) < min_side:
-            print(f"skipping {image_url}: {image.shape[1]}x{image.shape[0]} is below LPIPS's {min_side} px")
-            continue
-        images.append((image_url, image))
-    if not images:
-        raise SystemExit(f"no image under {url} is large enough to evaluate")
-    return images
 
 
 def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, lpips: LPIPS, config: EvalConfig) -> dict:

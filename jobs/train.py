@@ -15,6 +15,7 @@ import argparse
 import csv
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrdiff.config import ModelConfig  # noqa: E402
+from corrdiff.latent_codec import HYPER_STRIDE  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
 from corrdiff.training import PhaseLoss, phase0_loss, phase1_loss, phase2_loss, trainable_parameters  # noqa: E402
 from corrdiff.weights import load_model, resolve, save_model  # noqa: E402
-from pipeline.training_data import RandomCrops, list_images, load_images  # noqa: E402
+from pipeline.image_folder import RandomCrops, load_images  # noqa: E402
 
+# Crops below 4 hyper-latent positions a side leave z almost all border: h_s then learns the
+# zero padding's statistics and mispredicts the interior of every larger image, whose rate
+# comes out several times too high (docs/models.md, "Crop size and the hyperprior").
+MIN_CROP = 4 * HYPER_STRIDE
 LOG_COLUMNS = ["phase", "step", "seconds", "lr", "loss", "bpp", "mse", "psnr", "e2e_psnr", "lpips", "gamma"]
 
 
@@ -58,6 +64,12 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.crop < MIN_CROP:
+            warnings.warn(f"{self.crop} px crops give a hyper-latent of {-(-self.crop // HYPER_STRIDE)}x"
+                          f"{-(-self.crop // HYPER_STRIDE)}, all border: the model will mispredict the rate of "
+                          f"larger images; use crops of at least {MIN_CROP} px", stacklevel=3)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict) -> TrainConfig:
@@ -99,7 +111,7 @@ def train(config: TrainConfig) -> Path:
         start_phase, start_step = saved["phase_index"], saved["step"]
         print(f"resuming from {checkpoint_path}: phase index {start_phase}, step {start_step}")
 
-    images = load_images(list_images(config.data, config.storage_options), config.crop, config.storage_options)
+    images = [image for _, image in load_images(config.data, config.crop, config.storage_options)]
     print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
     perceptual = _lpips(device) if any(p.phase == 2 for p in config.phases[start_phase:]) else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from corrdiff.metrics import lpips_backbone_path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 
-from train import PhaseConfig, TrainConfig, train  # noqa: E402
+from train import MIN_CROP, PhaseConfig, TrainConfig, train  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _small_crops_are_fine_here():
+    """Tests train a tiny model on 64 px crops for speed; the crop-size warning is tested below."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*px crops give a hyper-latent")
+        yield
 
 
 def _config(tmp_path: Path, steps: tuple[int, int, int]) -> TrainConfig:
@@ -68,3 +77,11 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     train(config)
     steps = [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
     assert steps == ["1", "2", "3", "4"]
+
+
+def test_crops_too_small_for_the_hyperprior_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(name="n", data="d", output="o", lmbda=0.01, phases=[], crop=MIN_CROP)  # no warning
+    with pytest.warns(UserWarning, match=r"128 px crops give a hyper-latent of 2x2, all border"):
+        TrainConfig(name="n", data="d", output="o", lmbda=0.01, phases=[], crop=128)

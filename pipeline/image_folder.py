@@ -1,4 +1,8 @@
-"""Training images from any fsspec URL (a folder of photos) and random crops of them."""
+"""A folder of photos at any fsspec URL: listing, decoding, and random training crops.
+
+Training (jobs/train.py), evaluation (jobs/evaluate.py) and the benchmarks all read their
+photos through :func:`load_images`, so they skip the same files for the same reasons.
+"""
 
 from __future__ import annotations
 
@@ -20,16 +24,20 @@ def list_images(url: str, storage_options: dict | None = None) -> list[str]:
     return sorted(fs.unstrip_protocol(p) for p in paths)
 
 
-def load_images(urls: list[str], min_side: int, storage_options: dict | None = None) -> list[np.ndarray]:
-    """Decode every image; those smaller than a crop are skipped with a message."""
+def load_images(url: str, min_side: int, storage_options: dict | None = None) -> list[tuple[str, np.ndarray]]:
+    """(URL, HxWx3 uint8) of every image under ``url``, sorted by URL.
+
+    Images with a side below ``min_side`` (a training crop, LPIPS's smallest input) are
+    skipped with a message naming them; callers decide whether an empty list is an error.
+    """
     images = []
-    for url in urls:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+    for image_url in list_images(url, storage_options):
+        with fsspec.open(image_url, "rb", **(storage_options or {})) as handle:
             image = decode_image(handle.read())
         if min(image.shape[:2]) < min_side:
-            print(f"skipping {url}: {image.shape[1]}x{image.shape[0]} is smaller than a {min_side}px crop")
+            print(f"skipping {image_url}: {image.shape[1]}x{image.shape[0]} is below the {min_side} px minimum")
             continue
-        images.append(image)
+        images.append((image_url, image))
     return images
 
 
