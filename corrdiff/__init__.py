@@ -4,7 +4,7 @@ end-to-end decoder (Ma, Yang, Liu, ICML 2024), as a self-contained PyTorch codec
 This package knows nothing of Ray or storage: it turns images into records and back.
 """
 
-from corrdiff.codec import DECODE_MODES, CorrDiffCodec, EncodedImage
+from corrdiff.codec import DECODE_MODES, CorrDiffCodec, EncodedImage, check_decode_mode
 from corrdiff.config import ModelConfig, tiny_config
 from corrdiff.record import ModelMismatchError, RecordError
 
@@ -15,5 +15,6 @@ __all__ = [
     "ModelConfig",
     "ModelMismatchError",
     "RecordError",
+    "check_decode_mode",
     "tiny_config",
 ]

@@ -39,6 +39,12 @@ DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
 DECODE_MODES: tuple[str, ...] = ("corrdiff", "e2e", "diffusion")
 
 
+def check_decode_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming the valid modes; jobs call it before any work starts."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """One encoded image: its record and the exact image a corrdiff decode will return."""
@@ -141,8 +147,7 @@ class CorrDiffCodec:
         free, default the model's). Raises ``RecordError`` for a corrupt record and
         ``ModelMismatchError`` for a record written by another model.
         """
-        if mode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+        check_decode_mode(mode)
         parsed = [self.parse(record) for record in records]
         if mode == "corrdiff" and steps is not None and any(r.steps != steps for r in parsed):
             raise ValueError("corrdiff decoding uses the record's own step count; leave steps=None")

@@ -26,9 +26,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corrdiff import DECODE_MODES  # noqa: E402
 from pipeline.audit import AuditConfig, run_audit, run_verify  # noqa: E402
 from pipeline.cluster import connect  # noqa: E402
-from pipeline.decode import DECODE_MODES  # noqa: E402
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -26,8 +26,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corrdiff import DECODE_MODES  # noqa: E402
 from pipeline.cluster import connect  # noqa: E402
-from pipeline.decode import DECODE_MODES, DecodeConfig, run_decode  # noqa: E402
+from pipeline.decode import DecodeConfig, run_decode  # noqa: E402
 from pipeline.resources import ResourceSettings  # noqa: E402
 from pipeline.storage import StorageConfig  # noqa: E402
 

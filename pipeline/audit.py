@@ -37,10 +37,11 @@ import pyarrow.compute as pc
 import ray
 from PIL import Image
 
+from corrdiff import check_decode_mode
 from corrdiff.weights import find_model
 
 from pipeline.compress import new_job_id
-from pipeline.decode import DECODE_MODES, DecodeStage
+from pipeline.decode import DecodeStage
 from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
@@ -88,8 +89,7 @@ class AuditConfig:
     audit_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {', '.join(DECODE_MODES)}")
+        check_decode_mode(self.mode)
         sample_size(self.sample, total=1)  # the sampler's own validation, before any work
         parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
 

@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
+from corrdiff import check_decode_mode
+
 from pipeline.compress import new_job_id
 from pipeline.keys import is_safe_join, key_to_path
 from pipeline.resources import ResourceSettings, plan_resources
@@ -35,7 +37,6 @@ from pipeline.selection import all_rows, archive_files, read_selected
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
-DECODE_MODES = ("corrdiff", "e2e", "diffusion")
 NOT_IN_ARCHIVE = "not_in_archive"
 WRITE_FAILED = "write_failed"
 
@@ -59,8 +60,7 @@ class DecodeConfig:
     run_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {', '.join(DECODE_MODES)}")
+        check_decode_mode(self.mode)
 
 
 class DecodeStage:

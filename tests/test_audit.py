@@ -134,11 +134,15 @@ def test_thresholds_fail_with_banner_exit_code_and_trend(archive, tmp_path):
     assert len([s for s in _page(report / "a2" / "report.html").sources]) == 1 + 1 + 2 * 2  # + trend plot
 
 
-def test_bad_config_exits_2(archive, tmp_path, capsys):
+@pytest.mark.parametrize("yaml_text, message", [
+    ("thresholds:\n  lpips.medain: {max: 0.3}\n", "unknown threshold measure 'lpips.medain'"),
+    ("mode: ee2e\n", "unknown decode mode 'ee2e'"),
+])
+def test_bad_config_exits_2(archive, tmp_path, capsys, yaml_text, message):
     config = tmp_path / "bad.yaml"
-    config.write_text("thresholds:\n  lpips.medain: {max: 0.3}\n")
+    config.write_text(yaml_text)
     assert audit_job.main(["--archive", str(archive), "--report", str(tmp_path / "r"), "--config", str(config)]) == 2
-    assert "unknown threshold measure 'lpips.medain'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def _damage(archive: Path, target: Path) -> dict:

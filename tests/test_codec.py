@@ -24,6 +24,11 @@ def test_decode_equals_encoder_simulation_exactly(codec, images, encoded):
         assert np.array_equal(dec, enc.reconstruction)
 
 
+def test_unknown_decode_mode_names_the_valid_ones(codec, encoded):
+    with pytest.raises(ValueError, match="unknown decode mode 'ee2e'; choose one of corrdiff, e2e, diffusion"):
+        codec.decode([encoded[0].record], mode="ee2e")
+
+
 @pytest.mark.parametrize("mode", ["e2e", "diffusion", "corrdiff"])
 def test_every_mode_returns_the_original_size(codec, images, encoded, mode):
     for image, dec in zip(images, codec.decode([e.record for e in encoded], mode=mode)):

@@ -115,6 +115,11 @@ def test_corrupt_record_and_missing_model_are_reported(archive, tmp_path):
     assert "00000000000000000000000000000000" in manifest[table["key"][ok[1]].as_py()]["error"]
 
 
+def test_unknown_mode_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown decode mode 'ee2e'"):
+        DecodeConfig(archive=str(tmp_path / "missing"), output=str(tmp_path / "out"), mode="ee2e")
+
+
 def test_job_cli_exit_codes(archive, tmp_path, capsys):
     assert decode_job.main(["--archive", str(archive), "--output", str(tmp_path / "a"), "--device", "cpu",
                             "--keys", "photos/life.jpg", "--mode", "e2e"]) == 0
