@@ -39,6 +39,11 @@ DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
 DECODE_MODES: tuple[str, ...] = ("corrdiff", "e2e", "diffusion")
 
 
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The given device, or CUDA when there is one and the CPU otherwise."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def check_decode_mode(mode: str) -> None:
     """Raise ``ValueError`` naming the valid modes; jobs call it before any work starts."""
     if mode not in DECODE_MODES:
@@ -63,7 +68,7 @@ class EncodedImage:
 class CorrDiffCodec:
     def __init__(self, model: CorrDiffModel, device: str | torch.device | None = None,
                  gamma_fitter: GammaFitter | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         if self.device.type == "cuda":
             # Same record, same GPU type, same pixels: no autotuned or TF32 kernels.
             torch.backends.cudnn.benchmark = False

@@ -24,6 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corrdiff.codec import pick_device  # noqa: E402
 from corrdiff.config import ModelConfig  # noqa: E402
 from corrdiff.latent_codec import HYPER_STRIDE  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 def train(config: TrainConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
+    device = pick_device(None if config.device == "auto" else config.device)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint_path = output / "checkpoint.pt"

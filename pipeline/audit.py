@@ -165,14 +165,11 @@ class AuditStage:
         self.setup()
 
     def setup(self) -> None:
-        import torch
-
+        from corrdiff.codec import pick_device
         from corrdiff.metrics import LPIPS
 
         self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
-        lpips_device = "cuda" if self.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if self.device == "auto" else self.device)
-        self.lpips = LPIPS(self.lpips_net, device=lpips_device)
+        self.lpips = LPIPS(self.lpips_net, device=pick_device(self.decoder.device))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         originals = batch.column("original").combine_chunks().to_numpy()
