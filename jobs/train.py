@@ -5,7 +5,8 @@
 Phases (corrdiff/training.py): 0 latent codec + D, 1 score network, 2 perceptual
 fine-tuning. Every ``checkpoint_every`` steps the whole state goes to
 ``OUTPUT/checkpoint.pt``; rerunning the same command resumes from it. Losses, bpp and
-PSNR go to ``OUTPUT/log.csv``. At the end the model is frozen (CDF tables, fixed-point
+PSNR go to ``OUTPUT/log.csv``, one row per logged step even across kills and resumes, with
+the seconds spent in the phase so far. At the end the model is frozen (CDF tables, fixed-point
 hyper-synthesis) and written to ``OUTPUT/<name>.safetensors``. Runs on CUDA when present.
 """
 
@@ -115,10 +116,10 @@ def train(config: TrainConfig) -> Path:
     print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
     perceptual = _lpips(device) if any(p.phase == 2 for p in config.phases[start_phase:]) else None
 
-    log_exists = (output / "log.csv").exists()
+    log_rows = _rewind_log(output / "log.csv", saved.get("log_rows") if saved else 0)
     with open(output / "log.csv", "a", newline="") as log_file:
         log = csv.DictWriter(log_file, LOG_COLUMNS, extrasaction="ignore")
-        if not log_exists:
+        if log_file.tell() == 0:
             log.writeheader()
         for index in range(start_phase, len(config.phases)):
             phase = config.phases[index]
@@ -133,7 +134,7 @@ def train(config: TrainConfig) -> Path:
                 if aux_optimizer is not None and saved["aux_optimizer"]:
                     aux_optimizer.load_state_dict(saved["aux_optimizer"])
             model.train()
-            started = time.time()
+            started = time.time() - (saved.get("elapsed", 0.0) if saved is not None and index == start_phase else 0.0)
             for step in range(first, phase.steps):
                 x = crops.batch(config.batch_size).to(device)
                 result = _loss(model, x, phase, config, perceptual)
@@ -152,10 +153,12 @@ def train(config: TrainConfig) -> Path:
                            **{k: round(v, 5) for k, v in result.metrics.items()}}
                     log.writerow(row)
                     log_file.flush()
+                    log_rows += 1
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                 if done % config.checkpoint_every == 0 and done < phase.steps:
-                    _checkpoint(checkpoint_path, model, index, done, optimizer, aux_optimizer)
-            _checkpoint(checkpoint_path, model, index + 1, 0, None, None)
+                    _checkpoint(checkpoint_path, model, index, done, optimizer, aux_optimizer,
+                                elapsed=time.time() - started, log_rows=log_rows)
+            _checkpoint(checkpoint_path, model, index + 1, 0, None, None, elapsed=0.0, log_rows=log_rows)
 
     model.eval().cpu()
     model.latent.freeze()
@@ -193,12 +196,31 @@ def _lpips(device: torch.device):
     return lambda a, b: net(a, b).flatten(1).mean(1)
 
 
+def _rewind_log(path: Path, rows: int | None) -> int:
+    """Cut the log back to the checkpoint's ``rows`` rows, so that steps redone after a kill
+    appear once and the log reads as one uninterrupted run; returns the rows kept. ``None``
+    (a checkpoint written before checkpoints counted rows) keeps the whole log."""
+    if rows == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return 0
+    with open(path, newline="") as f:
+        kept = list(csv.reader(f))
+    kept = kept if rows is None else kept[:rows + 1]  # header + rows
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    return len(kept) - 1
+
+
 def _checkpoint(path: Path, model: CorrDiffModel, phase_index: int, step: int,
-                optimizer: torch.optim.Optimizer | None, aux_optimizer: torch.optim.Optimizer | None) -> None:
-    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+                optimizer: torch.optim.Optimizer | None, aux_optimizer: torch.optim.Optimizer | None,
+                elapsed: float, log_rows: int) -> None:
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact. ``elapsed``
+    (seconds into the phase) and ``log_rows`` let a resumed run continue the log's clock and
+    drop the rows of steps it redoes."""
     state = {"model": model.state_dict(), "phase_index": phase_index, "step": step,
              "optimizer": optimizer.state_dict() if optimizer else {},
-             "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else {}}
+             "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else {},
+             "elapsed": elapsed, "log_rows": log_rows}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)

@@ -79,6 +79,34 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     assert steps == ["1", "2", "3", "4"]
 
 
+def test_a_killed_run_resumes_with_one_row_per_step_and_a_continuous_clock(tmp_path, monkeypatch):
+    import train as train_module
+
+    (tmp_path / "photos").mkdir()
+    for photo in sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]:
+        shutil.copy(photo, tmp_path / "photos")
+    config = _config(tmp_path, (5, 0, 0))
+    config.phases = config.phases[:1]
+    real_loss, calls = train_module._loss, []
+
+    def dies_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed after logging step 3; the last checkpoint is step 2
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_loss", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))] == ["1", "2", "3"]
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    train(config)
+    log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [r["step"] for r in log] == ["1", "2", "3", "4", "5"]  # step 3 redone, logged once
+    seconds = [float(r["seconds"]) for r in log]
+    assert seconds == sorted(seconds) and seconds[2] >= seconds[1]  # the clock goes on from step 2's
+
+
 def test_crops_too_small_for_the_hyperprior_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
