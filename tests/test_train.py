@@ -29,6 +29,12 @@ def _small_crops_are_fine_here():
         yield
 
 
+def _two_photos(folder: Path) -> None:
+    folder.mkdir()
+    for photo in sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]:
+        shutil.copy(photo, folder)
+
+
 def _config(tmp_path: Path, steps: tuple[int, int, int]) -> TrainConfig:
     return TrainConfig(
         name="tiny-test", data=str(tmp_path / "photos"), output=str(tmp_path / "run"), lmbda=0.01,
@@ -40,9 +46,7 @@ def _config(tmp_path: Path, steps: tuple[int, int, int]) -> TrainConfig:
 
 @pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
 def test_phases_run_resume_and_export(tmp_path):
-    (tmp_path / "photos").mkdir()
-    for photo in sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]:
-        shutil.copy(photo, tmp_path / "photos")
+    _two_photos(tmp_path / "photos")
     train(_config(tmp_path, (3, 2, 1)))
     log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [(r["phase"], r["step"]) for r in log] == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2"), ("2", "1")]
@@ -59,9 +63,7 @@ def test_phases_run_resume_and_export(tmp_path):
 
 
 def test_resume_continues_a_phase_mid_way(tmp_path):
-    (tmp_path / "photos").mkdir()
-    for photo in sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]:
-        shutil.copy(photo, tmp_path / "photos")
+    _two_photos(tmp_path / "photos")
     config = _config(tmp_path, (4, 0, 0))
     config.phases = config.phases[:1]
     config.checkpoint_every = 2
@@ -82,9 +84,7 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
 def test_a_killed_run_resumes_with_one_row_per_step_and_a_continuous_clock(tmp_path, monkeypatch):
     import train as train_module
 
-    (tmp_path / "photos").mkdir()
-    for photo in sorted((ROOT / "examples" / "photos").glob("*.jpg"))[:2]:
-        shutil.copy(photo, tmp_path / "photos")
+    _two_photos(tmp_path / "photos")
     config = _config(tmp_path, (5, 0, 0))
     config.phases = config.phases[:1]
     real_loss, calls = train_module._loss, []
