@@ -14,7 +14,7 @@ a trained model, so this script measures them on held-out photos:
    every step count) is given once per image as the reference.
 2. **Gamma fitting**, at the model's default step count: the closed form against the
    closed form refined by Adam on MSE + w * LPIPS-alex (``GammaFitter`` with its default
-   refinement, 5 steps at lr 0.05, keeping the best value), for each w of
+   refinement, 10 steps at lr 0.1, keeping the best value), for each w of
    ``--perceptual-weights``. The refinement exists to lower LPIPS; it costs encode time
    only (the decoder reads the gammas), which is what the table weighs.
 
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from corrdiff import CorrDiffCodec, weights  # noqa: E402
-from corrdiff.gamma import GammaFitter, PerceptualLoss  # noqa: E402
+from corrdiff.gamma import GammaFitter, lpips_fitter  # noqa: E402
 from corrdiff.metrics import LPIPS, psnr  # noqa: E402
 from jobs.evaluate import strict_json  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
@@ -85,22 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def lpips_loss(lpips: LPIPS) -> PerceptualLoss:
-    """LPIPS as GammaFitter's perceptual term: (B,3,H,W) tensors in [-1, 1] -> per-image loss (B,)."""
-    lpips.model.requires_grad_(False)  # gradients flow to gamma only
-    return lambda x0_tilde, x: lpips.model(x0_tilde, x).flatten()
-
-
 def step_settings(codec: CorrDiffCodec, step_counts: list[int]) -> list[Setting]:
     """Ablation 1: the codec as shipped (closed-form MSE gamma) at each step count."""
     return [Setting(f"steps-{s}", f"{s} steps, closed-form MSE gamma", s, codec) for s in step_counts]
 
 
-def gamma_settings(codec: CorrDiffCodec, perceptual_weights: list[float], loss: PerceptualLoss) -> list[Setting]:
+def gamma_settings(codec: CorrDiffCodec, perceptual_weights: list[float], lpips: LPIPS) -> list[Setting]:
     """Ablation 2: the same model with a perceptually refined gamma, at the default step count."""
     settings = []
     for w in perceptual_weights:
-        fitter = GammaFitter(perceptual=loss, perceptual_weight=w)
+        fitter = lpips_fitter(lpips, GammaFitter.refine_steps, GammaFitter.learning_rate, weight=w)
         label = f"MSE + {w:g} LPIPS-alex, {fitter.refine_steps} Adam steps (lr {fitter.learning_rate:g})"
         refined = CorrDiffCodec(codec.model, device=codec.device, gamma_fitter=fitter)
         settings.append(Setting(f"lpips-{w:g}", label, codec.default_steps, refined))
@@ -173,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     if default not in step_counts:
         raise SystemExit(f"--steps must include the model's default, {default}: ablation 2 reuses that run")
     perceptual_weights = [float(w) for w in args.perceptual_weights.split(",")]
-    settings = [*step_settings(codec, step_counts), *gamma_settings(codec, perceptual_weights, lpips_loss(lpips))]
+    settings = [*step_settings(codec, step_counts), *gamma_settings(codec, perceptual_weights, lpips)]
     check_decode_matches(codec, images[0][1])
     per_image = [measure_image(name, image, settings, lpips) for name, image in images]
     return {

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from corrdiff.metrics import LPIPS
 
 FLOAT16_MAX = 65504.0
 
@@ -58,8 +62,8 @@ class GammaFitter:
 
     perceptual: PerceptualLoss | None = None
     perceptual_weight: float = 0.0
-    refine_steps: int = 5
-    learning_rate: float = 0.05
+    refine_steps: int = 10
+    learning_rate: float = 0.1
 
     def objective(self, gamma: Tensor, x: Tensor, x0_theta: Tensor, x_e: Tensor, mask: Tensor) -> Tensor:
         """M(gamma) per image: masked MSE plus the weighted perceptual term."""
@@ -102,3 +106,18 @@ class GammaFitter:
                 best = torch.where(better, param.detach(), best)
                 best_loss = torch.where(better, current, best_loss)
         return best
+
+
+def lpips_loss(lpips: LPIPS) -> PerceptualLoss:
+    """LPIPS as the perceptual term: (B,3,H,W) tensors in [-1, 1] -> per-image loss (B,)."""
+    lpips.model.requires_grad_(False)  # gradients flow to gamma only
+    return lambda x0_tilde, x: lpips.model(x0_tilde, x).flatten()
+
+
+def lpips_fitter(lpips: LPIPS, refine_steps: int, learning_rate: float, weight: float = 1.0) -> GammaFitter:
+    """The encoder's perceptual fit: closed form, then ``refine_steps`` Adam steps on
+    MSE + ``weight`` * LPIPS. The weight barely matters (Adam's step ignores the gradient's
+    scale and the MSE gradient is zero at the closed form); steps and rate set how far gamma
+    may move (docs/method.md)."""
+    return GammaFitter(perceptual=lpips_loss(lpips), perceptual_weight=weight, refine_steps=refine_steps,
+                       learning_rate=learning_rate)

@@ -43,24 +43,31 @@ def psnr(mse: float) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def trainable_parameters(model: CorrDiffModel, phase: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(main, auxiliary) parameters of a phase; auxiliary = the z prior's quantiles."""
-    aux = [p for n, p in model.latent.named_parameters() if n.endswith("quantiles")]
+def trainable_parameters(model: CorrDiffModel, phase: int,
+                         train_latent: bool = True) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(main, auxiliary) parameters of a phase; auxiliary = the z prior's quantiles.
+
+    Phase 2 trains the latent codec with the score network unless ``train_latent`` is false:
+    then the encoder, entropy model and rate stay exactly as they are and only f_theta learns
+    the perceptual loss (the rate drifts otherwise; docs/models.md, round five).
+    """
     if phase == 0:
         modules = [model.latent, model.decoder]
     elif phase == 1:
         modules = [model.score]
     elif phase == 2:
-        modules = [model.latent, model.score]
+        modules = [model.latent, model.score] if train_latent else [model.score]
     else:
         raise ValueError(f"unknown training phase {phase}")
+    trains_latent = any(m is model.latent for m in modules)
+    aux = [p for n, p in model.latent.named_parameters() if n.endswith("quantiles")] if trains_latent else []
     aux_ids = {id(p) for p in aux}
     main = [p for m in modules for p in m.parameters() if id(p) not in aux_ids]
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in main + (aux if phase != 1 else []):
+    for p in main + aux:
         p.requires_grad_(True)
-    return main, (aux if phase != 1 else [])
+    return main, aux
 
 
 def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float) -> PhaseLoss:
@@ -105,10 +112,15 @@ def phase1_loss(model: CorrDiffModel, x: Tensor, generator: torch.Generator | No
 
 
 def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: PerceptualLoss,
-                perceptual_weight: float, generator: torch.Generator | None = None) -> PhaseLoss:
+                perceptual_weight: float, train_latent: bool = True,
+                generator: torch.Generator | None = None) -> PhaseLoss:
     out = model.latent(x)
-    # Straight-through rounding: the decoder side sees quantized values, gradients pass through.
-    y_hat = out.y + (torch.round(out.y - out.means) + out.means - out.y).detach()
+    if train_latent:
+        # Straight-through rounding: the decoder side sees quantized values, gradients pass through.
+        y_hat = out.y + (torch.round(out.y - out.means) + out.means - out.y).detach()
+    else:
+        with torch.no_grad():  # a frozen codec: exactly the latent a record will carry
+            y_hat = _quantized_latent(model, x)
     x_e = model.reconstruct_e2e(y_hat)
     target = x * 2 - 1
     x_t, t = _diffusion_pair(model, target, generator)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corrdiff import DECODE_MODES, CorrDiffCodec  # noqa: E402
 from corrdiff import weights  # noqa: E402
 from corrdiff.baselines import CLASSIC_CODECS, decode_classic, encode_classic, match_bpp  # noqa: E402
+from corrdiff.gamma import lpips_fitter  # noqa: E402
 from corrdiff.metrics import LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
 
@@ -70,6 +71,8 @@ class EvalConfig:
     baselines: tuple[str, ...] = CLASSIC_CODECS
     device: str = "cpu"
     curve_qualities: tuple[int, ...] = CURVE_QUALITIES
+    gamma_refine_steps: int = 0  # as the compress job's codec.gamma_refine_steps: 0 = closed-form MSE
+    gamma_learning_rate: float = 0.1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--curve-qualities", default=",".join(map(str, CURVE_QUALITIES)),
                         help="qualities at which to trace each classic codec's curve, comma-separated")
+    parser.add_argument("--gamma-refine-steps", type=int, default=0,
+                        help="perceptual mode: Adam steps on MSE + LPIPS-alex after the closed-form gamma (0 = off)")
+    parser.add_argument("--gamma-lr", type=float, default=0.1, help="learning rate of those steps")
     args = parser.parse_args(argv)
     config = EvalConfig(
         images=args.images, model=args.model,
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         modes=_choices(args.modes, DECODE_MODES, "mode"),
         baselines=_choices(args.baselines, CLASSIC_CODECS, "baseline"), device=args.device,
         curve_qualities=tuple(int(q) for q in args.curve_qualities.split(",")),
+        gamma_refine_steps=args.gamma_refine_steps, gamma_learning_rate=args.gamma_lr,
     )
     print(markdown(run(config)))
 
@@ -106,12 +113,15 @@ def run(config: EvalConfig) -> dict:
     model_path = weights.resolve(config.model)
     codec = CorrDiffCodec.from_pretrained(model_path, device=config.device)
     lpips = LPIPS("alex", device=config.device)
+    if config.gamma_refine_steps > 0:
+        codec.gamma_fitter = lpips_fitter(lpips, config.gamma_refine_steps, config.gamma_learning_rate)
     images = load_images(config.images, lpips.min_side)
     if not images:
         raise SystemExit(f"no image under {config.images} is large enough to evaluate")
     per_image = [_evaluate_image(url, image, codec, lpips, config) for url, image in images]
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
+        "gamma_fit": _gamma_fit(config),
         "images_url": config.images,
         "modes": list(config.modes),
         "baselines": list(config.baselines),
@@ -210,14 +220,21 @@ def strict_json(value):
     return value
 
 
+def _gamma_fit(config: EvalConfig) -> str:
+    if config.gamma_refine_steps == 0:
+        return "closed-form MSE"
+    return (f"closed-form MSE, then {config.gamma_refine_steps} Adam steps (lr {config.gamma_learning_rate:g}) "
+            "on MSE + LPIPS-alex")
+
+
 def markdown(report: dict) -> str:
     """The averages as a markdown table, one row per decode mode and baseline."""
     count = len(report["images"])
     lines = [
         f"# {report['model']['name']} (model id `{report['model']['id']}`)",
         "",
-        f"{count} images from `{report['images_url']}`, {report['date']}. Means over images; "
-        "baselines at the quality closest to each image's CorrDiff rate.",
+        f"{count} images from `{report['images_url']}`, {report['date']}. Gammas: {report['gamma_fit']}. "
+        "Means over images; baselines at the quality closest to each image's CorrDiff rate.",
         "",
         "| method | bpp | PSNR (dB) | MS-SSIM | LPIPS |",
         "|---|---:|---:|---:|---:|",

@@ -46,6 +46,7 @@ class PhaseConfig:
     steps: int
     lr: float
     perceptual_weight: float = 0.0
+    train_latent: bool = True  # phase 2 only: false trains the score network alone, the rate stays put
 
 
 @dataclass
@@ -126,7 +127,7 @@ def train(config: TrainConfig) -> Path:
             first = start_step if index == start_phase else 0
             crops = RandomCrops(images, config.crop, seed=config.seed * 1_000_003 + index * 10_007 + first,
                                 min_scale=config.min_scale)
-            main_params, aux_params = trainable_parameters(model, phase.phase)
+            main_params, aux_params = trainable_parameters(model, phase.phase, phase.train_latent)
             optimizer = torch.optim.Adam(main_params, lr=phase.lr)
             aux_optimizer = torch.optim.Adam(aux_params, lr=1e-3) if aux_params else None
             if saved is not None and index == start_phase and first > 0 and saved["optimizer"]:
@@ -184,7 +185,7 @@ def _loss(model: CorrDiffModel, x: torch.Tensor, phase: PhaseConfig, config: Tra
         return phase0_loss(model, x, config.lmbda)
     if phase.phase == 1:
         return phase1_loss(model, x)
-    return phase2_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight)
+    return phase2_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight, phase.train_latent)
 
 
 def _lpips(device: torch.device):

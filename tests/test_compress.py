@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 
 from corrdiff import CorrDiffCodec
-from corrdiff.metrics import psnr
+from corrdiff.metrics import lpips_backbone_path, psnr
 from pipeline.archive import SCHEMA, file_metadata, list_data_files
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.resources import ResourceSettings, plan_resources
@@ -78,6 +81,35 @@ def test_archive_rows_are_honest(ray_local, tiny_model, tmp_path):
         assert row["model_id"] == codec.model_id_hex and row["steps"] == len(row["gammas"])
         restored = codec.decode([row["record"]])[0]
         assert psnr(decode_image(original), restored) == row["psnr"]  # the decoder's exact pixels
+
+
+@pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
+def test_perceptual_mode_refits_gammas_and_stays_exact(ray_local, tiny_model, tmp_path):
+    """codec.gamma_refine_steps > 0: other gammas than the closed form, the same latent, and
+    records that still decode to exactly the pixels the archive row scored."""
+    _photo_folder(tmp_path / "in", broken=False)
+    config = _config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model)
+    run_compress(replace(config, codec=replace(config.codec, gamma_refine_steps=3)))
+    codec = CorrDiffCodec.from_pretrained(tiny_model, device="cpu")
+    rows = _archive(str(tmp_path / "archive")).to_pylist()
+    moved = 0
+    for row in rows[:3]:
+        original = decode_image(Path(row["source_uri"]).read_bytes())
+        assert psnr(original, codec.decode([row["record"]])[0]) == row["psnr"]
+        closed_form = codec.parse(codec.encode([original])[0])
+        refined = codec.parse(row["record"])
+        assert (refined.y_string, refined.z_string) == (closed_form.y_string, closed_form.z_string)
+        moved += not np.array_equal(refined.gammas, closed_form.gammas)
+    assert moved > 0
+    [first, *_] = list_data_files(str(tmp_path / "archive"), StorageConfig())
+    assert json.loads(file_metadata(first, StorageConfig())["corrdiff.config"])["codec"]["gamma_refine_steps"] == 3
+
+
+def test_bad_gamma_refinement_settings_are_refused():
+    with pytest.raises(ValueError, match="gamma_refine_steps must be >= 0"):
+        CodecSettings(gamma_refine_steps=-1)
+    with pytest.raises(ValueError, match="gamma_learning_rate > 0"):
+        CodecSettings(gamma_learning_rate=0.0)
 
 
 def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):

@@ -92,6 +92,7 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     report = json.loads((output / "eval.json").read_text())
     assert report["model"] == {"name": "tiny", "id": codec.model_id_hex, "path": str(model_path)}
     assert {"torch", "pillow"} <= set(report["versions"]) and report["date"]
+    assert report["gamma_fit"] == "closed-form MSE"
     assert [Path(im["url"]).name for im in report["images"]] == ["a.png", "b.png"]
     methods = ["corrdiff", "e2e", "diffusion", "jpeg", "webp", "avif"]
     for entry in report["images"]:
@@ -113,3 +114,27 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     assert table in printed
     with Image.open(output / "rate_quality.png") as plot:
         assert plot.format == "PNG" and plot.width > 500
+
+
+@pytest.mark.skipif(not lpips_backbone_path("alex").is_file(), reason="LPIPS AlexNet weights not installed")
+def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -> None:
+    """The perceptual gamma fit changes what the sampler is told, never the record's size."""
+    codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
+    model_path = tmp_path / "tiny.safetensors"
+    codec.save_pretrained(model_path)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    image = smooth_image(64, 80, seed=2)
+    Image.fromarray(image).save(image_dir / "b.png")
+    output = tmp_path / "eval"
+
+    evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
+                       "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "50",
+                       "--gamma-refine-steps", "2", "--gamma-lr", "0.2"])
+
+    report = json.loads((output / "eval.json").read_text())
+    assert report["gamma_fit"] == "closed-form MSE, then 2 Adam steps (lr 0.2) on MSE + LPIPS-alex"
+    [entry] = report["images"]
+    [record] = codec.encode([image])
+    assert entry["record_bytes"] == len(record)
+    assert "2 Adam steps (lr 0.2)" in (output / "eval.md").read_text()

@@ -62,6 +62,30 @@ def test_phases_run_resume_and_export(tmp_path):
     assert codec.decode([record])[0].shape == image.shape
 
 
+@pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
+def test_score_only_phase_2_keeps_the_codec_and_every_record_byte(tmp_path):
+    """train_latent: false fine-tunes f_theta alone: same encoder, same D, same records."""
+    _two_photos(tmp_path / "photos")
+    base = _config(tmp_path, (2, 0, 0))
+    base.phases = base.phases[:1]
+    base_path = train(base)
+    tuned = _config(tmp_path, (0, 0, 2))
+    tuned.phases, tuned.init, tuned.output = tuned.phases[2:], str(base_path), str(tmp_path / "tuned")
+    tuned.phases[0].train_latent = False
+    tuned_path = train(tuned)
+
+    before = CorrDiffCodec.from_pretrained(base_path, device="cpu")
+    after = CorrDiffCodec.from_pretrained(tuned_path, device="cpu")
+    for name in ("latent", "decoder"):
+        old, new = getattr(before.model, name).state_dict(), getattr(after.model, name).state_dict()
+        assert all(torch.equal(old[key], new[key]) for key in old), name
+    assert not all(torch.equal(a, b) for a, b in zip(before.model.score.parameters(), after.model.score.parameters()))
+    image = np.asarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3)), dtype=np.uint8)
+    [old_record], [new_record] = before.encode([image]), after.encode([image])
+    old, new = before.parse(old_record), after.parse(new_record)
+    assert (old.z_string, old.y_string) == (new.z_string, new.y_string) and len(old_record) == len(new_record)
+
+
 def test_resume_continues_a_phase_mid_way(tmp_path):
     _two_photos(tmp_path / "photos")
     config = _config(tmp_path, (4, 0, 0))
