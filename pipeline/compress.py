@@ -37,8 +37,8 @@ class CodecSettings:
     seed: int = 0
     steps: int | None = None  # sampler steps; None = the model's
     # 0: each step's gamma is the closed-form MSE optimum. N > 0: then N Adam steps on
-    # MSE + LPIPS-alex (perceptual mode: lower LPIPS, slightly lower PSNR, same bits,
-    # about N/2 times the encode time; docs/method.md).
+    # MSE + LPIPS-alex (perceptual mode: lower LPIPS, slightly lower PSNR, same bits;
+    # N = 10 takes about 10 times the encode time on a CPU; docs/method.md).
     gamma_refine_steps: int = 0
     gamma_learning_rate: float = 0.1
 
