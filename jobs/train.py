@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrdiff.codec import pick_device  # noqa: E402
 from corrdiff.config import ModelConfig  # noqa: E402
+from corrdiff.gamma import lpips_loss  # noqa: E402
 from corrdiff.latent_codec import HYPER_STRIDE  # noqa: E402
+from corrdiff.metrics import LPIPS  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
 from corrdiff.training import PhaseLoss, phase0_loss, phase1_loss, phase2_loss, trainable_parameters  # noqa: E402
 from corrdiff.weights import load_model, resolve, save_model  # noqa: E402
@@ -115,7 +117,8 @@ def train(config: TrainConfig) -> Path:
 
     images = [image for _, image in load_images(config.data, config.crop, config.storage_options)]
     print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
-    perceptual = _lpips(device) if any(p.phase == 2 for p in config.phases[start_phase:]) else None
+    needs_lpips = any(p.phase == 2 for p in config.phases[start_phase:])
+    perceptual = lpips_loss(LPIPS("alex", device=device)) if needs_lpips else None
 
     log_rows = _rewind_log(output / "log.csv", saved.get("log_rows") if saved else 0)
     with open(output / "log.csv", "a", newline="") as log_file:
@@ -186,15 +189,6 @@ def _loss(model: CorrDiffModel, x: torch.Tensor, phase: PhaseConfig, config: Tra
     if phase.phase == 1:
         return phase1_loss(model, x)
     return phase2_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight, phase.train_latent)
-
-
-def _lpips(device: torch.device):
-    import lpips
-
-    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return lambda a, b: net(a, b).flatten(1).mean(1)
 
 
 def _rewind_log(path: Path, rows: int | None) -> int:
