@@ -62,6 +62,10 @@ def test_match_bpp_reports_an_unreachable_target(grace_hopper: np.ndarray) -> No
     assert result.quality == QUALITY_RANGE["jpeg"][0]
 
 
+needs_lpips = pytest.mark.skipif(not (lpips_backbone_path("alex").is_file() and lpips_backbone_path("vgg").is_file()),
+                                 reason="LPIPS AlexNet and VGG weights not installed (scripts/setup.sh)")
+
+
 @pytest.fixture(scope="module")
 def evaluate_job():
     spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
@@ -71,7 +75,7 @@ def evaluate_job():
     return module
 
 
-@pytest.mark.skipif(not lpips_backbone_path("alex").is_file(), reason="LPIPS AlexNet weights not installed")
+@needs_lpips
 def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.CaptureFixture[str]) -> None:
     codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
     model_path = tmp_path / "tiny.safetensors"
@@ -103,6 +107,8 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
         for mode in ("corrdiff", "e2e", "diffusion"):
             assert entry["methods"][mode]["bpp"] == 8 * len(record) / (image.shape[0] * image.shape[1])
         assert (entry["methods"]["corrdiff"]["ms_ssim"] is None) == (min(image.shape[:2]) <= 160)
+        for result in entry["methods"].values():  # two LPIPS networks, two opinions
+            assert result["lpips"] > 0 and result["lpips_vgg"] > 0 and result["lpips"] != result["lpips_vgg"]
     assert list(report["averages"]) == methods
     for name in CLASSIC_CODECS:
         assert [point["quality"] for point in report["curves"][name]] == [20, 60]
@@ -111,12 +117,13 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     table = (output / "eval.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0][2:] for row in rows] == [evaluate_job.LABELS[m] for m in methods]
+    assert "| LPIPS-alex | LPIPS-vgg |" in table
     assert table in printed
     with Image.open(output / "rate_quality.png") as plot:
         assert plot.format == "PNG" and plot.width > 500
 
 
-@pytest.mark.skipif(not lpips_backbone_path("alex").is_file(), reason="LPIPS AlexNet weights not installed")
+@needs_lpips
 def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -> None:
     """The perceptual gamma fit changes what the sampler is told, never the record's size."""
     codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
