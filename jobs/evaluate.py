@@ -20,9 +20,11 @@ Images smaller than LPIPS-alex's minimum (31 px a side) are skipped with a messa
 Writes to OUTPUT (default ``runs/eval/<model name>``):
 
 - ``eval.json``: model name and id, library versions, date, per-image and average metrics,
-  and the classic codecs' curves. Strict JSON: an infinite PSNR (identical images) and an
+  those win counts, and the classic codecs' curves. Strict JSON: an infinite PSNR (identical images) and an
   undefined MS-SSIM are both ``null``.
-- ``eval.md``: a table with one row per decode mode and baseline.
+- ``eval.md``: a table with one row per decode mode and baseline, and one that counts the
+  images on which the corrdiff decode beats each other method (PSNR, both LPIPS): a mean
+  over a handful of photos can be carried by one of them, a count cannot.
 - ``rate_quality.png``: PSNR and LPIPS-alex against bpp.
 """
 
@@ -133,6 +135,7 @@ def run(config: EvalConfig) -> dict:
         "images": per_image,
         "averages": {method: _average([im["methods"][method] for im in per_image])
                      for method in [*config.modes, *config.baselines]},
+        "wins": wins(per_image),
         "curves": {name: _curve(images, name, config.curve_qualities, score) for name in config.baselines},
     }
     output = Path(config.output)
@@ -183,6 +186,28 @@ def _average(results: list[dict]) -> dict:
     if "within_tolerance" in results[0]:
         average["within_tolerance"] = sum(r["within_tolerance"] for r in results)
     return average
+
+
+def wins(per_image: list[dict]) -> dict:
+    """Per other method and quality measure, on how many images the corrdiff decode does
+    better (higher PSNR, lower LPIPS): a mean can be carried by one image, a count cannot.
+    Empty when the corrdiff mode was not evaluated; images where either value is undefined
+    are left out of that count."""
+    if not per_image or "corrdiff" not in per_image[0]["methods"]:
+        return {}
+    better = {"psnr": lambda ours, theirs: ours > theirs, "lpips": lambda ours, theirs: ours < theirs,
+              "lpips_vgg": lambda ours, theirs: ours < theirs}
+    result = {}
+    for method in per_image[0]["methods"]:
+        if method == "corrdiff":
+            continue
+        counts = {}
+        for metric, is_better in better.items():
+            pairs = [(im["methods"]["corrdiff"][metric], im["methods"][method][metric]) for im in per_image]
+            pairs = [(ours, theirs) for ours, theirs in pairs if _finite(ours) and _finite(theirs)]
+            counts[metric] = {"better": sum(is_better(ours, theirs) for ours, theirs in pairs), "of": len(pairs)}
+        result[method] = counts
+    return result
 
 
 def _curve(images: list[tuple[str, np.ndarray]], codec: str, qualities: tuple[int, ...], score: Scorer) -> list[dict]:
@@ -260,7 +285,19 @@ def markdown(report: dict) -> str:
         if average.get("within_tolerance", count) < count:
             notes.append(f"{LABELS[method]}: within {BPP_TOLERANCE:.0%} of the CorrDiff rate on {average['within_tolerance']} of "
                          f"{count} images; the others use the quality with the closest rate (eval.json).")
+    lines += _wins_table(report["wins"])
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])) + "\n"
+
+
+def _wins_table(counts: dict) -> list[str]:
+    if not counts:
+        return []
+    lines = ["", "Images where the corrdiff decode does better than each other method:", "",
+             "| against | PSNR | LPIPS-alex | LPIPS-vgg |", "|---|---:|---:|---:|"]
+    for method, by_metric in counts.items():
+        cells = [f"{c['better']} of {c['of']}" for c in (by_metric["psnr"], by_metric["lpips"], by_metric["lpips_vgg"])]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _format(value: float | None, digits: int) -> str:

@@ -203,18 +203,18 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def expected_files() -> set[str]:
-    return {package.stored_name(photo) for package in PACKAGES for photo in package.photos}
+def expected_files(packages: tuple[Package, ...]) -> set[str]:
+    return {package.stored_name(photo) for package in packages for photo in package.photos}
 
 
-def is_up_to_date(output: Path) -> bool:
+def is_up_to_date(output: Path, packages: tuple[Package, ...]) -> bool:
     """True when the manifest lists exactly the allow-list and every file matches its hash."""
     manifest = output / MANIFEST_NAME
     if not manifest.exists():
         return False
     with manifest.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    if {row["file"] for row in rows} != expected_files():
+    if {row["file"] for row in rows} != expected_files(packages):
         return False
     return all(
         (output / row["file"]).is_file() and sha256_of(output / row["file"]) == row["sha256"]
@@ -231,9 +231,9 @@ def require_tools() -> None:
         )
 
 
-def download_packages(directory: Path) -> dict[str, Path]:
+def download_packages(directory: Path, packages: tuple[Package, ...]) -> dict[str, Path]:
     """`apt-get download` every package into `directory`; returns package name -> .deb."""
-    names = [package.name for package in PACKAGES]
+    names = [package.name for package in packages]
     result = subprocess.run(
         ["apt-get", "download", *names], cwd=directory, capture_output=True, text=True
     )
@@ -297,10 +297,10 @@ def collect(package: Package, deb: Path, work: Path, output: Path) -> list[dict[
     return rows
 
 
-def remove_stale_files(output: Path) -> None:
+def remove_stale_files(output: Path, packages: tuple[Package, ...]) -> None:
     """Delete photos this script stored earlier that the allow-list no longer names."""
-    keep = expected_files()
-    for package in PACKAGES:
+    keep = expected_files(packages)
+    for package in packages:
         for stale in output.glob(f"{package.name}__*"):
             if stale.name not in keep:
                 print(f"removing {stale.name}: no longer in the allow-list")
@@ -317,32 +317,33 @@ def write_manifest(rows: list[dict[str, str]], output: Path) -> None:
     os.replace(temporary, output / MANIFEST_NAME)
 
 
-def summarise(output: Path) -> None:
+def summarise(output: Path, packages: tuple[Package, ...]) -> None:
     with (output / MANIFEST_NAME).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     megapixels = sum(int(row["width"]) * int(row["height"]) for row in rows) / 1e6
     print(f"{len(rows)} photographs, {megapixels:.1f} megapixels, in {output}")
-    for package in PACKAGES:
+    for package in packages:
         count = sum(row["package"] == package.name for row in rows)
         print(f"  {package.name}: {count}")
 
 
-def build(output: Path) -> None:
+def build(output: Path, packages: tuple[Package, ...] = PACKAGES) -> None:
+    """Copy the allow-listed photos of ``packages`` into ``output`` with their manifest."""
     output.mkdir(parents=True, exist_ok=True)
-    if is_up_to_date(output):
+    if is_up_to_date(output, packages):
         print(f"{output / MANIFEST_NAME} is up to date; nothing to do")
     else:
         require_tools()
         with tempfile.TemporaryDirectory(prefix="photo-dataset-") as scratch:
             work = Path(scratch)
-            debs = download_packages(work)
+            debs = download_packages(work, packages)
             rows = []
-            for package in PACKAGES:
+            for package in packages:
                 print(f"extracting {debs[package.name].name}")
                 rows += collect(package, debs[package.name], work, output)
-        remove_stale_files(output)
+        remove_stale_files(output, packages)
         write_manifest(rows, output)
-    summarise(output)
+    summarise(output, packages)
 
 
 def main() -> None:

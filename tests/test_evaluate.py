@@ -114,13 +114,44 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
         assert [point["quality"] for point in report["curves"][name]] == [20, 60]
         assert report["curves"][name][0]["bpp"] < report["curves"][name][1]["bpp"]
 
+    for other in methods[1:]:  # each count re-derived from the per-image numbers
+        ours = [entry["methods"]["corrdiff"] for entry in report["images"]]
+        theirs = [entry["methods"][other] for entry in report["images"]]
+        assert report["wins"][other] == {
+            "psnr": {"better": sum(a["psnr"] > b["psnr"] for a, b in zip(ours, theirs)), "of": 2},
+            "lpips": {"better": sum(a["lpips"] < b["lpips"] for a, b in zip(ours, theirs)), "of": 2},
+            "lpips_vgg": {"better": sum(a["lpips_vgg"] < b["lpips_vgg"] for a, b in zip(ours, theirs)), "of": 2},
+        }
+
     table = (output / "eval.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    averages, counts = table.split("Images where the corrdiff decode does better")
+    rows = [line for line in averages.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0][2:] for row in rows] == [evaluate_job.LABELS[m] for m in methods]
-    assert "| LPIPS-alex | LPIPS-vgg |" in table
+    assert "| LPIPS-alex | LPIPS-vgg |" in averages
+    count_rows = [line for line in counts.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0][2:] for row in count_rows] == [evaluate_job.LABELS[m] for m in methods[1:]]
+    jpeg_row = count_rows[2].split(" | ")
+    assert jpeg_row[2] == f"{report['wins']['jpeg']['lpips']['better']} of 2"
     assert table in printed
     with Image.open(output / "rate_quality.png") as plot:
         assert plot.format == "PNG" and plot.width > 500
+
+
+def test_wins_count_strict_improvements_and_skip_undefined_values(evaluate_job) -> None:
+    def image(corrdiff: dict, jpeg: dict) -> dict:
+        return {"methods": {"corrdiff": corrdiff, "jpeg": jpeg}}
+
+    per_image = [
+        image({"psnr": 30.0, "lpips": 0.2, "lpips_vgg": 0.3}, {"psnr": 29.0, "lpips": 0.25, "lpips_vgg": 0.3}),
+        image({"psnr": 25.0, "lpips": 0.4, "lpips_vgg": 0.5}, {"psnr": 26.0, "lpips": 0.3, "lpips_vgg": 0.6}),
+        image({"psnr": None, "lpips": 0.1, "lpips_vgg": 0.1}, {"psnr": 40.0, "lpips": 0.2, "lpips_vgg": 0.2}),
+    ]
+    assert evaluate_job.wins(per_image) == {"jpeg": {
+        "psnr": {"better": 1, "of": 2},  # identical images (PSNR undefined) are not counted
+        "lpips": {"better": 2, "of": 3},
+        "lpips_vgg": {"better": 2, "of": 3},  # a tie is not a win
+    }}
+    assert evaluate_job.wins([{"methods": {"e2e": per_image[0]["methods"]["jpeg"]}}]) == {}
 
 
 @needs_lpips
