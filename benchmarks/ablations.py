@@ -1,10 +1,12 @@
-"""Inference-time ablations of CorrDiff: the sampler's step count and how gamma is fitted.
+"""Inference-time ablations of CorrDiff: step count, how gamma is fitted, where sampling starts.
 
     python benchmarks/ablations.py --model NAME_OR_PATH --images DIR --output PREFIX
-        [--steps 4,8,16] [--perceptual-weights 0.1,1.0] [--max-images N] [--note TEXT]
+        [--steps 4,8,16] [--perceptual-weights 0.1,1.0] [--t-max 0.4,0.6]
+        [--max-images N] [--note TEXT]
 
-docs/method.md marks two choices as "to measure" that need no retraining, only encodes of
-a trained model, so this script measures them on held-out photos:
+docs/method.md marks choices as "to measure" that need no retraining, only encodes of a
+trained model, so this script measures them on held-out photos (an empty list skips an
+ablation; the model's default step count always runs, as the reference of the others):
 
 1. **Step count.** Every image is encoded with each of ``--steps`` sampler steps and the
    closed-form MSE gamma (the codec's default fitter). Each step adds a float16 gamma to
@@ -17,6 +19,12 @@ a trained model, so this script measures them on held-out photos:
    refinement, 10 steps at lr 0.1, keeping the best value), for each w of
    ``--perceptual-weights``. The refinement exists to lower LPIPS; it costs encode time
    only (the decoder reads the gammas), which is what the table weighs.
+3. **Start of sampling**, at the default step count and closed-form gamma: the sampler
+   starts from x_e noised to level t_max (the model's own value, 0.8 in the shipped
+   models, is the reference row) and spreads its steps over (0, t_max]. The score network
+   was trained on t in (0, t_max], so only values below the model's are in distribution.
+   A different t_max is a different decoder: the variant's config, and so its model id,
+   differ, and its records only decode with it.
 
 How it is measured: images at full size, one at a time, seed 0, on the CPU with one torch
 thread. bpp is the whole record's (header and checksum included). PSNR (RGB, peak 255) and
@@ -43,7 +51,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from corrdiff import CorrDiffCodec, weights  # noqa: E402
 from corrdiff.gamma import GammaFitter, lpips_fitter  # noqa: E402
 from corrdiff.metrics import LPIPS, psnr  # noqa: E402
+from corrdiff.schedule import NoiseSchedule  # noqa: E402
 from jobs.evaluate import strict_json  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
 
@@ -80,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.md and PREFIX.json")
     parser.add_argument("--steps", default="4,8,16", help="step counts of ablation 1, comma-separated")
     parser.add_argument("--perceptual-weights", default="0.1,1.0", help="LPIPS weights of ablation 2, comma-separated")
+    parser.add_argument("--t-max", default="", help="start times of ablation 3, comma-separated (default: none)")
     parser.add_argument("--max-images", type=int, help="measure only the first N images (to fit a time budget)")
     parser.add_argument("--note", default="", help="what else the machine was doing, for the report")
     return parser.parse_args(argv)
@@ -99,6 +109,22 @@ def gamma_settings(codec: CorrDiffCodec, perceptual_weights: list[float], lpips:
         refined = CorrDiffCodec(codec.model, device=codec.device, gamma_fitter=fitter)
         settings.append(Setting(f"lpips-{w:g}", label, codec.default_steps, refined))
     return settings
+
+
+def t_max_settings(codec: CorrDiffCodec, model_path: Path, t_maxes: list[float]) -> list[Setting]:
+    """Ablation 3: the same networks sampling from other start times, closed-form gamma."""
+    settings = []
+    for t_max in t_maxes:
+        variant = weights.load_model(model_path)  # a copy of the networks (the entropy coders do not deepcopy)
+        variant.config = replace(variant.config, diffusion=replace(variant.config.diffusion, t_max=t_max))
+        variant.schedule = NoiseSchedule.from_config(variant.config.diffusion)
+        settings.append(Setting(f"tmax-{t_max:g}", f"t_max {t_max:g}, closed-form MSE gamma", codec.default_steps,
+                                CorrDiffCodec(variant, device=codec.device)))
+    return settings
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item.strip()]
 
 
 def check_decode_matches(codec: CorrDiffCodec, image: np.ndarray) -> None:
@@ -131,11 +157,13 @@ def measure(setting: Setting, image: np.ndarray, lpips: LPIPS) -> tuple[dict, by
 def measure_image(name: str, image: np.ndarray, settings: list[Setting], lpips: LPIPS) -> dict:
     """Every setting on one image, plus D's output alone (the e2e decode, the same for all settings)."""
     row: dict = {"name": Path(name).name, "height": image.shape[0], "width": image.shape[1], "settings": {}}
+    records = {}
     for setting in settings:
-        result, record = measure(setting, image, lpips)
+        result, records[setting.key] = measure(setting, image, lpips)
         row["settings"][setting.key] = result
         print(f"{row['name']} {setting.key}: {_summary(result)}", flush=True)
-    [x_e] = settings[0].codec.decode([record], mode="e2e")  # any record: they all carry the same latent
+    # Every record carries the same latent; the first setting's codec is the shipped model.
+    [x_e] = settings[0].codec.decode([records[settings[0].key]], mode="e2e")
     row["e2e"] = quality(image, x_e, lpips)
     return row
 
@@ -166,8 +194,12 @@ def run(args: argparse.Namespace) -> dict:
     step_counts = [int(s) for s in args.steps.split(",")]
     if default not in step_counts:
         raise SystemExit(f"--steps must include the model's default, {default}: ablation 2 reuses that run")
-    perceptual_weights = [float(w) for w in args.perceptual_weights.split(",")]
-    settings = [*step_settings(codec, step_counts), *gamma_settings(codec, perceptual_weights, lpips)]
+    model_t_max = codec.model.config.diffusion.t_max
+    t_maxes = [t for t in _floats(args.t_max) if t != model_t_max]
+    steps_run = step_settings(codec, step_counts)
+    gamma_run = gamma_settings(codec, _floats(args.perceptual_weights), lpips)
+    t_max_run = t_max_settings(codec, model_path, t_maxes)
+    settings = [*steps_run, *gamma_run, *t_max_run]
     check_decode_matches(codec, images[0][1])
     per_image = [measure_image(name, image, settings, lpips) for name, image in images]
     return {
@@ -177,8 +209,11 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "note": args.note,
                     "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "default_steps": default,
-        "step_settings": [s.key for s in settings if not s.perceptual],
-        "gamma_settings": [f"steps-{default}", *(s.key for s in settings if s.perceptual)],
+        "t_max": model_t_max,
+        "step_settings": [s.key for s in steps_run],
+        "gamma_settings": [f"steps-{default}", *(s.key for s in gamma_run)],
+        "t_max_settings": sorted([f"steps-{default}", *(s.key for s in t_max_run)],
+                                 key=lambda key: model_t_max if key.startswith("steps-") else float(key[5:])),
         "labels": {s.key: s.label for s in settings},
         "images": per_image,
         "means": {"e2e": mean([im["e2e"] for im in per_image]),
@@ -221,6 +256,19 @@ def gamma_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def t_max_table(report: dict) -> str:
+    means = report["means"]
+    lines = [f"| t_max ({report['default_steps']} steps) | bpp | PSNR (dB) | LPIPS | diffusion PSNR (dB) | "
+             "diffusion LPIPS | mean γ | encode s/image |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in report["t_max_settings"]:
+        m = means[key]
+        label = f"{report['t_max']:g} (the model's)" if key.startswith("steps-") else key.removeprefix("tmax-")
+        lines.append(f"| {label} | {m['bpp']:.4f} | {m['psnr']:.2f} | {m['lpips']:.4f} | {m['diffusion']['psnr']:.2f} | "
+                     f"{m['diffusion']['lpips']:.4f} | {m['mean_gamma']:.3f} | {m['encode_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     machine, model = report["machine"], report["model"]
     threads = machine["torch_threads"]
@@ -228,6 +276,9 @@ def markdown(report: dict) -> str:
         f", {machine['note']}" if machine["note"] else "")
     subset = ("" if report["images_measured"] == report["images_available"] else
               f" (the first {report['images_measured']} of {report['images_available']}, to fit the time budget)")
+    sections = [("Step count", step_table(report), len(report["step_settings"]) > 1),
+                ("Gamma fitting", gamma_table(report), len(report["gamma_settings"]) > 1),
+                ("Start of sampling", t_max_table(report), len(report["t_max_settings"]) > 1)]
     return "\n".join([
         f"# Inference ablations: {model['name']} (model id `{model['id']}`)",
         "",
@@ -242,16 +293,11 @@ def markdown(report: dict) -> str:
         "the same records are also decoded with gamma = 0 (plain DDIM at the same step count), and "
         "the correction columns are corrdiff minus that. In the gamma table the closed-form row is "
         "the default-step run of the first table; the refined fitters start from the closed form "
-        "and keep the best gamma seen for MSE + w * LPIPS (both on the image's own pixels).",
+        "and keep the best gamma seen for MSE + w * LPIPS (both on the image's own pixels). In the "
+        "start-of-sampling table the same networks sample from x_e noised to level t_max, with their "
+        "steps spread over (0, t_max]; the model's own t_max is the default-step run.",
         "",
-        "## Step count",
-        "",
-        step_table(report),
-        "",
-        "## Gamma fitting",
-        "",
-        gamma_table(report),
-        "",
+        *[line for title, table, ran in sections if ran for line in (f"## {title}", "", table, "")],
     ])
 
 
