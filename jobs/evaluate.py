@@ -2,7 +2,7 @@
 
     python jobs/evaluate.py --images DIR_OR_URL --model NAME_OR_PATH [--output DIR]
         [--modes corrdiff,e2e,diffusion] [--baselines jpeg,webp,avif] [--device cpu]
-        [--curve-qualities 5,10,20,30,40,50,60,70,80,90]
+        [--curve-qualities 5,10,20,30,40,50,60,70,80,90] [--gamma-refine-steps N [--gamma-lr LR]]
 
 Each image is encoded once (``CorrDiffCodec.encode``) and its record decoded in every
 mode, so the numbers are what a reader of the archive gets. Quality is PSNR, MS-SSIM,
@@ -11,7 +11,8 @@ training or in perceptual mode's gamma fit ever optimised (both use AlexNet), so
 that only AlexNet sees shows up as one (docs/models.md). The rate is the whole
 record's bits per pixel. Each classic codec is then run on the same image at the quality
 whose file is closest to that record's size (``corrdiff.baselines.match_bpp``), and,
-to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities.
+to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities
+(``--curve-qualities ''`` skips the curves, the slowest part on large images).
 
 Averages are means of the per-image values (PSNR too: a mean of dB, not the PSNR of the
 mean MSE); MS-SSIM is averaged over the images where it is defined (> 160 px a side).
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baselines", default=",".join(CLASSIC_CODECS), help="classic codecs, comma-separated ('' for none)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--curve-qualities", default=",".join(map(str, CURVE_QUALITIES)),
-                        help="qualities at which to trace each classic codec's curve, comma-separated")
+                        help="qualities at which to trace each classic codec's curve, comma-separated ('' for none)")
     parser.add_argument("--gamma-refine-steps", type=int, default=0,
                         help="perceptual mode: Adam steps on MSE + LPIPS-alex after the closed-form gamma (0 = off)")
     parser.add_argument("--gamma-lr", type=float, default=0.1, help="learning rate of those steps")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         output=args.output or str(Path("runs/eval") / weights.resolve(args.model).stem),
         modes=_choices(args.modes, DECODE_MODES, "mode"),
         baselines=_choices(args.baselines, CLASSIC_CODECS, "baseline"), device=args.device,
-        curve_qualities=tuple(int(q) for q in args.curve_qualities.split(",")),
+        curve_qualities=tuple(int(q) for q in args.curve_qualities.split(",") if q.strip()),
         gamma_refine_steps=args.gamma_refine_steps, gamma_learning_rate=args.gamma_lr,
     )
     print(markdown(run(config)))
@@ -136,7 +137,8 @@ def run(config: EvalConfig) -> dict:
         "averages": {method: _average([im["methods"][method] for im in per_image])
                      for method in [*config.modes, *config.baselines]},
         "wins": wins(per_image),
-        "curves": {name: _curve(images, name, config.curve_qualities, score) for name in config.baselines},
+        "curves": {name: _curve(images, name, config.curve_qualities, score)
+                   for name in config.baselines if config.curve_qualities},
     }
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)

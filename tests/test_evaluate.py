@@ -167,7 +167,7 @@ def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -
     output = tmp_path / "eval"
 
     evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
-                       "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "50",
+                       "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "",
                        "--gamma-refine-steps", "2", "--gamma-lr", "0.2"])
 
     report = json.loads((output / "eval.json").read_text())
@@ -176,3 +176,4 @@ def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -
     [record] = codec.encode([image])
     assert entry["record_bytes"] == len(record)
     assert "2 Adam steps (lr 0.2)" in (output / "eval.md").read_text()
+    assert report["curves"] == {} and (output / "rate_quality.png").is_file()  # no curve asked for, none traced
