@@ -21,8 +21,8 @@ Images smaller than LPIPS-alex's minimum (31 px a side) are skipped with a messa
 Writes to OUTPUT (default ``runs/eval/<model name>``):
 
 - ``eval.json``: model name and id, library versions, date, per-image and average metrics,
-  those win counts, and the classic codecs' curves. Strict JSON: an infinite PSNR (identical images) and an
-  undefined MS-SSIM are both ``null``.
+  the win counts below, and the classic codecs' curves. Strict JSON: an infinite PSNR
+  (identical images) and an undefined MS-SSIM are both ``null``.
 - ``eval.md``: a table with one row per decode mode and baseline, and one that counts the
   images on which the corrdiff decode beats each other method (PSNR, both LPIPS): a mean
   over a handful of photos can be carried by one of them, a count cannot.
