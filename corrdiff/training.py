@@ -12,17 +12,14 @@ Phase 2: perceptual fine-tuning of the encoder, entropy model and score network 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from corrdiff.gamma import closed_form_gamma, correct
+from corrdiff.gamma import PerceptualLoss, closed_form_gamma, correct
 from corrdiff.model import CorrDiffModel
-
-PerceptualLoss = Callable[[Tensor, Tensor], Tensor]  # images in [-1, 1] -> per-image loss
 
 
 @dataclass
