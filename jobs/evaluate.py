@@ -12,7 +12,9 @@ that only AlexNet sees shows up as one (docs/models.md). The rate is the whole
 record's bits per pixel. Each classic codec is then run on the same image at the quality
 whose file is closest to that record's size (``corrdiff.baselines.match_bpp``), and,
 to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities
-(``--curve-qualities ''`` skips the curves, the slowest part on large images).
+(``--curve-qualities ''`` skips the curves, the slowest part on large images). Images are
+evaluated one at a time and each original's LPIPS features are computed once, for all its
+scores (``LPIPS.reference``).
 
 Averages are means of the per-image values (PSNR too: a mean of dB, not the PSNR of the
 mean MSE); MS-SSIM is averaged over the images where it is defined (> 160 px a side).
@@ -39,6 +41,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 import numpy as np
@@ -124,7 +127,7 @@ def run(config: EvalConfig) -> dict:
     images = load_images(config.images, max(score.alex.min_side, score.vgg.min_side))
     if not images:
         raise SystemExit(f"no image under {config.images} is large enough to evaluate")
-    per_image = [_evaluate_image(url, image, codec, score, config) for url, image in images]
+    per_image, curve_points = map(list, zip(*(_evaluate_image(url, image, codec, score, config) for url, image in images)))
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
         "gamma_fit": _gamma_fit(config),
@@ -137,7 +140,8 @@ def run(config: EvalConfig) -> dict:
         "averages": {method: _average([im["methods"][method] for im in per_image])
                      for method in [*config.modes, *config.baselines]},
         "wins": wins(per_image),
-        "curves": {name: _curve(images, name, config.curve_qualities, score)
+        "curves": {name: [{"quality": quality, **_average([points[name][i] for points in curve_points])}
+                          for i, quality in enumerate(config.curve_qualities)]
                    for name in config.baselines if config.curve_qualities},
     }
     output = Path(config.output)
@@ -155,26 +159,36 @@ class Scorer:
     alex: LPIPS
     vgg: LPIPS
 
-    def __call__(self, original: np.ndarray, reconstruction: np.ndarray) -> dict:
-        return {"psnr": psnr(original, reconstruction), "ms_ssim": ms_ssim(original, reconstruction),
-                "lpips": self.alex(original, reconstruction), "lpips_vgg": self.vgg(original, reconstruction)}
+    def against(self, original: np.ndarray) -> Callable[[np.ndarray], dict]:
+        """Scores of reconstructions of ``original``, whose LPIPS features are computed once
+        for all of them (each image is scored 3 + 3 + 3 x curve points times)."""
+        alex, vgg = self.alex.reference(original), self.vgg.reference(original)
+        return lambda reconstruction: {"psnr": psnr(original, reconstruction), "ms_ssim": ms_ssim(original, reconstruction),
+                                       "lpips": alex(reconstruction), "lpips_vgg": vgg(reconstruction)}
 
 
-def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, score: Scorer, config: EvalConfig) -> dict:
+def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, score: Scorer,
+                    config: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
+    """The image's report entry, and each classic codec's rate and scores at the curve
+    qualities (averaged over images by the caller). One image at a time, so that only one
+    original's LPIPS features are held, and computed once for every score of it."""
     height, width = image.shape[:2]
     [record] = codec.encode([image])
     bpp = bits_per_pixel(len(record), height, width)
     methods = {}
+    scores = score.against(image)
     for mode in config.modes:
         [reconstruction] = codec.decode([record], mode=mode)
-        methods[mode] = {"bpp": bpp, **score(image, reconstruction)}
+        methods[mode] = {"bpp": bpp, **scores(reconstruction)}
     for name in config.baselines:
         result = match_bpp(image, name, bpp, tolerance=BPP_TOLERANCE)
-        methods[name] = {"bpp": result.bpp, **score(image, result.reconstruction),
+        methods[name] = {"bpp": result.bpp, **scores(result.reconstruction),
                          "quality": result.quality, "within_tolerance": result.within_tolerance}
     print(f"{url}: {width}x{height}, {bpp:.4f} bpp, "
           + ", ".join(f"{m} {v['psnr']:.2f} dB / LPIPS {v['lpips']:.4f}" for m, v in methods.items()), flush=True)
-    return {"url": url, "height": height, "width": width, "record_bytes": len(record), "methods": methods}
+    curve_points = {name: [_classic_point(image, name, quality, scores) for quality in config.curve_qualities]
+                    for name in config.baselines}
+    return {"url": url, "height": height, "width": width, "record_bytes": len(record), "methods": methods}, curve_points
 
 
 def _average(results: list[dict]) -> dict:
@@ -212,17 +226,9 @@ def wins(per_image: list[dict]) -> dict:
     return result
 
 
-def _curve(images: list[tuple[str, np.ndarray]], codec: str, qualities: tuple[int, ...], score: Scorer) -> list[dict]:
-    """The codec's average rate and quality at each quality setting, over all images."""
-    curve = []
-    for quality in qualities:
-        results = []
-        for _, image in images:
-            data = encode_classic(image, codec, quality)
-            bpp = bits_per_pixel(len(data), *image.shape[:2])
-            results.append({"bpp": bpp, **score(image, decode_classic(data))})
-        curve.append({"quality": quality, **_average(results)})
-    return curve
+def _classic_point(image: np.ndarray, codec: str, quality: int, scores: Callable[[np.ndarray], dict]) -> dict:
+    data = encode_classic(image, codec, quality)
+    return {"bpp": bits_per_pixel(len(data), *image.shape[:2]), **scores(decode_classic(data))}
 
 
 def _versions() -> dict:

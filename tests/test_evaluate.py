@@ -19,7 +19,7 @@ from PIL import Image, features
 from conftest import smooth_image
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.baselines import CLASSIC_CODECS, QUALITY_RANGE, decode_classic, encode_classic, match_bpp
-from corrdiff.metrics import lpips_backbone_path
+from corrdiff.metrics import LPIPS, lpips_backbone_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +113,10 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     for name in CLASSIC_CODECS:
         assert [point["quality"] for point in report["curves"][name]] == [20, 60]
         assert report["curves"][name][0]["bpp"] < report["curves"][name][1]["bpp"]
+    jpeg_60 = [(8 * len(data) / (image.shape[0] * image.shape[1]), LPIPS("vgg")(image, decode_classic(data)))
+               for image in (images["a.png"], images["b.png"]) for data in [encode_classic(image, "jpeg", 60)]]
+    assert report["curves"]["jpeg"][1]["bpp"] == pytest.approx(np.mean([bpp for bpp, _ in jpeg_60]), rel=1e-12)
+    assert report["curves"]["jpeg"][1]["lpips_vgg"] == pytest.approx(np.mean([v for _, v in jpeg_60]), rel=1e-6)
 
     for other in methods[1:]:  # each count re-derived from the per-image numbers
         ours = [entry["methods"]["corrdiff"] for entry in report["images"]]

@@ -93,3 +93,21 @@ def test_lpips_refuses_images_below_its_minimum(lpips_alex: LPIPS) -> None:
     assert lpips_alex(image, image) == 0.0
     with pytest.raises(ValueError, match="31 px"):
         lpips_alex(image[:30], image[:30])
+
+
+@lpips_weights
+def test_lpips_against_a_kept_reference_is_the_lpips_package_value(lpips_alex: LPIPS, photo: np.ndarray) -> None:
+    """The cached-features path (what evaluation uses to score many reconstructions of one
+    photo) must give the ``lpips`` package's own number, not an approximation of it."""
+    import torch
+
+    reference = lpips_alex.reference(photo)
+    for quality in (80, 20, 5):
+        damaged = decode_classic(encode_classic(photo, "jpeg", quality))
+        scaled = [torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0 for x in (photo, damaged)]
+        with torch.no_grad():
+            expected = float(lpips_alex.model(*scaled).item())
+        assert reference(damaged) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert lpips_alex(photo, damaged) == reference(damaged)
+    with pytest.raises(ValueError, match="shape"):
+        reference(photo[:100])
