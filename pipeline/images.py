@@ -1,11 +1,15 @@
-"""Turning stored image bytes into the codec's input: HxWx3 uint8 RGB, or a clear reason why not.
+"""Turning stored image bytes into the codec's input: HxWx3 uint8 sRGB, or a clear reason why not.
 
-The policy (docs/pipeline.md): EXIF orientation is applied; grayscale is replicated to
-three channels; palette images are expanded; alpha is composited onto white (an archive of
-photos keeps what a viewer shows on a white page); CMYK goes through Pillow's conversion;
-16-bit and 32-bit integer images are scaled to 8 bits by their type's range, float images
-are clipped to [0, 1]; of an animation only the first frame is kept. An image with more
-pixels than the limit is refused before its pixels are decoded (decompression bombs).
+The policy (docs/archive.md, "What is archived of an image"): an archive of photos keeps
+what a colour-managed viewer shows on a white page. EXIF orientation is applied; an
+embedded ICC profile (Display P3 from phones, Adobe RGB, a gray gamma) is converted to
+sRGB, the space of the restored files, which carry no profile (a wide-gamut colour outside
+sRGB is clipped to its edge); grayscale is replicated to three channels; palette images
+are expanded; alpha is composited onto white; CMYK goes through its profile if it has one,
+else through Pillow's conversion; 16-bit and 32-bit integer images are scaled to 8 bits by
+their type's range, float images are clipped to [0, 1]; of an animation only the first
+frame is kept. An image with more pixels than the limit is refused before its pixels are
+decoded (decompression bombs).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 Mpx: above any camera photo, far below a bomb
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# The image modes whose pixels an ICC profile of each colour space describes.
+PROFILE_MODES = {"RGB": ("RGB", "RGBA"), "GRAY": ("L", "LA"), "CMYK": ("CMYK",)}
 
 
 class ImageDecodeError(ValueError):
@@ -38,7 +45,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 raise ImageDecodeError(f"image too large: {width}x{height} exceeds the limit of {max_pixels} pixels")
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return _to_rgb(_to_srgb(image))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -47,6 +54,38 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError(f"image too large: {error}") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """The image's colours in sRGB (RGB or RGBA, alpha kept) if it embeds a usable ICC
+    profile; otherwise the image unchanged, its values taken as sRGB.
+
+    Perceptual intent, littlecms's default and what viewers use for photos; an sRGB
+    profile converts to the very same pixels (checked on every tagged photo in
+    data/photos and the held-out set). A profile that does not parse, or that describes
+    another colour space than the pixels' (a broken file, a profile on 16-bit or float
+    gray), is ignored, as viewers ignore it: the image is archived as it displays.
+    """
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode not in PROFILE_MODES.get(source.profile.xcolor_space.strip(), ()):
+        return image
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    colour = image.convert(image.mode.removesuffix("A")) if alpha is not None else image
+    try:
+        converted = ImageCms.profileToProfile(colour, source, SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
