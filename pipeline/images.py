@@ -45,7 +45,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 raise ImageDecodeError(f"image too large: {width}x{height} exceeds the limit of {max_pixels} pixels")
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(_to_srgb(image))
+            return _to_rgb(_to_srgb(_expand_palette(image)))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -54,6 +54,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError(f"image too large: {error}") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def _expand_palette(image: Image.Image) -> Image.Image:
+    """A palette image as RGB, or RGBA where the palette has a transparent entry (its ICC
+    profile, if any, describes the palette's colours and stays in ``info``)."""
+    if image.mode != "P":
+        return image
+    return image.convert("RGBA" if "transparency" in image.info else "RGB")
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:
@@ -73,8 +81,6 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
     except (ImageCms.PyCMSError, OSError, ValueError):
         return image
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode not in PROFILE_MODES.get(source.profile.xcolor_space.strip(), ()):
         return image
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
@@ -96,9 +102,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         return _gray_to_rgb(np.asarray(image, dtype=np.int64).astype(np.float64) / 65535.0)
     if mode == "F":
         return _gray_to_rgb(np.asarray(image, dtype=np.float64))
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("PA", "LA", "La", "RGBa"):
+    if mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

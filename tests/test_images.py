@@ -108,6 +108,16 @@ def test_profile_with_alpha_converts_colour_then_composites_on_white():
     assert tuple(pixels[0, 1]) == (255, 255, 255)
 
 
+def test_palette_colours_go_through_the_profile():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 220, 40, 40] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    pixels = decode_image(_encode(image, "PNG", transparency=0, icc_profile=P3))
+    expected = _p3_to_srgb(np.array([[220, 40, 40]], dtype=np.uint8))[0]
+    assert np.abs(pixels[1, 1].astype(int) - expected.astype(int)).max() <= 2
+    assert tuple(pixels[0, 0]) == (255, 255, 255)
+
+
 def test_sixteen_bit_is_scaled_to_eight():
     image = Image.fromarray(np.full((3, 3), 128 * 257, dtype=np.uint16))  # 8-bit 128 in 16 bits
     pixels = decode_image(_encode(image, "PNG"))
