@@ -11,17 +11,21 @@ report, an audit and an archive's quality column means the same thing:
 - :class:`LPIPS`: the ``lpips`` package with its real ImageNet backbone (installed
   offline by ``scripts/install_lpips_weights.py``). Lower is better; 0 for identical.
   :meth:`LPIPS.reference` keeps one original's features to score many reconstructions.
+- :class:`DISTS`: the ``DISTS_pytorch`` package's network and learned weights on the same
+  VGG16 backbone as LPIPS-vgg; a perceptual opinion that nothing here trains on. Lower is
+  better; 0 for identical. Also has :meth:`DISTS.reference`.
 - :func:`bits_per_pixel`: the rate of a stored object, over the image's own pixels.
 
 Each function takes two arrays of the same shape, one image pair at a time. PSNR computes
 in float64; MS-SSIM in float32 on the CPU (float64 agrees to about 1e-7 and is about nine
-times slower); LPIPS runs its network in float32 on the device it is given.
+times slower); LPIPS and DISTS run their networks in float32 on the device they are given.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
 
@@ -71,7 +75,50 @@ def lpips_backbone_path(net: LpipsNet) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.IMAGENET1K_V1.url).name
 
 
-class LPIPS:
+class _FeatureMetric(ABC):
+    """A distance computed from two images' deep features: the original's features can be
+    kept (:meth:`reference`) to score many reconstructions of it for one network pass each."""
+
+    name: str
+    min_side: int
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        """The distance >= 0, lower is more similar; raises ``ValueError`` below :attr:`min_side`."""
+        _check_pair(a, b)
+        return self.reference(a)(b)
+
+    def reference(self, original: np.ndarray) -> "MetricReference":
+        """The distance to ``original``, whose features are computed once: scoring many
+        reconstructions of one image (an evaluation's decode modes, baselines and curve
+        points) then costs one backbone pass each instead of two, which on a 3 Mpx photo
+        and VGG is about 40 s saved per score on a CPU core."""
+        _check_image("original", original)
+        if min(original.shape[:2]) < self.min_side:
+            raise ValueError(f"{self.name} needs both sides >= {self.min_side} px, "
+                             f"got {original.shape[1]}x{original.shape[0]}")
+        return MetricReference(self, original, self._features(original))
+
+    @abstractmethod
+    def _features(self, image: np.ndarray) -> list[torch.Tensor]:
+        """What the distance needs of one image."""
+
+    @abstractmethod
+    def _distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        """The distance between two images' features."""
+
+
+class MetricReference:
+    """:meth:`_FeatureMetric.reference`: the metric of any same-shape image against one original."""
+
+    def __init__(self, metric: _FeatureMetric, original: np.ndarray, features: list[torch.Tensor]) -> None:
+        self._metric, self._original, self._features = metric, original, features
+
+    def __call__(self, reconstruction: np.ndarray) -> float:
+        _check_pair(self._original, reconstruction)
+        return self._metric._distance(self._features, self._metric._features(reconstruction))
+
+
+class LPIPS(_FeatureMetric):
     """LPIPS distance between two HxWx3 uint8 images: the model is loaded once, reused per call.
 
     Without its ImageNet backbone in torch's cache, ``lpips`` would try to download it
@@ -85,34 +132,15 @@ class LPIPS:
     def __init__(self, net: LpipsNet = "alex", device: str | torch.device = "cpu") -> None:
         import lpips
 
-        backbone = lpips_backbone_path(net)
-        if not backbone.is_file():
-            raise FileNotFoundError(
-                f"LPIPS-{net} needs its ImageNet backbone at {backbone}; run scripts/install_lpips_weights.py"
-            )
+        _require_backbone(net, f"LPIPS-{net}")
         self.net = net
+        self.name = f"LPIPS-{net}"
         self.min_side = self._MIN_SIDE[net]
         self.device = torch.device(device)
         with warnings.catch_warnings():
             # lpips 0.1.4 passes torchvision the deprecated `pretrained=` argument.
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
             self.model = lpips.LPIPS(net=net, verbose=False).to(self.device).eval()
-
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
-        """LPIPS(a, b) >= 0, lower is more similar; raises ``ValueError`` below :attr:`min_side`."""
-        _check_pair(a, b)
-        return self.reference(a)(b)
-
-    def reference(self, original: np.ndarray) -> "LpipsReference":
-        """LPIPS against ``original``, whose features are computed once: scoring many
-        reconstructions of one image (an evaluation's decode modes, baselines and curve
-        points) then costs one backbone pass each instead of two, which on a 3 Mpx photo
-        and VGG is about 40 s saved per score on a CPU core."""
-        _check_image("original", original)
-        if min(original.shape[:2]) < self.min_side:
-            raise ValueError(f"LPIPS-{self.net} needs both sides >= {self.min_side} px, "
-                             f"got {original.shape[1]}x{original.shape[0]}")
-        return LpipsReference(self, original, self._features(original))
 
     @torch.no_grad()
     def _features(self, image: np.ndarray) -> list[torch.Tensor]:
@@ -133,15 +161,74 @@ class LPIPS:
         return float(sum(lpips.spatial_average(lin((fa - fb) ** 2), keepdim=True) for lin, fa, fb in layers).item())
 
 
-class LpipsReference:
-    """:meth:`LPIPS.reference`: LPIPS of any same-shape image against one original."""
+class DISTS(_FeatureMetric):
+    """DISTS (Ding et al., *Image Quality Assessment: Unifying Structure and Texture
+    Similarity*, TPAMI 2020) between two HxWx3 uint8 images, at full resolution.
 
-    def __init__(self, metric: LPIPS, original: np.ndarray, features: list[torch.Tensor]) -> None:
-        self._metric, self._original, self._features = metric, original, features
+    Why a third perceptual metric: LPIPS-alex and LPIPS-vgg disagree on CorrDiff against
+    JPEG (docs/models.md), and LPIPS-alex is also what training and perceptual mode
+    optimise. DISTS compares VGG16 feature *statistics* (means for texture, correlations
+    for structure) after L2 pooling, so it is tolerant of resampled texture and is not a
+    per-position feature difference like either LPIPS; nothing in this project trains on it.
 
-    def __call__(self, reconstruction: np.ndarray) -> float:
-        _check_pair(self._original, reconstruction)
-        return self._metric._distance(self._features, self._metric._features(reconstruction))
+    The network is the ``DISTS_pytorch`` package's (its VGG16 with L2 pooling, the same
+    ImageNet VGG16 backbone that LPIPS-vgg loads from torch's cache); its learned weights
+    alpha and beta are read from the package's own ``weights.pt``. The package's
+    ``DISTS.forward`` is split here into features and distance, as for LPIPS, so an
+    original's features are kept; a test checks the value against the package's.
+    The package resizes nothing by default and neither does this class.
+    """
+
+    min_side = 1
+    name = "DISTS"
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        from importlib.resources import files
+
+        from DISTS_pytorch import DISTS as DistsNetwork
+
+        _require_backbone("vgg", "DISTS")
+        self.device = torch.device(device)
+        with warnings.catch_warnings(), torch.random.fork_rng():  # its alpha/beta init draws from torch's RNG
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
+            self.model = DistsNetwork(load_weights=False)
+        learned = torch.load(files("DISTS_pytorch") / "weights.pt", map_location="cpu", weights_only=True)
+        self.model.alpha.data, self.model.beta.data = learned["alpha"], learned["beta"]
+        self.model = self.model.to(self.device).eval()
+        total = self.model.alpha.sum() + self.model.beta.sum()
+        channels = self.model.chns
+        self._alpha = torch.split(self.model.alpha.detach() / total, channels, dim=1)
+        self._beta = torch.split(self.model.beta.detach() / total, channels, dim=1)
+
+    @torch.no_grad()
+    def _features(self, image: np.ndarray) -> list[torch.Tensor]:
+        """The image in [0, 1] and the five VGG stages' activations (``DISTS.forward_once``)."""
+        return self.model.forward_once((_to_nchw(image) / 255.0).to(self.device))
+
+    @torch.no_grad()
+    def _distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        """``DISTS.forward``'s second half: per channel, a texture term from the two feature
+        maps' spatial means and a structure term from their covariance, weighted by alpha
+        and beta (normalised to sum to 1) and subtracted from 1."""
+        c1 = c2 = 1e-6
+        similarity = torch.zeros((), device=self.device)
+        for alpha, beta, fa, fb in zip(self._alpha, self._beta, a, b, strict=True):
+            mean_a, mean_b = fa.mean([2, 3], keepdim=True), fb.mean([2, 3], keepdim=True)
+            texture = (2 * mean_a * mean_b + c1) / (mean_a**2 + mean_b**2 + c1)
+            var_a = ((fa - mean_a) ** 2).mean([2, 3], keepdim=True)
+            var_b = ((fb - mean_b) ** 2).mean([2, 3], keepdim=True)
+            covariance = (fa * fb).mean([2, 3], keepdim=True) - mean_a * mean_b
+            structure = (2 * covariance + c2) / (var_a + var_b + c2)
+            similarity = similarity + (alpha * texture).sum() + (beta * structure).sum()
+        return float(1.0 - similarity.item())
+
+
+def _require_backbone(net: LpipsNet, metric: str) -> None:
+    """Fail with the fix, not with a download attempt or random weights, when the ImageNet
+    backbone is missing from torch's cache."""
+    backbone = lpips_backbone_path(net)
+    if not backbone.is_file():
+        raise FileNotFoundError(f"{metric} needs its ImageNet backbone at {backbone}; run scripts/install_lpips_weights.py")
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:

@@ -6,10 +6,12 @@
 
 Each image is encoded once (``CorrDiffCodec.encode``) and its record decoded in every
 mode, so the numbers are what a reader of the archive gets. Quality is PSNR, MS-SSIM,
-LPIPS-alex and LPIPS-vgg: the second LPIPS network is a perceptual opinion that nothing in
-training or in perceptual mode's gamma fit ever optimised (both use AlexNet), so a gain
-that only AlexNet sees shows up as one (docs/models.md). The rate is the whole
-record's bits per pixel. Each classic codec is then run on the same image at the quality
+LPIPS-alex, LPIPS-vgg and DISTS: the last two are perceptual opinions that nothing in
+training or in perceptual mode's gamma fit ever optimised (both use LPIPS-alex), so a gain
+that only AlexNet sees shows up as one (docs/models.md). DISTS, which compares feature
+statistics rather than features position by position, is scored on the matched-rate rows
+only, not on the curves below: one more VGG pass per curve point would add about half
+again to an evaluation of large photos. The rate is the whole record's bits per pixel. Each classic codec is then run on the same image at the quality
 whose file is closest to that record's size (``corrdiff.baselines.match_bpp``), and,
 to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities
 (``--curve-qualities ''`` skips the curves, the slowest part on large images). Images are
@@ -26,8 +28,8 @@ Writes to OUTPUT (default ``runs/eval/<model name>``):
   the win counts below, and the classic codecs' curves. Strict JSON: an infinite PSNR
   (identical images) and an undefined MS-SSIM are both ``null``.
 - ``eval.md``: a table with one row per decode mode and baseline, and one that counts the
-  images on which the corrdiff decode beats each other method (PSNR, both LPIPS): a mean
-  over a handful of photos can be carried by one of them, a count cannot.
+  images on which the corrdiff decode beats each other method (PSNR, both LPIPS, DISTS): a
+  mean over a handful of photos can be carried by one of them, a count cannot.
 - ``rate_quality.png``: PSNR and LPIPS-alex against bpp.
 """
 
@@ -58,10 +60,11 @@ from corrdiff import DECODE_MODES, CorrDiffCodec  # noqa: E402
 from corrdiff import weights  # noqa: E402
 from corrdiff.baselines import CLASSIC_CODECS, decode_classic, encode_classic, match_bpp  # noqa: E402
 from corrdiff.gamma import lpips_fitter  # noqa: E402
-from corrdiff.metrics import LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
+from corrdiff.metrics import DISTS, LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
 
-METRICS = ("bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg")
+CURVE_METRICS = ("bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg")
+METRICS = (*CURVE_METRICS, "dists")  # of each image's decode modes and matched-rate baselines
 BPP_TOLERANCE = 0.05  # a baseline within 5% of the CorrDiff rate counts as matched
 CURVE_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90)
 CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
@@ -121,7 +124,8 @@ def run(config: EvalConfig) -> dict:
     """Evaluate, write eval.json, eval.md and rate_quality.png, and return the report."""
     model_path = weights.resolve(config.model)
     codec = CorrDiffCodec.from_pretrained(model_path, device=config.device)
-    score = Scorer(LPIPS("alex", device=config.device), LPIPS("vgg", device=config.device))
+    score = Scorer(LPIPS("alex", device=config.device), LPIPS("vgg", device=config.device),
+                   DISTS(device=config.device))
     if config.gamma_refine_steps > 0:
         codec.gamma_fitter = lpips_fitter(score.alex, config.gamma_refine_steps, config.gamma_learning_rate)
     images = load_images(config.images, max(score.alex.min_side, score.vgg.min_side))
@@ -137,10 +141,10 @@ def run(config: EvalConfig) -> dict:
         "versions": _versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "images": per_image,
-        "averages": {method: _average([im["methods"][method] for im in per_image])
+        "averages": {method: _average([im["methods"][method] for im in per_image], METRICS)
                      for method in [*config.modes, *config.baselines]},
         "wins": wins(per_image),
-        "curves": {name: [{"quality": quality, **_average([points[name][i] for points in curve_points])}
+        "curves": {name: [{"quality": quality, **_average([points[name][i] for points in curve_points], CURVE_METRICS)}
                           for i, quality in enumerate(config.curve_qualities)]
                    for name in config.baselines if config.curve_qualities},
     }
@@ -154,17 +158,24 @@ def run(config: EvalConfig) -> dict:
 
 @dataclass(frozen=True)
 class Scorer:
-    """Every quality measure of one reconstruction; the LPIPS networks are loaded once."""
+    """Every quality measure of one reconstruction; the networks are loaded once."""
 
     alex: LPIPS
     vgg: LPIPS
+    dists: DISTS
 
-    def against(self, original: np.ndarray) -> Callable[[np.ndarray], dict]:
-        """Scores of reconstructions of ``original``, whose LPIPS features are computed once
-        for all of them (each image is scored 3 + 3 + 3 x curve points times)."""
-        alex, vgg = self.alex.reference(original), self.vgg.reference(original)
-        return lambda reconstruction: {"psnr": psnr(original, reconstruction), "ms_ssim": ms_ssim(original, reconstruction),
-                                       "lpips": alex(reconstruction), "lpips_vgg": vgg(reconstruction)}
+    def against(self, original: np.ndarray) -> Callable[..., dict]:
+        """Scores of reconstructions of ``original``, whose deep features are computed once
+        for all of them (each image is scored 3 + 3 + 3 x curve points times); DISTS unless
+        ``on_curve`` (module docstring)."""
+        alex, vgg, dists = self.alex.reference(original), self.vgg.reference(original), self.dists.reference(original)
+
+        def scores(reconstruction: np.ndarray, on_curve: bool = False) -> dict:
+            result = {"psnr": psnr(original, reconstruction), "ms_ssim": ms_ssim(original, reconstruction),
+                      "lpips": alex(reconstruction), "lpips_vgg": vgg(reconstruction)}
+            return result if on_curve else {**result, "dists": dists(reconstruction)}
+
+        return scores
 
 
 def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, score: Scorer,
@@ -191,10 +202,10 @@ def _evaluate_image(url: str, image: np.ndarray, codec: CorrDiffCodec, score: Sc
     return {"url": url, "height": height, "width": width, "record_bytes": len(record), "methods": methods}, curve_points
 
 
-def _average(results: list[dict]) -> dict:
+def _average(results: list[dict], metrics: tuple[str, ...]) -> dict:
     """Mean of each metric over the images where it is defined, and how many those were."""
     average: dict = {}
-    for metric in METRICS:
+    for metric in metrics:
         values = [r[metric] for r in results if r[metric] is not None]
         average[metric] = float(np.mean(values)) if values else None
     average["images"] = len(results)
@@ -212,7 +223,7 @@ def wins(per_image: list[dict]) -> dict:
     if not per_image or "corrdiff" not in per_image[0]["methods"]:
         return {}
     better = {"psnr": lambda ours, theirs: ours > theirs, "lpips": lambda ours, theirs: ours < theirs,
-              "lpips_vgg": lambda ours, theirs: ours < theirs}
+              "lpips_vgg": lambda ours, theirs: ours < theirs, "dists": lambda ours, theirs: ours < theirs}
     result = {}
     for method in per_image[0]["methods"]:
         if method == "corrdiff":
@@ -226,9 +237,9 @@ def wins(per_image: list[dict]) -> dict:
     return result
 
 
-def _classic_point(image: np.ndarray, codec: str, quality: int, scores: Callable[[np.ndarray], dict]) -> dict:
+def _classic_point(image: np.ndarray, codec: str, quality: int, scores: Callable[..., dict]) -> dict:
     data = encode_classic(image, codec, quality)
-    return {"bpp": bits_per_pixel(len(data), *image.shape[:2]), **scores(decode_classic(data))}
+    return {"bpp": bits_per_pixel(len(data), *image.shape[:2]), **scores(decode_classic(data), on_curve=True)}
 
 
 def _versions() -> dict:
@@ -238,6 +249,7 @@ def _versions() -> dict:
         "pillow": PIL.__version__,
         "numpy": np.__version__,
         "lpips": _package_version("lpips"),
+        "DISTS-pytorch": _package_version("DISTS-pytorch"),
         "pytorch-msssim": _package_version("pytorch-msssim"),
         "libjpeg-turbo": features.version("libjpeg_turbo"),
         "libwebp": features.version("webp"),
@@ -279,8 +291,8 @@ def markdown(report: dict) -> str:
         f"{count} images from `{report['images_url']}`, {report['date']}. Gammas: {report['gamma_fit']}. "
         "Means over images; baselines at the quality closest to each image's CorrDiff rate.",
         "",
-        "| method | bpp | PSNR (dB) | MS-SSIM | LPIPS-alex | LPIPS-vgg |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | bpp | PSNR (dB) | MS-SSIM | LPIPS-alex | LPIPS-vgg | DISTS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     measurable = sum(min(im["height"], im["width"]) > 160 for im in report["images"])
@@ -288,7 +300,8 @@ def markdown(report: dict) -> str:
         notes.append(f"MS-SSIM over the {measurable} of {count} images larger than 160 px a side.")
     for method, average in report["averages"].items():
         cells = [_format(average["bpp"], 4), _format(average["psnr"], 2),
-                 _format(average["ms_ssim"], 4), _format(average["lpips"], 4), _format(average["lpips_vgg"], 4)]
+                 _format(average["ms_ssim"], 4), _format(average["lpips"], 4), _format(average["lpips_vgg"], 4),
+                 _format(average["dists"], 4)]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         if average.get("within_tolerance", count) < count:
             notes.append(f"{LABELS[method]}: within {BPP_TOLERANCE:.0%} of the CorrDiff rate on {average['within_tolerance']} of "
@@ -301,9 +314,10 @@ def _wins_table(counts: dict) -> list[str]:
     if not counts:
         return []
     lines = ["", "Images where the corrdiff decode does better than each other method:", "",
-             "| against | PSNR | LPIPS-alex | LPIPS-vgg |", "|---|---:|---:|---:|"]
+             "| against | PSNR | LPIPS-alex | LPIPS-vgg | DISTS |", "|---|---:|---:|---:|---:|"]
     for method, by_metric in counts.items():
-        cells = [f"{c['better']} of {c['of']}" for c in (by_metric["psnr"], by_metric["lpips"], by_metric["lpips_vgg"])]
+        cells = [f"{c['better']} of {c['of']}" for c in (by_metric["psnr"], by_metric["lpips"], by_metric["lpips_vgg"],
+                                                          by_metric["dists"])]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -107,12 +107,14 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
         for mode in ("corrdiff", "e2e", "diffusion"):
             assert entry["methods"][mode]["bpp"] == 8 * len(record) / (image.shape[0] * image.shape[1])
         assert (entry["methods"]["corrdiff"]["ms_ssim"] is None) == (min(image.shape[:2]) <= 160)
-        for result in entry["methods"].values():  # two LPIPS networks, two opinions
-            assert result["lpips"] > 0 and result["lpips_vgg"] > 0 and result["lpips"] != result["lpips_vgg"]
+        for result in entry["methods"].values():  # three perceptual networks, three opinions
+            assert result["lpips"] > 0 and result["lpips_vgg"] > 0 and result["dists"] > 0
+            assert len({result["lpips"], result["lpips_vgg"], result["dists"]}) == 3
     assert list(report["averages"]) == methods
     for name in CLASSIC_CODECS:
         assert [point["quality"] for point in report["curves"][name]] == [20, 60]
         assert report["curves"][name][0]["bpp"] < report["curves"][name][1]["bpp"]
+        assert "dists" not in report["curves"][name][0]  # matched-rate rows only (jobs/evaluate.py)
     jpeg_60 = [(8 * len(data) / (image.shape[0] * image.shape[1]), LPIPS("vgg")(image, decode_classic(data)))
                for image in (images["a.png"], images["b.png"]) for data in [encode_classic(image, "jpeg", 60)]]
     assert report["curves"]["jpeg"][1]["bpp"] == pytest.approx(np.mean([bpp for bpp, _ in jpeg_60]), rel=1e-12)
@@ -125,17 +127,19 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
             "psnr": {"better": sum(a["psnr"] > b["psnr"] for a, b in zip(ours, theirs)), "of": 2},
             "lpips": {"better": sum(a["lpips"] < b["lpips"] for a, b in zip(ours, theirs)), "of": 2},
             "lpips_vgg": {"better": sum(a["lpips_vgg"] < b["lpips_vgg"] for a, b in zip(ours, theirs)), "of": 2},
+            "dists": {"better": sum(a["dists"] < b["dists"] for a, b in zip(ours, theirs)), "of": 2},
         }
 
     table = (output / "eval.md").read_text()
     averages, counts = table.split("Images where the corrdiff decode does better")
     rows = [line for line in averages.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0][2:] for row in rows] == [evaluate_job.LABELS[m] for m in methods]
-    assert "| LPIPS-alex | LPIPS-vgg |" in averages
+    assert "| LPIPS-alex | LPIPS-vgg | DISTS |" in averages
     count_rows = [line for line in counts.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0][2:] for row in count_rows] == [evaluate_job.LABELS[m] for m in methods[1:]]
     jpeg_row = count_rows[2].split(" | ")
     assert jpeg_row[2] == f"{report['wins']['jpeg']['lpips']['better']} of 2"
+    assert jpeg_row[4] == f"{report['wins']['jpeg']['dists']['better']} of 2 |"
     assert table in printed
     with Image.open(output / "rate_quality.png") as plot:
         assert plot.format == "PNG" and plot.width > 500
@@ -146,14 +150,18 @@ def test_wins_count_strict_improvements_and_skip_undefined_values(evaluate_job) 
         return {"methods": {"corrdiff": corrdiff, "jpeg": jpeg}}
 
     per_image = [
-        image({"psnr": 30.0, "lpips": 0.2, "lpips_vgg": 0.3}, {"psnr": 29.0, "lpips": 0.25, "lpips_vgg": 0.3}),
-        image({"psnr": 25.0, "lpips": 0.4, "lpips_vgg": 0.5}, {"psnr": 26.0, "lpips": 0.3, "lpips_vgg": 0.6}),
-        image({"psnr": None, "lpips": 0.1, "lpips_vgg": 0.1}, {"psnr": 40.0, "lpips": 0.2, "lpips_vgg": 0.2}),
+        image({"psnr": 30.0, "lpips": 0.2, "lpips_vgg": 0.3, "dists": 0.1},
+              {"psnr": 29.0, "lpips": 0.25, "lpips_vgg": 0.3, "dists": 0.2}),
+        image({"psnr": 25.0, "lpips": 0.4, "lpips_vgg": 0.5, "dists": 0.3},
+              {"psnr": 26.0, "lpips": 0.3, "lpips_vgg": 0.6, "dists": 0.2}),
+        image({"psnr": None, "lpips": 0.1, "lpips_vgg": 0.1, "dists": 0.1},
+              {"psnr": 40.0, "lpips": 0.2, "lpips_vgg": 0.2, "dists": 0.3}),
     ]
     assert evaluate_job.wins(per_image) == {"jpeg": {
         "psnr": {"better": 1, "of": 2},  # identical images (PSNR undefined) are not counted
         "lpips": {"better": 2, "of": 3},
         "lpips_vgg": {"better": 2, "of": 3},  # a tie is not a win
+        "dists": {"better": 2, "of": 3},
     }}
     assert evaluate_job.wins([{"methods": {"e2e": per_image[0]["methods"]["jpeg"]}}]) == {}
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import smooth_image
 from corrdiff.baselines import decode_classic, encode_classic
-from corrdiff.metrics import LPIPS, bits_per_pixel, lpips_backbone_path, ms_ssim, psnr
+from corrdiff.metrics import DISTS, LPIPS, bits_per_pixel, lpips_backbone_path, ms_ssim, psnr
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,36 @@ def test_lpips_against_a_kept_reference_is_the_lpips_package_value(lpips_alex: L
         assert lpips_alex(photo, damaged) == reference(damaged)
     with pytest.raises(ValueError, match="shape"):
         reference(photo[:100])
+
+
+vgg_weights = pytest.mark.skipif(
+    not lpips_backbone_path("vgg").is_file(),
+    reason="ImageNet VGG16 weights not installed; run scripts/install_lpips_weights.py",
+)
+
+
+@pytest.fixture(scope="module")
+def dists() -> DISTS:
+    return DISTS()
+
+
+@vgg_weights
+def test_dists_is_zero_for_identical_images_and_grows_with_jpeg_damage(dists: DISTS, photo: np.ndarray) -> None:
+    assert dists(photo, photo.copy()) == pytest.approx(0.0, abs=1e-6)
+    distances = [dists(photo, decode_classic(encode_classic(photo, "jpeg", q))) for q in (90, 50, 10)]
+    assert 0.0 < distances[0] < distances[1] < distances[2], distances
+
+
+@vgg_weights
+def test_dists_is_the_dists_package_value_with_its_learned_weights(dists: DISTS, photo: np.ndarray) -> None:
+    """The split into kept features and a distance must give the package's own number, with
+    the weights the package itself loads; random alpha/beta (the package's initialisation
+    before loading) give a different value, so the learned ones are what counts."""
+    import torch
+    from DISTS_pytorch import DISTS as DistsNetwork
+
+    damaged = decode_classic(encode_classic(photo, "jpeg", 10))
+    tensors = [torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0 for x in (photo, damaged)]
+    expected = float(DistsNetwork()(*tensors).item())
+    assert dists.reference(photo)(damaged) == pytest.approx(expected, rel=1e-5)
+    assert abs(float(DistsNetwork(load_weights=False)(*tensors).item()) - expected) > 0.01
