@@ -11,12 +11,13 @@ training or in perceptual mode's gamma fit ever optimised (both use LPIPS-alex),
 that only AlexNet sees shows up as one (docs/models.md). DISTS, which compares feature
 statistics rather than features position by position, is scored on the matched-rate rows
 only, not on the curves below: one more VGG pass per curve point would add about half
-again to an evaluation of large photos. The rate is the whole record's bits per pixel. Each classic codec is then run on the same image at the quality
-whose file is closest to that record's size (``corrdiff.baselines.match_bpp``), and,
-to place the CorrDiff points against the codec's whole curve, at a fixed grid of qualities
+again to an evaluation of large photos. The rate is the whole record's bits per pixel.
+Each classic codec is then run on the same image at the quality whose file is closest to
+that record's size (``corrdiff.baselines.match_bpp``), and, to place the CorrDiff points
+against the codec's whole curve, at a fixed grid of qualities
 (``--curve-qualities ''`` skips the curves, the slowest part on large images). Images are
-evaluated one at a time and each original's LPIPS features are computed once, for all its
-scores (``LPIPS.reference``).
+evaluated one at a time and each original's LPIPS and DISTS features are computed once,
+for all its scores (``LPIPS.reference``, ``DISTS.reference``).
 
 Averages are means of the per-image values (PSNR too: a mean of dB, not the PSNR of the
 mean MSE); MS-SSIM is averaged over the images where it is defined (> 160 px a side).
