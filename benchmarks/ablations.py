@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from corrdiff import CorrDiffCodec, weights  # noqa: E402
-from corrdiff.gamma import GammaFitter, lpips_fitter  # noqa: E402
+from corrdiff.gamma import GammaFitter, perceptual_fitter  # noqa: E402
 from corrdiff.metrics import LPIPS, psnr  # noqa: E402
 from corrdiff.schedule import NoiseSchedule  # noqa: E402
 from jobs.evaluate import strict_json  # noqa: E402
@@ -104,7 +104,7 @@ def gamma_settings(codec: CorrDiffCodec, perceptual_weights: list[float], lpips:
     """Ablation 2: the same model with a perceptually refined gamma, at the default step count."""
     settings = []
     for w in perceptual_weights:
-        fitter = lpips_fitter(lpips, GammaFitter.refine_steps, GammaFitter.learning_rate, weight=w)
+        fitter = perceptual_fitter(lpips, GammaFitter.refine_steps, GammaFitter.learning_rate, weight=w)
         label = f"MSE + {w:g} LPIPS-alex, {fitter.refine_steps} Adam steps (lr {fitter.learning_rate:g})"
         refined = CorrDiffCodec(codec.model, device=codec.device, gamma_fitter=fitter)
         settings.append(Setting(f"lpips-{w:g}", label, codec.default_steps, refined))

@@ -132,7 +132,8 @@ class CorrDiffCodec:
         target = x * 2.0 - 1.0
         x_start = initial_state(x_e, self._noise(x.shape, seed), model.schedule)
         denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
-        fit = lambda step, x0_theta: self.gamma_fitter(target, x0_theta, x_e, mask)  # noqa: E731
+        fit_original = self.gamma_fitter.bind(target, mask)
+        fit = lambda step, x0_theta: fit_original(x0_theta, x_e)  # noqa: E731
         out, gammas = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, fit)
         record = Record(
             model_id=self.model_id, height=height, width=width,

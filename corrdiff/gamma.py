@@ -6,6 +6,11 @@ term, if given, is then minimised by a few Adam steps on the scalar, starting fr
 closed form and keeping the best value seen, so it can only improve the objective.
 The chosen g is rounded to float16, the value that is transmitted, and the encoder goes on
 with that rounded value so that its trajectory is exactly the decoder's.
+
+The perceptual term is any :class:`corrdiff.metrics.FeatureMetric` (LPIPS-alex, LPIPS-vgg,
+DISTS). The original does not change while its sampler runs, so its features are computed
+once per image (:meth:`GammaFitter.bind`), not at each Adam step of each sampler step:
+that halves the backbone passes of the fit.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from corrdiff.metrics import LPIPS
+    from corrdiff.metrics import FeatureMetric
 
 FLOAT16_MAX = 65504.0
 
-# (x0_tilde, x) -> per-image loss (B,); both images in [-1, 1], as LPIPS expects.
+# (x0_tilde, x) -> per-image loss (B,); both images in [-1, 1] (phase-2 training's loss).
 PerceptualLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -56,68 +61,91 @@ def masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return squared / (mask.flatten(1).sum(1) * a.shape[1])
 
 
-@dataclass
+@dataclass(frozen=True)
 class GammaFitter:
-    """Chooses gamma_t per image: closed-form MSE, optionally refined for a perceptual term."""
+    """How gamma_t is chosen per image: closed-form MSE, optionally refined for a perceptual term."""
 
-    perceptual: PerceptualLoss | None = None
+    perceptual: FeatureMetric | None = None
     perceptual_weight: float = 0.0
     refine_steps: int = 10
     learning_rate: float = 0.1
 
-    def objective(self, gamma: Tensor, x: Tensor, x0_theta: Tensor, x_e: Tensor, mask: Tensor) -> Tensor:
-        """M(gamma) per image: masked MSE plus the weighted perceptual term."""
-        x0 = correct(x0_theta, x_e, gamma)
-        loss = masked_mse(x0, x, mask)
-        if self.perceptual is not None and self.perceptual_weight > 0:
-            loss = loss + self.perceptual_weight * self._perceptual(x0, x, mask)
-        return loss
+    @property
+    def refines(self) -> bool:
+        return self.perceptual is not None and self.perceptual_weight > 0 and self.refine_steps > 0
 
-    def _perceptual(self, x0: Tensor, x: Tensor, mask: Tensor) -> Tensor:
-        """The perceptual term per image, on the image's own pixels: like the MSE term, it
-        must not be steered by the replicated padding (which is bottom/right)."""
-        losses = []
-        for i in range(x.shape[0]):
-            valid = mask[i, 0] > 0
-            height, width = int(valid.any(1).sum()), int(valid.any(0).sum())
-            losses.append(self.perceptual(x0[i:i + 1, :, :height, :width], x[i:i + 1, :, :height, :width]))
-        return torch.cat(losses)
+    def bind(self, x: Tensor, mask: Tensor) -> OriginalFit:
+        """The fit against these originals (B, 3, H, W) in [-1, 1], for every step of their sampler."""
+        return OriginalFit(self, x.detach(), mask)
 
-    def __call__(self, x: Tensor, x0_theta: Tensor, x_e: Tensor, mask: Tensor) -> Tensor:
-        gamma = closed_form_gamma(x, x0_theta, x_e, mask).float()
-        if self.perceptual is not None and self.perceptual_weight > 0 and self.refine_steps > 0:
-            gamma = self._refine(gamma, x, x0_theta, x_e, mask)
+
+class OriginalFit:
+    """:meth:`GammaFitter.bind`: (x0_theta, x_e) -> the transmitted gamma per image (B,).
+
+    The perceptual term sees each image's own pixels only: like the MSE term, it must not
+    be steered by the replicated padding (which is bottom/right)."""
+
+    def __init__(self, fitter: GammaFitter, x: Tensor, mask: Tensor) -> None:
+        self.fitter, self.x, self.mask = fitter, x, mask
+        valid = mask[:, 0] > 0
+        self.sizes = [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
+        self.references: list[list[Tensor]] = []
+        if fitter.refines:
+            with torch.no_grad():
+                self.references = [fitter.perceptual.features(x[i:i + 1, :, :h, :w])
+                                   for i, (h, w) in enumerate(self.sizes)]
+
+    def __call__(self, x0_theta: Tensor, x_e: Tensor) -> Tensor:
+        gamma = closed_form_gamma(self.x, x0_theta, x_e, self.mask).float()
+        if self.fitter.refines:
+            gamma = self._refine(gamma, x0_theta.detach(), x_e.detach())
         return quantize_gamma(gamma)
 
-    def _refine(self, gamma: Tensor, x: Tensor, x0_theta: Tensor, x_e: Tensor, mask: Tensor) -> Tensor:
-        x, x0_theta, x_e = x.detach(), x0_theta.detach(), x_e.detach()
+    def objective(self, gamma: Tensor, x0_theta: Tensor, x_e: Tensor) -> Tensor:
+        """M(gamma) per image: masked MSE plus the weighted perceptual term."""
+        x0 = correct(x0_theta, x_e, gamma)
+        loss = masked_mse(x0, self.x, self.mask)
+        if self.fitter.refines:
+            metric = self.fitter.perceptual
+            perceptual = torch.cat([metric.distance(metric.features(x0[i:i + 1, :, :h, :w]), reference)
+                                    for i, ((h, w), reference) in enumerate(zip(self.sizes, self.references))])
+            loss = loss + self.fitter.perceptual_weight * perceptual
+        return loss
+
+    def _refine(self, gamma: Tensor, x0_theta: Tensor, x_e: Tensor) -> Tensor:
+        """Adam on the scalars from the closed form; the best value seen wins. Each step's
+        loss is the objective at the value before that step, so each value is scored once."""
         param = gamma.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([param], lr=self.learning_rate)
+        optimizer = torch.optim.Adam([param], lr=self.fitter.learning_rate)
+        best, best_loss = gamma.clone(), torch.full_like(gamma, float("inf"))
         with torch.enable_grad():
-            best = gamma.clone()
-            best_loss = self.objective(best, x, x0_theta, x_e, mask).detach()
-            for _ in range(self.refine_steps):
+            for _ in range(self.fitter.refine_steps):
                 optimizer.zero_grad()
-                loss = self.objective(param, x, x0_theta, x_e, mask)
+                loss = self.objective(param, x0_theta, x_e)
+                best, best_loss = _keep_better(param.detach(), loss.detach(), best, best_loss)
                 loss.sum().backward()  # images are independent: the sum's gradient is per image
                 optimizer.step()
-                current = self.objective(param.detach(), x, x0_theta, x_e, mask).detach()
-                better = current < best_loss
-                best = torch.where(better, param.detach(), best)
-                best_loss = torch.where(better, current, best_loss)
+        with torch.no_grad():
+            final = param.detach()
+            best, _ = _keep_better(final, self.objective(final, x0_theta, x_e), best, best_loss)
         return best
 
 
-def lpips_loss(lpips: LPIPS) -> PerceptualLoss:
-    """LPIPS as the perceptual term: (B,3,H,W) tensors in [-1, 1] -> per-image loss (B,)."""
-    lpips.model.requires_grad_(False)  # gradients flow to gamma only
-    return lambda x0_tilde, x: lpips.model(x0_tilde, x).flatten()
+def _keep_better(value: Tensor, loss: Tensor, best: Tensor, best_loss: Tensor) -> tuple[Tensor, Tensor]:
+    better = loss < best_loss
+    return torch.where(better, value, best), torch.where(better, loss, best_loss)
 
 
-def lpips_fitter(lpips: LPIPS, refine_steps: int, learning_rate: float, weight: float = 1.0) -> GammaFitter:
+def perceptual_loss(metric: FeatureMetric) -> PerceptualLoss:
+    """A feature metric as a training loss: (B,3,H,W) tensors in [-1, 1] -> per-image loss (B,)."""
+    return lambda x0_tilde, x: metric.distance(metric.features(x0_tilde), metric.features(x))
+
+
+def perceptual_fitter(metric: FeatureMetric, refine_steps: int, learning_rate: float,
+                      weight: float = 1.0) -> GammaFitter:
     """The encoder's perceptual fit: closed form, then ``refine_steps`` Adam steps on
-    MSE + ``weight`` * LPIPS. The weight barely matters (Adam's step ignores the gradient's
+    MSE + ``weight`` * ``metric``. The weight barely matters (Adam's step ignores the gradient's
     scale and the MSE gradient is zero at the closed form); steps and rate set how far gamma
     may move (docs/method.md)."""
-    return GammaFitter(perceptual=lpips_loss(lpips), perceptual_weight=weight, refine_steps=refine_steps,
+    return GammaFitter(perceptual=metric, perceptual_weight=weight, refine_steps=refine_steps,
                        learning_rate=learning_rate)

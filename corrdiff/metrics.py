@@ -75,12 +75,19 @@ def lpips_backbone_path(net: LpipsNet) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.IMAGENET1K_V1.url).name
 
 
-class _FeatureMetric(ABC):
-    """A distance computed from two images' deep features: the original's features can be
-    kept (:meth:`reference`) to score many reconstructions of it for one network pass each."""
+class FeatureMetric(ABC):
+    """A distance computed from two images' deep features.
+
+    Two faces over one computation: on uint8 arrays (scoring; the original's features can
+    be kept with :meth:`reference` to score many reconstructions for one network pass
+    each), and on tensors in [-1, 1] (:meth:`features`, :meth:`distance`), differentiable
+    in the image, which the encoder's perceptual gamma fit and phase-2 training use. The
+    networks' own parameters are frozen: gradients reach the image only.
+    """
 
     name: str
     min_side: int
+    device: torch.device
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
         """The distance >= 0, lower is more similar; raises ``ValueError`` below :attr:`min_side`."""
@@ -96,29 +103,34 @@ class _FeatureMetric(ABC):
         if min(original.shape[:2]) < self.min_side:
             raise ValueError(f"{self.name} needs both sides >= {self.min_side} px, "
                              f"got {original.shape[1]}x{original.shape[0]}")
-        return MetricReference(self, original, self._features(original))
+        return MetricReference(self, original, self._image_features(original))
+
+    @torch.no_grad()
+    def _image_features(self, image: np.ndarray) -> list[torch.Tensor]:
+        return self.features((_to_nchw(image) / 127.5 - 1.0).to(self.device))
 
     @abstractmethod
-    def _features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """What the distance needs of one image."""
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What the distance needs of (B, 3, H, W) images in [-1, 1]."""
 
     @abstractmethod
-    def _distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        """The distance between two images' features."""
+    def distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """The distance per image (B,) between two batches' features."""
 
 
 class MetricReference:
-    """:meth:`_FeatureMetric.reference`: the metric of any same-shape image against one original."""
+    """:meth:`FeatureMetric.reference`: the metric of any same-shape image against one original."""
 
-    def __init__(self, metric: _FeatureMetric, original: np.ndarray, features: list[torch.Tensor]) -> None:
+    def __init__(self, metric: FeatureMetric, original: np.ndarray, features: list[torch.Tensor]) -> None:
         self._metric, self._original, self._features = metric, original, features
 
     def __call__(self, reconstruction: np.ndarray) -> float:
         _check_pair(self._original, reconstruction)
-        return self._metric._distance(self._features, self._metric._features(reconstruction))
+        with torch.no_grad():
+            return float(self._metric.distance(self._features, self._metric._image_features(reconstruction)).item())
 
 
-class LPIPS(_FeatureMetric):
+class LPIPS(FeatureMetric):
     """LPIPS distance between two HxWx3 uint8 images: the model is loaded once, reused per call.
 
     Without its ImageNet backbone in torch's cache, ``lpips`` would try to download it
@@ -140,28 +152,25 @@ class LPIPS(_FeatureMetric):
         with warnings.catch_warnings():
             # lpips 0.1.4 passes torchvision the deprecated `pretrained=` argument.
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
-            self.model = lpips.LPIPS(net=net, verbose=False).to(self.device).eval()
+            self.model = lpips.LPIPS(net=net, verbose=False).to(self.device).eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def _features(self, image: np.ndarray) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's unit-normalised activations at each LPIPS layer (``lpips.LPIPS.forward``'s
-        first half: inputs in [-1, 1], its scaling layer, ``normalize_tensor``)."""
+        first half: its scaling layer, the backbone, ``normalize_tensor``)."""
         import lpips
 
-        scaled = (_to_nchw(image) / 127.5 - 1.0).to(self.device)
-        return [lpips.normalize_tensor(out) for out in self.model.net(self.model.scaling_layer(scaled))]
+        return [lpips.normalize_tensor(out) for out in self.model.net(self.model.scaling_layer(x))]
 
-    @torch.no_grad()
-    def _distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    def distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         """``lpips.LPIPS.forward``'s second half: learned per-channel weights on the squared
         feature differences, averaged over space, summed over layers."""
         import lpips
 
         layers = zip(self.model.lins, a, b, strict=True)
-        return float(sum(lpips.spatial_average(lin((fa - fb) ** 2), keepdim=True) for lin, fa, fb in layers).item())
+        return sum(lpips.spatial_average(lin((fa - fb) ** 2), keepdim=True) for lin, fa, fb in layers).flatten()
 
 
-class DISTS(_FeatureMetric):
+class DISTS(FeatureMetric):
     """DISTS (Ding et al., *Image Quality Assessment: Unifying Structure and Texture
     Similarity*, TPAMI 2020) between two HxWx3 uint8 images, at full resolution.
 
@@ -194,24 +203,22 @@ class DISTS(_FeatureMetric):
             self.model = DistsNetwork(load_weights=False)
         learned = torch.load(files("DISTS_pytorch") / "weights.pt", map_location="cpu", weights_only=True)
         self.model.alpha.data, self.model.beta.data = learned["alpha"], learned["beta"]
-        self.model = self.model.to(self.device).eval()
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
         total = self.model.alpha.sum() + self.model.beta.sum()
         channels = self.model.chns
         self._alpha = torch.split(self.model.alpha.detach() / total, channels, dim=1)
         self._beta = torch.split(self.model.beta.detach() / total, channels, dim=1)
 
-    @torch.no_grad()
-    def _features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """The image in [0, 1] and the five VGG stages' activations (``DISTS.forward_once``)."""
-        return self.model.forward_once((_to_nchw(image) / 255.0).to(self.device))
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The images in [0, 1] and the five VGG stages' activations (``DISTS.forward_once``)."""
+        return self.model.forward_once((x + 1.0) / 2.0)
 
-    @torch.no_grad()
-    def _distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    def distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         """``DISTS.forward``'s second half: per channel, a texture term from the two feature
         maps' spatial means and a structure term from their covariance, weighted by alpha
         and beta (normalised to sum to 1) and subtracted from 1."""
         c1 = c2 = 1e-6
-        similarity = torch.zeros((), device=self.device)
+        similarity = torch.zeros(a[0].shape[0], device=a[0].device)
         for alpha, beta, fa, fb in zip(self._alpha, self._beta, a, b, strict=True):
             mean_a, mean_b = fa.mean([2, 3], keepdim=True), fb.mean([2, 3], keepdim=True)
             texture = (2 * mean_a * mean_b + c1) / (mean_a**2 + mean_b**2 + c1)
@@ -219,8 +226,20 @@ class DISTS(_FeatureMetric):
             var_b = ((fb - mean_b) ** 2).mean([2, 3], keepdim=True)
             covariance = (fa * fb).mean([2, 3], keepdim=True) - mean_a * mean_b
             structure = (2 * covariance + c2) / (var_a + var_b + c2)
-            similarity = similarity + (alpha * texture).sum() + (beta * structure).sum()
-        return float(1.0 - similarity.item())
+            similarity = similarity + (alpha * texture).sum([1, 2, 3]) + (beta * structure).sum([1, 2, 3])
+        return 1.0 - similarity
+
+
+PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips-alex", "lpips-vgg", "dists")
+
+
+def perceptual_metric(name: str, device: str | torch.device = "cpu") -> FeatureMetric:
+    """A feature metric by its name in :data:`PERCEPTUAL_METRICS` (configs and flags use these)."""
+    if name == "dists":
+        return DISTS(device=device)
+    if name in ("lpips-alex", "lpips-vgg"):
+        return LPIPS(name.removeprefix("lpips-"), device=device)  # type: ignore[arg-type]
+    raise ValueError(f"unknown perceptual metric {name!r}; choose one of {', '.join(PERCEPTUAL_METRICS)}")
 
 
 def _require_backbone(net: LpipsNet, metric: str) -> None:

@@ -2,13 +2,14 @@
 
     python jobs/evaluate.py --images DIR_OR_URL --model NAME_OR_PATH [--output DIR]
         [--modes corrdiff,e2e,diffusion] [--baselines jpeg,webp,avif] [--device cpu]
-        [--curve-qualities 5,10,20,30,40,50,60,70,80,90] [--gamma-refine-steps N [--gamma-lr LR]]
+        [--curve-qualities 5,10,20,30,40,50,60,70,80,90] [--gamma-refine-steps N [--gamma-lr LR]
+        [--gamma-metric lpips-alex|lpips-vgg|dists]]
 
 Each image is encoded once (``CorrDiffCodec.encode``) and its record decoded in every
 mode, so the numbers are what a reader of the archive gets. Quality is PSNR, MS-SSIM,
-LPIPS-alex, LPIPS-vgg and DISTS: the last two are perceptual opinions that nothing in
-training or in perceptual mode's gamma fit ever optimised (both use LPIPS-alex), so a gain
-that only AlexNet sees shows up as one (docs/models.md). DISTS, which compares feature
+LPIPS-alex, LPIPS-vgg and DISTS: training optimises LPIPS-alex only, and perceptual mode's
+gamma fit one metric of the three (``--gamma-metric``), so a gain that only the fitted
+metric sees shows up as one (docs/models.md). DISTS, which compares feature
 statistics rather than features position by position, is scored on the matched-rate rows
 only, not on the curves below: one more VGG pass per curve point would add about half
 again to an evaluation of large photos. The rate is the whole record's bits per pixel.
@@ -60,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corrdiff import DECODE_MODES, CorrDiffCodec  # noqa: E402
 from corrdiff import weights  # noqa: E402
 from corrdiff.baselines import CLASSIC_CODECS, decode_classic, encode_classic, match_bpp  # noqa: E402
-from corrdiff.gamma import lpips_fitter  # noqa: E402
-from corrdiff.metrics import DISTS, LPIPS, bits_per_pixel, ms_ssim, psnr  # noqa: E402
+from corrdiff.gamma import GammaFitter, perceptual_fitter  # noqa: E402
+from corrdiff.metrics import DISTS, LPIPS, PERCEPTUAL_METRICS, FeatureMetric, bits_per_pixel, ms_ssim, psnr  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
 
 CURVE_METRICS = ("bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg")
@@ -86,6 +87,7 @@ class EvalConfig:
     curve_qualities: tuple[int, ...] = CURVE_QUALITIES
     gamma_refine_steps: int = 0  # as the compress job's codec.gamma_refine_steps: 0 = closed-form MSE
     gamma_learning_rate: float = 0.1
+    gamma_metric: str = "lpips-alex"  # the perceptual term of those steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curve-qualities", default=",".join(map(str, CURVE_QUALITIES)),
                         help="qualities at which to trace each classic codec's curve, comma-separated ('' for none)")
     parser.add_argument("--gamma-refine-steps", type=int, default=0,
-                        help="perceptual mode: Adam steps on MSE + LPIPS-alex after the closed-form gamma (0 = off)")
+                        help="perceptual mode: Adam steps on MSE + --gamma-metric after the closed-form gamma (0 = off)")
     parser.add_argument("--gamma-lr", type=float, default=0.1, help="learning rate of those steps")
+    parser.add_argument("--gamma-metric", default="lpips-alex", choices=PERCEPTUAL_METRICS,
+                        help="the perceptual term of those steps")
     args = parser.parse_args(argv)
     config = EvalConfig(
         images=args.images, model=args.model,
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         baselines=_choices(args.baselines, CLASSIC_CODECS, "baseline"), device=args.device,
         curve_qualities=tuple(int(q) for q in args.curve_qualities.split(",") if q.strip()),
         gamma_refine_steps=args.gamma_refine_steps, gamma_learning_rate=args.gamma_lr,
+        gamma_metric=args.gamma_metric,
     )
     print(markdown(run(config)))
 
@@ -128,14 +133,15 @@ def run(config: EvalConfig) -> dict:
     score = Scorer(LPIPS("alex", device=config.device), LPIPS("vgg", device=config.device),
                    DISTS(device=config.device))
     if config.gamma_refine_steps > 0:
-        codec.gamma_fitter = lpips_fitter(score.alex, config.gamma_refine_steps, config.gamma_learning_rate)
+        codec.gamma_fitter = perceptual_fitter(score.metric(config.gamma_metric), config.gamma_refine_steps,
+                                               config.gamma_learning_rate)
     images = load_images(config.images, max(score.alex.min_side, score.vgg.min_side))
     if not images:
         raise SystemExit(f"no image under {config.images} is large enough to evaluate")
     per_image, curve_points = map(list, zip(*(_evaluate_image(url, image, codec, score, config) for url, image in images)))
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
-        "gamma_fit": _gamma_fit(config),
+        "gamma_fit": _gamma_fit(codec.gamma_fitter),
         "images_url": config.images,
         "modes": list(config.modes),
         "baselines": list(config.baselines),
@@ -164,6 +170,10 @@ class Scorer:
     alex: LPIPS
     vgg: LPIPS
     dists: DISTS
+
+    def metric(self, name: str) -> FeatureMetric:
+        """One of the networks by its name in ``corrdiff.metrics.PERCEPTUAL_METRICS``."""
+        return {"lpips-alex": self.alex, "lpips-vgg": self.vgg, "dists": self.dists}[name]
 
     def against(self, original: np.ndarray) -> Callable[..., dict]:
         """Scores of reconstructions of ``original``, whose deep features are computed once
@@ -276,11 +286,11 @@ def strict_json(value):
     return value
 
 
-def _gamma_fit(config: EvalConfig) -> str:
-    if config.gamma_refine_steps == 0:
+def _gamma_fit(fitter: GammaFitter) -> str:
+    if not fitter.refines:
         return "closed-form MSE"
-    return (f"closed-form MSE, then {config.gamma_refine_steps} Adam steps (lr {config.gamma_learning_rate:g}) "
-            "on MSE + LPIPS-alex")
+    return (f"closed-form MSE, then {fitter.refine_steps} Adam steps (lr {fitter.learning_rate:g}) "
+            f"on MSE + {fitter.perceptual.name}")
 
 
 def markdown(report: dict) -> str:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrdiff.codec import pick_device  # noqa: E402
 from corrdiff.config import ModelConfig  # noqa: E402
-from corrdiff.gamma import lpips_loss  # noqa: E402
+from corrdiff.gamma import perceptual_loss  # noqa: E402
 from corrdiff.latent_codec import HYPER_STRIDE  # noqa: E402
 from corrdiff.metrics import LPIPS  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
@@ -118,7 +118,7 @@ def train(config: TrainConfig) -> Path:
     images = [image for _, image in load_images(config.data, config.crop, config.storage_options)]
     print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
     needs_lpips = any(p.phase == 2 for p in config.phases[start_phase:])
-    perceptual = lpips_loss(LPIPS("alex", device=device)) if needs_lpips else None
+    perceptual = perceptual_loss(LPIPS("alex", device=device)) if needs_lpips else None
 
     log_rows = _rewind_log(output / "log.csv", saved.get("log_rows") if saved else 0)
     with open(output / "log.csv", "a", newline="") as log_file:

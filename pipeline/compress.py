@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from corrdiff import weights
+from corrdiff.metrics import PERCEPTUAL_METRICS
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.sources import SourceConfig, read_source
@@ -37,14 +38,17 @@ class CodecSettings:
     seed: int = 0
     steps: int | None = None  # sampler steps; None = the model's
     # 0: each step's gamma is the closed-form MSE optimum. N > 0: then N Adam steps on
-    # MSE + LPIPS-alex (perceptual mode: lower LPIPS, slightly lower PSNR, same bits;
-    # N = 10 takes about 10 times the encode time on a CPU; docs/method.md).
+    # MSE + gamma_metric (perceptual mode: lower perceptual distance, slightly lower PSNR,
+    # same bits; many times the encode time on a CPU; docs/method.md).
     gamma_refine_steps: int = 0
     gamma_learning_rate: float = 0.1
+    gamma_metric: str = "lpips-alex"  # one of corrdiff.metrics.PERCEPTUAL_METRICS
 
     def __post_init__(self) -> None:
         if self.gamma_refine_steps < 0 or self.gamma_learning_rate <= 0:
             raise ValueError("codec.gamma_refine_steps must be >= 0 and codec.gamma_learning_rate > 0")
+        if self.gamma_metric not in PERCEPTUAL_METRICS:
+            raise ValueError(f"codec.gamma_metric {self.gamma_metric!r} is not one of {', '.join(PERCEPTUAL_METRICS)}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         fn_constructor_kwargs={
             "model": config.codec.model, "model_id": model_id, "device": config.codec.device, "seed": config.codec.seed,
             "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
-            "gamma_learning_rate": config.codec.gamma_learning_rate,
+            "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
             "torch_threads": plan.torch_threads, "job_id": job_id,
         },
         batch_format="numpy", **plan.actor_pool(),

@@ -78,10 +78,11 @@ class EncodeStage:
     """Actor stage: runs the codec on decoded images and emits archive rows."""
 
     def __init__(self, model: str | None, model_id: str, device: str, seed: int, steps: int | None,
-                 gamma_refine_steps: int, gamma_learning_rate: float, torch_threads: int | None,
+                 gamma_refine_steps: int, gamma_learning_rate: float, gamma_metric: str, torch_threads: int | None,
                  job_id: str) -> None:
         self.model, self.model_id, self.device, self.seed, self.steps = model, model_id, device, seed, steps
         self.gamma_refine_steps, self.gamma_learning_rate = gamma_refine_steps, gamma_learning_rate
+        self.gamma_metric = gamma_metric
         self.torch_threads, self.job_id = torch_threads, job_id
         self.setup()
 
@@ -99,11 +100,11 @@ class EncodeStage:
         if self.codec.model_id_hex != self.model_id:
             raise RuntimeError(f"worker loaded model {self.codec.model_id_hex}, the job uses {self.model_id}")
         if self.gamma_refine_steps > 0:
-            from corrdiff.gamma import lpips_fitter
-            from corrdiff.metrics import LPIPS
+            from corrdiff.gamma import perceptual_fitter
+            from corrdiff.metrics import perceptual_metric
 
-            self.codec.gamma_fitter = lpips_fitter(LPIPS("alex", device=self.codec.device),
-                                                   self.gamma_refine_steps, self.gamma_learning_rate)
+            self.codec.gamma_fitter = perceptual_fitter(perceptual_metric(self.gamma_metric, self.codec.device),
+                                                        self.gamma_refine_steps, self.gamma_learning_rate)
 
     def __call__(self, batch: Batch) -> pa.Table:
         from corrdiff.metrics import psnr

@@ -83,13 +83,13 @@ def test_archive_rows_are_honest(ray_local, tiny_model, tmp_path):
         assert psnr(decode_image(original), restored) == row["psnr"]  # the decoder's exact pixels
 
 
-@pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
+@pytest.mark.skipif(not lpips_backbone_path("vgg").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
 def test_perceptual_mode_refits_gammas_and_stays_exact(ray_local, tiny_model, tmp_path):
-    """codec.gamma_refine_steps > 0: other gammas than the closed form, the same latent, and
-    records that still decode to exactly the pixels the archive row scored."""
+    """codec.gamma_refine_steps > 0 (here on LPIPS-vgg): other gammas than the closed form,
+    the same latent, and records that still decode to exactly the pixels the archive row scored."""
     _photo_folder(tmp_path / "in", broken=False)
     config = _config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model)
-    run_compress(replace(config, codec=replace(config.codec, gamma_refine_steps=3)))
+    run_compress(replace(config, codec=replace(config.codec, gamma_refine_steps=3, gamma_metric="lpips-vgg")))
     codec = CorrDiffCodec.from_pretrained(tiny_model, device="cpu")
     rows = _archive(str(tmp_path / "archive")).to_pylist()
     moved = 0
@@ -102,7 +102,8 @@ def test_perceptual_mode_refits_gammas_and_stays_exact(ray_local, tiny_model, tm
         moved += not np.array_equal(refined.gammas, closed_form.gammas)
     assert moved > 0
     [first, *_] = list_data_files(str(tmp_path / "archive"), StorageConfig())
-    assert json.loads(file_metadata(first, StorageConfig())["corrdiff.config"])["codec"]["gamma_refine_steps"] == 3
+    settings = json.loads(file_metadata(first, StorageConfig())["corrdiff.config"])["codec"]
+    assert (settings["gamma_refine_steps"], settings["gamma_metric"]) == (3, "lpips-vgg")
 
 
 def test_bad_gamma_refinement_settings_are_refused():
@@ -110,6 +111,8 @@ def test_bad_gamma_refinement_settings_are_refused():
         CodecSettings(gamma_refine_steps=-1)
     with pytest.raises(ValueError, match="gamma_learning_rate > 0"):
         CodecSettings(gamma_learning_rate=0.0)
+    with pytest.raises(ValueError, match="gamma_metric 'ssim' is not one of lpips-alex, lpips-vgg, dists"):
+        CodecSettings(gamma_metric="ssim")
 
 
 def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):

@@ -180,10 +180,10 @@ def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -
 
     evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
                        "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "",
-                       "--gamma-refine-steps", "2", "--gamma-lr", "0.2"])
+                       "--gamma-refine-steps", "2", "--gamma-lr", "0.2", "--gamma-metric", "dists"])
 
     report = json.loads((output / "eval.json").read_text())
-    assert report["gamma_fit"] == "closed-form MSE, then 2 Adam steps (lr 0.2) on MSE + LPIPS-alex"
+    assert report["gamma_fit"] == "closed-form MSE, then 2 Adam steps (lr 0.2) on MSE + DISTS"
     [entry] = report["images"]
     [record] = codec.encode([image])
     assert entry["record_bytes"] == len(record)

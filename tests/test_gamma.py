@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corrdiff.gamma import GammaFitter, closed_form_gamma, correct, masked_mse, quantize_gamma
+from corrdiff.metrics import FeatureMetric
 from corrdiff.sampler import corrected_ddim, initial_state
 from corrdiff.schedule import NoiseSchedule
 
@@ -54,21 +55,44 @@ def test_quantize_gamma_is_float16_and_saturates():
     assert abs(q[4].item() - 0.33333) < 1e-3
 
 
-def _l1_perceptual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A differentiable stand-in for LPIPS whose minimiser differs from the MSE one."""
-    return (a - b).abs().flatten(1).mean(1)
+class _L1(FeatureMetric):
+    """A differentiable stand-in for LPIPS whose minimiser differs from the MSE one; it
+    records the shapes it is shown."""
+
+    name, min_side, device = "L1", 1, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append(tuple(x.shape))
+        return [x]
+
+    def distance(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return (a[0] - b[0]).abs().flatten(1).mean(1)
 
 
 def test_perceptual_refinement_never_worsens_and_here_improves():
     x, x0_theta, x_e = _triple(3)
     mask = torch.ones_like(x[:, :1])
-    fitter = GammaFitter(perceptual=_l1_perceptual, perceptual_weight=1.0, refine_steps=20, learning_rate=0.02)
+    fit = GammaFitter(perceptual=_L1(), perceptual_weight=1.0, refine_steps=20, learning_rate=0.02).bind(x, mask)
     start = closed_form_gamma(x, x0_theta, x_e, mask).float()
-    refined = fitter._refine(start, x, x0_theta, x_e, mask)
-    before = fitter.objective(start, x, x0_theta, x_e, mask)
-    after = fitter.objective(refined, x, x0_theta, x_e, mask)
+    refined = fit._refine(start, x0_theta, x_e)
+    before = fit.objective(start, x0_theta, x_e)
+    after = fit.objective(refined, x0_theta, x_e)
     assert torch.all(after <= before) and torch.any(after < before)
-    assert torch.equal(fitter(x, x0_theta, x_e, mask), quantize_gamma(refined))
+    assert torch.equal(fit(x0_theta, x_e), quantize_gamma(refined))
+
+
+def test_original_features_are_computed_once_per_bind():
+    """The original's features are kept for every step: each objective costs one pass."""
+    x, x0_theta, x_e = _triple(5, (1, 3, 8, 8))
+    metric = _L1()
+    fit = GammaFitter(perceptual=metric, perceptual_weight=1.0, refine_steps=4).bind(x, torch.ones_like(x[:, :1]))
+    assert len(metric.seen) == 1
+    for _ in range(3):  # three sampler steps
+        fit(x0_theta, x_e)
+    assert len(metric.seen) == 1 + 3 * (4 + 1)  # per step: one pass per Adam step and one for the last value
 
 
 def test_perceptual_term_sees_only_the_image_not_its_padding():
@@ -76,18 +100,13 @@ def test_perceptual_term_sees_only_the_image_not_its_padding():
     mask = torch.ones_like(x[:, :1])
     mask[1, :, 10:, :] = 0
     mask[1, :, :, 7:] = 0  # the second image is 10x7 inside its 16x16 padded tensor
-    seen = []
-
-    def recording(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        seen.append((tuple(a.shape), tuple(b.shape)))
-        return _l1_perceptual(a, b)
-
-    fitter = GammaFitter(perceptual=recording, perceptual_weight=1.0, refine_steps=3)
+    metric = _L1()
+    fitter = GammaFitter(perceptual=metric, perceptual_weight=1.0, refine_steps=3)
     padded = x.clone()
     padded[1, :, 10:, :] = 5.0
     padded[1, :, :, 7:] = -5.0
-    assert torch.equal(fitter(x, x0_theta, x_e, mask), fitter(padded, x0_theta, x_e, mask))
-    assert {s for s in seen} == {((1, 3, 16, 16), (1, 3, 16, 16)), ((1, 3, 10, 7), (1, 3, 10, 7))}
+    assert torch.equal(fitter.bind(x, mask)(x0_theta, x_e), fitter.bind(padded, mask)(x0_theta, x_e))
+    assert set(metric.seen) == {(1, 3, 16, 16), (1, 3, 10, 7)}
 
 
 def _sampler_inputs():

@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import smooth_image
 from corrdiff.baselines import decode_classic, encode_classic
-from corrdiff.metrics import DISTS, LPIPS, bits_per_pixel, lpips_backbone_path, ms_ssim, psnr
+from corrdiff.metrics import (
+    DISTS, LPIPS, PERCEPTUAL_METRICS, bits_per_pixel, lpips_backbone_path, ms_ssim, perceptual_metric, psnr,
+)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +146,28 @@ def test_dists_is_the_dists_package_value_with_its_learned_weights(dists: DISTS,
     expected = float(DistsNetwork()(*tensors).item())
     assert dists.reference(photo)(damaged) == pytest.approx(expected, rel=1e-5)
     assert abs(float(DistsNetwork(load_weights=False)(*tensors).item()) - expected) > 0.01
+
+
+@vgg_weights
+@pytest.mark.parametrize("name", PERCEPTUAL_METRICS)
+def test_tensor_face_scores_like_the_array_face_and_passes_gradients_to_the_image(name: str, photo: np.ndarray) -> None:
+    """What the encoder's gamma fit differentiates is the metric that scores: same value
+    from tensors in [-1, 1] as from uint8 arrays, a gradient on the image, none on the network."""
+    import torch
+
+    metric = perceptual_metric(name)
+    crop = photo[:96, :128]
+    damaged = decode_classic(encode_classic(crop, "jpeg", 10))
+    a, b = (torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0 for x in (crop, damaged))
+    b.requires_grad_(True)
+    value = metric.distance(metric.features(a), metric.features(b))
+    assert value.shape == (1,)
+    assert value.item() == pytest.approx(metric(crop, damaged), rel=1e-5)
+    value.sum().backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+    assert all(p.grad is None for p in metric.model.parameters())
+
+
+def test_perceptual_metric_names_the_choices_for_an_unknown_name() -> None:
+    with pytest.raises(ValueError, match="lpips-alex, lpips-vgg, dists"):
+        perceptual_metric("ssim")
