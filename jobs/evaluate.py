@@ -65,8 +65,33 @@ from corrdiff.gamma import GammaFitter, perceptual_fitter  # noqa: E402
 from corrdiff.metrics import DISTS, LPIPS, PERCEPTUAL_METRICS, FeatureMetric, bits_per_pixel, ms_ssim, psnr  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
 
-CURVE_METRICS = ("bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg")
-METRICS = (*CURVE_METRICS, "dists")  # of each image's decode modes and matched-rate baselines
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One column of the report: its key in eval.json, its label and digits in eval.md,
+    whether a higher value is better (None for the rate), whether the win counts include
+    it, and whether the classic codecs' curves carry it."""
+
+    key: str
+    label: str
+    digits: int
+    higher_is_better: bool | None
+    counted: bool
+    on_curve: bool
+
+
+MEASURES = (
+    Measure("bpp", "bpp", 4, None, counted=False, on_curve=True),
+    Measure("psnr", "PSNR (dB)", 2, True, counted=True, on_curve=True),
+    Measure("ms_ssim", "MS-SSIM", 4, True, counted=False, on_curve=True),
+    Measure("lpips", "LPIPS-alex", 4, False, counted=True, on_curve=True),
+    Measure("lpips_vgg", "LPIPS-vgg", 4, False, counted=True, on_curve=True),
+    Measure("dists", "DISTS", 4, False, counted=True, on_curve=False),
+)
+METRICS = tuple(m.key for m in MEASURES)  # of each image's decode modes and matched-rate baselines
+CURVE_METRICS = tuple(m.key for m in MEASURES if m.on_curve)
+COUNTED = tuple(m for m in MEASURES if m.counted)
 BPP_TOLERANCE = 0.05  # a baseline within 5% of the CorrDiff rate counts as matched
 CURVE_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90)
 CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
@@ -228,22 +253,21 @@ def _average(results: list[dict], metrics: tuple[str, ...]) -> dict:
 
 def wins(per_image: list[dict]) -> dict:
     """Per other method and quality measure, on how many images the corrdiff decode does
-    better (higher PSNR, lower LPIPS): a mean can be carried by one image, a count cannot.
+    better (:data:`COUNTED`): a mean can be carried by one image, a count cannot.
     Empty when the corrdiff mode was not evaluated; images where either value is undefined
     are left out of that count."""
     if not per_image or "corrdiff" not in per_image[0]["methods"]:
         return {}
-    better = {"psnr": lambda ours, theirs: ours > theirs, "lpips": lambda ours, theirs: ours < theirs,
-              "lpips_vgg": lambda ours, theirs: ours < theirs, "dists": lambda ours, theirs: ours < theirs}
     result = {}
     for method in per_image[0]["methods"]:
         if method == "corrdiff":
             continue
         counts = {}
-        for metric, is_better in better.items():
-            pairs = [(im["methods"]["corrdiff"][metric], im["methods"][method][metric]) for im in per_image]
+        for measure in COUNTED:
+            pairs = [(im["methods"]["corrdiff"][measure.key], im["methods"][method][measure.key]) for im in per_image]
             pairs = [(ours, theirs) for ours, theirs in pairs if _finite(ours) and _finite(theirs)]
-            counts[metric] = {"better": sum(is_better(ours, theirs) for ours, theirs in pairs), "of": len(pairs)}
+            better = sum((ours > theirs) if measure.higher_is_better else (ours < theirs) for ours, theirs in pairs)
+            counts[measure.key] = {"better": better, "of": len(pairs)}
         result[method] = counts
     return result
 
@@ -302,17 +326,15 @@ def markdown(report: dict) -> str:
         f"{count} images from `{report['images_url']}`, {report['date']}. Gammas: {report['gamma_fit']}. "
         "Means over images; baselines at the quality closest to each image's CorrDiff rate.",
         "",
-        "| method | bpp | PSNR (dB) | MS-SSIM | LPIPS-alex | LPIPS-vgg | DISTS |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | " + " | ".join(m.label for m in MEASURES) + " |",
+        "|---|" + "---:|" * len(MEASURES),
     ]
     notes = []
     measurable = sum(min(im["height"], im["width"]) > 160 for im in report["images"])
     if measurable < count:
         notes.append(f"MS-SSIM over the {measurable} of {count} images larger than 160 px a side.")
     for method, average in report["averages"].items():
-        cells = [_format(average["bpp"], 4), _format(average["psnr"], 2),
-                 _format(average["ms_ssim"], 4), _format(average["lpips"], 4), _format(average["lpips_vgg"], 4),
-                 _format(average["dists"], 4)]
+        cells = [_format(average[m.key], m.digits) for m in MEASURES]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         if average.get("within_tolerance", count) < count:
             notes.append(f"{LABELS[method]}: within {BPP_TOLERANCE:.0%} of the CorrDiff rate on {average['within_tolerance']} of "
@@ -325,10 +347,10 @@ def _wins_table(counts: dict) -> list[str]:
     if not counts:
         return []
     lines = ["", "Images where the corrdiff decode does better than each other method:", "",
-             "| against | PSNR | LPIPS-alex | LPIPS-vgg | DISTS |", "|---|---:|---:|---:|---:|"]
+             "| against | " + " | ".join(m.label.removesuffix(" (dB)") for m in COUNTED) + " |",
+             "|---|" + "---:|" * len(COUNTED)]
     for method, by_metric in counts.items():
-        cells = [f"{c['better']} of {c['of']}" for c in (by_metric["psnr"], by_metric["lpips"], by_metric["lpips_vgg"],
-                                                          by_metric["dists"])]
+        cells = [f"{by_metric[m.key]['better']} of {by_metric[m.key]['of']}" for m in COUNTED]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return lines
 
