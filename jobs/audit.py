@@ -81,7 +81,9 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['verdict']}  {summary['kind']} {summary['audit_id']} of {summary['archive']}"]
     if summary["kind"] == "audit":
         lines.append(f"sampled {m['sampled']} of {summary['archive_rows']} rows, scored {m['scored']}: "
-                     f"median LPIPS {_f(m['lpips.median'])}, p5 PSNR {_f(m['psnr.p5'])} dB, "
+                     f"median LPIPS {_f(m['lpips.median'])}, "
+                     + (f"median DISTS {_f(m['dists.median'])}, " if summary["config"].get("dists") else "")
+                     + f"p5 PSNR {_f(m['psnr.p5'])} dB, "
                      f"mean bpp {_f(m['bpp.mean'])}")
     else:
         lines.append(f"checked {m['sampled']} records: " + ", ".join(

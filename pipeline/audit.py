@@ -5,6 +5,7 @@ Audit (a seeded sample, scored)::
     footers (driver) -> sample rows, stratified by file -> read them (tasks)
         -> fetch_originals (CPU tasks): fetch each source_uri, check its SHA-256, decode it
         -> AuditStage (actors): decode the record, score PSNR / MS-SSIM / LPIPS / bpp
+           (and DISTS with ``dists: true``)
         -> the worst images again through AuditStage with crops (a second, tiny pass)
         -> REPORT/<audit id>/metrics.parquet, summary.json, report.html
 
@@ -63,7 +64,7 @@ METRICS_SCHEMA = pa.schema([
     ("key", pa.string()), ("archive_file", pa.string()), ("archive_row", pa.int64()), ("source_uri", pa.string()),
     ("model_id", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("record_bytes", pa.int64()),
     ("bpp", pa.float64()), ("psnr", pa.float64()), ("ms_ssim", pa.float64()), ("lpips", pa.float64()),
-    ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
+    ("dists", pa.float64()), ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
     ("error", pa.string()), ("seconds", pa.float64()),
 ])
 CROP_SCHEMA = pa.schema([("key", pa.string()), ("original_png", pa.binary()), ("restored_png", pa.binary()),
@@ -80,6 +81,10 @@ class AuditConfig:
     model: str | None = None  # None = each record's own model, found by its id
     device: str = "auto"
     lpips_net: str = "alex"
+    # Also score DISTS (corrdiff.metrics.DISTS): a second perceptual opinion, one that
+    # tolerates resampled texture, which a generative decoder produces; one VGG16 pass
+    # more per original and per reconstruction.
+    dists: bool = False
     worst: int = 6  # images shown side by side with their originals
     crop: int = 256  # side of those crops, px
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -91,7 +96,10 @@ class AuditConfig:
     def __post_init__(self) -> None:
         check_decode_mode(self.mode)
         sample_size(self.sample, total=1)  # the sampler's own validation, before any work
-        parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
+        thresholds = parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
+        unscored = [t.measure for t in thresholds if t.measure.startswith("dists.") and not self.dists]
+        if unscored:
+            raise ValueError(f"threshold {unscored[0]} needs DISTS scored: set dists: true")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditConfig:
@@ -159,17 +167,19 @@ class AuditStage:
     (``crop`` > 0: cut the worst region of both instead)."""
 
     def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str, lpips_net: str,
-                 crop: int = 0) -> None:
+                 dists: bool = False, crop: int = 0) -> None:
         self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
-        self.lpips_net, self.crop = lpips_net, crop
+        self.lpips_net, self.score_dists, self.crop = lpips_net, dists, crop
         self.setup()
 
     def setup(self) -> None:
         from corrdiff.codec import pick_device
-        from corrdiff.metrics import LPIPS
+        from corrdiff.metrics import DISTS, LPIPS
 
         self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
-        self.lpips = LPIPS(self.lpips_net, device=pick_device(self.decoder.device))
+        device = pick_device(self.decoder.device)
+        self.lpips = LPIPS(self.lpips_net, device=device)
+        self.dists = DISTS(device=device) if self.score_dists and not self.crop else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         originals = batch.column("original").combine_chunks().to_numpy()
@@ -204,6 +214,8 @@ class AuditStage:
                 out["ms_ssim"] = ms_ssim(original, restored.pixels)
                 if min(original.shape[:2]) >= self.lpips.min_side:
                     out["lpips"] = self.lpips(original, restored.pixels)
+                if self.dists is not None:
+                    out["dists"] = self.dists(original, restored.pixels)
         out["seconds"] = time.perf_counter() - started
         return out
 
@@ -312,7 +324,7 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
     dataset = dataset.map_batches(
         AuditStage, fn_constructor_kwargs={
             "model": config.model, "device": config.device, "torch_threads": plan.torch_threads, "mode": config.mode,
-            "lpips_net": config.lpips_net, "crop": crop},
+            "lpips_net": config.lpips_net, "dists": config.dists, "crop": crop},
         batch_format="pyarrow", **plan.actor_pool(),
     )
     tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]

@@ -131,6 +131,7 @@ def _overview(summary: dict[str, Any]) -> str:
                        f"{m['scored']:,} scored"),
             ("decode mode", config["mode"]),
             ("median LPIPS-" + config["lpips_net"], _fmt(m["lpips.median"])),
+            *([("median DISTS", _fmt(m["dists.median"]))] if config.get("dists") else []),
             ("PSNR median / 5th percentile", f"{_fmt(m['psnr.median'])} / {_fmt(m['psnr.p5'])} dB"),
             ("MS-SSIM median", _fmt(m["ms_ssim.median"])),
             ("bpp mean (min - max)", f"{_fmt(m['bpp.mean'])} ({_fmt(m['bpp.min'])} - {_fmt(m['bpp.max'])})"),

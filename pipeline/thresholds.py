@@ -8,7 +8,7 @@ A config names measures and bounds::
       error_rate: {max: 0.01}       # at most 1% of sampled rows not restorable
       integrity_failures: {max: 0}  # no corrupt record, no missing model, no unreadable file
 
-Measures are ``<metric>.<statistic>`` (metrics: psnr, ms_ssim, lpips, bpp; statistics:
+Measures are ``<metric>.<statistic>`` (metrics: psnr, ms_ssim, lpips, dists, bpp; statistics:
 mean, median, p5, p95, min, max) or the counts and rates in :data:`COUNT_MEASURES`.
 A measure without a value (no image could be scored) fails its check: an audit that
 cannot show the quality must not pass. A check on a measure this kind of run does not
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-METRICS = ("psnr", "ms_ssim", "lpips", "bpp")
+METRICS = ("psnr", "ms_ssim", "lpips", "dists", "bpp")
 STATISTICS = ("mean", "median", "p5", "p95", "min", "max")
 COUNT_MEASURES = (
     "sampled", "scored", "error_rate", "compress_errors", "corrupt_records", "decode_failures", "model_missing",

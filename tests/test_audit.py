@@ -12,6 +12,7 @@ from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -123,13 +124,17 @@ def test_thresholds_fail_with_banner_exit_code_and_trend(archive, tmp_path):
     report = tmp_path / "reports"
     assert _audit(tmp_path, "--archive", str(archive), "--report", str(report), "--sample", "4",
                   "--audit-id", "a1")[0] == 0
-    strict = "thresholds:\n  lpips.median: {max: 0.0001}\n  error_rate: {max: 0.5}\n"
+    strict = "dists: true\nthresholds:\n  lpips.median: {max: 0.0001}\n  error_rate: {max: 0.5}\n" \
+             "  dists.median: {max: 1.0}\n"
     code, summary = _audit(tmp_path, "--archive", str(archive), "--report", str(report), "--sample", "4",
                            "--audit-id", "a2", config=strict)
     assert code == 1 and summary["verdict"] == "FAIL"
-    assert [c["status"] for c in summary["checks"]] == ["fail", "pass"]
+    assert [c["status"] for c in summary["checks"]] == ["fail", "pass", "pass"]
+    scored = [r for r in pq.read_table(report / "a2" / "metrics.parquet").to_pylist() if r["psnr"] is not None]
+    assert scored and all(0 < r["dists"] < 1 for r in scored)
+    assert summary["measures"]["dists.median"] == pytest.approx(float(np.median([r["dists"] for r in scored])))
     text = " ".join(_page(report / "a2" / "report.html").text)
-    assert "FAIL: 1 of 2 checks breached: lpips.median" in text
+    assert "FAIL: 1 of 3 checks breached: lpips.median" in text and "median DISTS" in text
     assert "a1" in text and "a2 (this)" in text and "2 audits under this report prefix" in text
     assert len([s for s in _page(report / "a2" / "report.html").sources]) == 1 + 1 + 2 * 2  # + trend plot
 
@@ -137,6 +142,7 @@ def test_thresholds_fail_with_banner_exit_code_and_trend(archive, tmp_path):
 @pytest.mark.parametrize("yaml_text, message", [
     ("thresholds:\n  lpips.medain: {max: 0.3}\n", "unknown threshold measure 'lpips.medain'"),
     ("mode: ee2e\n", "unknown decode mode 'ee2e'"),
+    ("thresholds:\n  dists.median: {max: 0.3}\n", "threshold dists.median needs DISTS scored: set dists: true"),
 ])
 def test_bad_config_exits_2(archive, tmp_path, capsys, yaml_text, message):
     config = tmp_path / "bad.yaml"
