@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from corrdiff import CorrDiffCodec, weights  # noqa: E402
 from corrdiff.gamma import GammaFitter, perceptual_fitter  # noqa: E402
-from corrdiff.metrics import LPIPS, psnr  # noqa: E402
+from corrdiff.metrics import LPIPS, MetricReference, psnr  # noqa: E402
 from corrdiff.schedule import NoiseSchedule  # noqa: E402
 from jobs.evaluate import strict_json  # noqa: E402
 from pipeline.image_folder import load_images  # noqa: E402
@@ -134,11 +134,11 @@ def check_decode_matches(codec: CorrDiffCodec, image: np.ndarray) -> None:
     assert np.array_equal(decoded, encoded.reconstruction), "decode differs from encode_detailed's reconstruction"
 
 
-def quality(original: np.ndarray, reconstruction: np.ndarray, lpips: LPIPS) -> dict[str, float]:
-    return {"psnr": psnr(original, reconstruction), "lpips": lpips(original, reconstruction)}
+def quality(original: np.ndarray, reconstruction: np.ndarray, lpips: MetricReference) -> dict[str, float]:
+    return {"psnr": psnr(original, reconstruction), "lpips": lpips(reconstruction)}
 
 
-def measure(setting: Setting, image: np.ndarray, lpips: LPIPS) -> tuple[dict, bytes]:
+def measure(setting: Setting, image: np.ndarray, lpips: MetricReference) -> tuple[dict, bytes]:
     """Encode one image under ``setting``: its rate, quality, encode time and gammas, and the record.
 
     For the closed-form settings (ablation 1) the record is also decoded with gamma = 0.
@@ -155,16 +155,18 @@ def measure(setting: Setting, image: np.ndarray, lpips: LPIPS) -> tuple[dict, by
 
 
 def measure_image(name: str, image: np.ndarray, settings: list[Setting], lpips: LPIPS) -> dict:
-    """Every setting on one image, plus D's output alone (the e2e decode, the same for all settings)."""
+    """Every setting on one image, plus D's output alone (the e2e decode, the same for all
+    settings); the original's LPIPS features are computed once for all its scores."""
+    reference = lpips.reference(image)
     row: dict = {"name": Path(name).name, "height": image.shape[0], "width": image.shape[1], "settings": {}}
     records = {}
     for setting in settings:
-        result, records[setting.key] = measure(setting, image, lpips)
+        result, records[setting.key] = measure(setting, image, reference)
         row["settings"][setting.key] = result
         print(f"{row['name']} {setting.key}: {_summary(result)}", flush=True)
     # Every record carries the same latent; the first setting's codec is the shipped model.
     [x_e] = settings[0].codec.decode([records[settings[0].key]], mode="e2e")
-    row["e2e"] = quality(image, x_e, lpips)
+    row["e2e"] = quality(image, x_e, reference)
     return row
 
 
