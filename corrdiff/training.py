@@ -2,6 +2,10 @@
 
 Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: distortion
          scaled by 255^2), plus compressai's auxiliary loss for the z prior's quantiles.
+         Optionally D alone on the frozen codec's coding-time latent (the records' bytes
+         stay put), and optionally with a perceptual term, rate + lambda * (MSE + w * LPIPS):
+         our extension, not the paper's (its D is MSE-trained), so that the anchor the
+         gammas mix toward is not MSE blur (docs/models.md, round eight).
 Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
          drawn uniformly in (0, t_max], conditioned on the quantized latent.
 Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
@@ -44,12 +48,12 @@ def trainable_parameters(model: CorrDiffModel, phase: int,
                          train_latent: bool = True) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(main, auxiliary) parameters of a phase; auxiliary = the z prior's quantiles.
 
-    Phase 2 trains the latent codec with the score network unless ``train_latent`` is false:
-    then the encoder, entropy model and rate stay exactly as they are and only f_theta learns
-    the perceptual loss (the rate drifts otherwise; docs/models.md, round five).
+    Phases 0 and 2 train the latent codec too unless ``train_latent`` is false: then the
+    encoder, entropy model and rate stay exactly as they are and only D (phase 0) or f_theta
+    (phase 2) learns (the rate drifts otherwise; docs/models.md, round five).
     """
     if phase == 0:
-        modules = [model.latent, model.decoder]
+        modules = [model.latent, model.decoder] if train_latent else [model.decoder]
     elif phase == 1:
         modules = [model.score]
     elif phase == 2:
@@ -67,14 +71,26 @@ def trainable_parameters(model: CorrDiffModel, phase: int,
     return main, aux
 
 
-def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float) -> PhaseLoss:
+def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: PerceptualLoss | None = None,
+                perceptual_weight: float = 0.0, train_latent: bool = True) -> PhaseLoss:
     out = model.latent(x)
-    x_hat = model.decoder(out.y_hat)
+    if train_latent:
+        y_hat = out.y_hat  # compressai's training proxy: additive uniform noise
+    else:
+        with torch.no_grad():  # a frozen codec: exactly the latent a record will carry
+            y_hat = _quantized_latent(model, x)
+    x_hat = model.decoder(y_hat)
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / pixels
     mse = F.mse_loss(x_hat, x)
-    loss = bpp + lmbda * 255**2 * mse
-    return PhaseLoss(loss, model.latent.aux_loss(), {"bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item())})
+    distortion = mse
+    metrics = {"bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item())}
+    if perceptual_weight > 0:
+        lp = perceptual(x_hat.clamp(0.0, 1.0) * 2 - 1, x * 2 - 1).mean()
+        distortion = mse + perceptual_weight * lp
+        metrics["lpips"] = lp.item()
+    loss = bpp + lmbda * 255**2 * distortion
+    return PhaseLoss(loss, model.latent.aux_loss() if train_latent else None, metrics)
 
 
 def _diffusion_pair(model: CorrDiffModel, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

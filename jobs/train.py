@@ -47,8 +47,15 @@ class PhaseConfig:
     phase: int
     steps: int
     lr: float
-    perceptual_weight: float = 0.0
-    train_latent: bool = True  # phase 2 only: false trains the score network alone, the rate stays put
+    perceptual_weight: float = 0.0  # phases 0 (on D's output) and 2 (on the corrected estimate)
+    train_latent: bool = True  # phases 0 and 2: false trains D / the score network alone, the rate stays put
+
+    def __post_init__(self) -> None:
+        if self.phase not in (0, 1, 2):
+            raise ValueError(f"unknown training phase {self.phase}")
+        if self.phase == 1 and (self.perceptual_weight or not self.train_latent):
+            raise ValueError("phase 1 trains the score network alone on the diffusion loss: "
+                             "perceptual_weight and train_latent apply to phases 0 and 2")
 
 
 @dataclass
@@ -117,7 +124,7 @@ def train(config: TrainConfig) -> Path:
 
     images = [image for _, image in load_images(config.data, config.crop, config.storage_options)]
     print(f"{len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx")
-    needs_lpips = any(p.phase == 2 for p in config.phases[start_phase:])
+    needs_lpips = any(p.phase == 2 or p.perceptual_weight > 0 for p in config.phases[start_phase:])
     perceptual = perceptual_loss(LPIPS("alex", device=device)) if needs_lpips else None
 
     log_rows = _rewind_log(output / "log.csv", saved.get("log_rows") if saved else 0)
@@ -185,7 +192,7 @@ def _initial_model(config: TrainConfig) -> CorrDiffModel:
 
 def _loss(model: CorrDiffModel, x: torch.Tensor, phase: PhaseConfig, config: TrainConfig, perceptual) -> PhaseLoss:
     if phase.phase == 0:
-        return phase0_loss(model, x, config.lmbda)
+        return phase0_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight, phase.train_latent)
     if phase.phase == 1:
         return phase1_loss(model, x)
     return phase2_loss(model, x, config.lmbda, perceptual, phase.perceptual_weight, phase.train_latent)

@@ -63,27 +63,42 @@ def test_phases_run_resume_and_export(tmp_path):
 
 
 @pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
-def test_score_only_phase_2_keeps_the_codec_and_every_record_byte(tmp_path):
-    """train_latent: false fine-tunes f_theta alone: same encoder, same D, same records."""
+@pytest.mark.parametrize(("phase", "trained", "frozen"), [(2, "score", ("latent", "decoder")),
+                                                          (0, "decoder", ("latent", "score"))])
+def test_train_latent_false_keeps_the_codec_and_every_record_byte(tmp_path, phase, trained, frozen):
+    """train_latent: false fine-tunes f_theta (phase 2) or D (phase 0, here with LPIPS) alone:
+    same encoder and entropy model, so every record keeps its latent bytes."""
     _two_photos(tmp_path / "photos")
     base = _config(tmp_path, (2, 0, 0))
     base.phases = base.phases[:1]
     base_path = train(base)
-    tuned = _config(tmp_path, (0, 0, 2))
-    tuned.phases, tuned.init, tuned.output = tuned.phases[2:], str(base_path), str(tmp_path / "tuned")
-    tuned.phases[0].train_latent = False
+    tuned = _config(tmp_path, (0, 0, 0))
+    tuned.phases = [PhaseConfig(phase, 2, 1e-3, perceptual_weight=1.0, train_latent=False)]
+    tuned.init, tuned.output = str(base_path), str(tmp_path / "tuned")
     tuned_path = train(tuned)
+    log = list(csv.DictReader(open(tmp_path / "tuned" / "log.csv")))
+    assert [r["phase"] for r in log] == [str(phase)] * 2 and all(float(r["lpips"]) > 0 for r in log)
 
     before = CorrDiffCodec.from_pretrained(base_path, device="cpu")
     after = CorrDiffCodec.from_pretrained(tuned_path, device="cpu")
-    for name in ("latent", "decoder"):
+    for name in frozen:
         old, new = getattr(before.model, name).state_dict(), getattr(after.model, name).state_dict()
         assert all(torch.equal(old[key], new[key]) for key in old), name
-    assert not all(torch.equal(a, b) for a, b in zip(before.model.score.parameters(), after.model.score.parameters()))
+    old, new = getattr(before.model, trained).parameters(), getattr(after.model, trained).parameters()
+    assert not all(torch.equal(a, b) for a, b in zip(old, new))
     image = np.asarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3)), dtype=np.uint8)
     [old_record], [new_record] = before.encode([image]), after.encode([image])
     old, new = before.parse(old_record), after.parse(new_record)
     assert (old.z_string, old.y_string) == (new.z_string, new.y_string) and len(old_record) == len(new_record)
+
+
+def test_phase_1_refuses_the_options_of_phases_0_and_2():
+    with pytest.raises(ValueError, match="phase 1"):
+        PhaseConfig(1, 10, 1e-4, perceptual_weight=1.0)
+    with pytest.raises(ValueError, match="phase 1"):
+        PhaseConfig(1, 10, 1e-4, train_latent=False)
+    with pytest.raises(ValueError, match="unknown training phase 3"):
+        PhaseConfig(3, 10, 1e-4)
 
 
 def test_resume_continues_a_phase_mid_way(tmp_path):
