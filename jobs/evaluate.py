@@ -197,8 +197,9 @@ class Scorer:
     dists: DISTS
 
     def metric(self, name: str) -> FeatureMetric:
-        """One of the networks by its name in ``corrdiff.metrics.PERCEPTUAL_METRICS``."""
-        return {"lpips-alex": self.alex, "lpips-vgg": self.vgg, "dists": self.dists}[name]
+        """The loaded network that ``corrdiff.metrics.perceptual_metric(name)`` would build
+        (the config names are the metrics' own names, lower-cased; tested)."""
+        return next(m for m in (self.alex, self.vgg, self.dists) if m.name.lower() == name)
 
     def against(self, original: np.ndarray) -> Callable[..., dict]:
         """Scores of reconstructions of ``original``, whose deep features are computed once
