@@ -23,7 +23,7 @@ from corrdiff.record import MODEL_ID_BYTES
 
 WEIGHTS_FORMAT = "corrdiff-weights/1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-DEFAULT_MODEL = "corrdiff-photo-0.3-r4"
+DEFAULT_MODEL = "corrdiff-photo-0.3-r9"
 MODELS_PATH_ENV = "CORRDIFF_MODELS"  # extra directories (os.pathsep-separated) with <name>.safetensors
 
 # Buffers whose shape is only known after LatentCodec.freeze() (compressai's CDF tables).
