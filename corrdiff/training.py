@@ -5,7 +5,8 @@ Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: dist
          Optionally D alone on the frozen codec's coding-time latent (the records' bytes
          stay put), and optionally with a perceptual term, rate + lambda * (MSE + w * LPIPS):
          our extension, not the paper's (its D is MSE-trained), so that the anchor the
-         gammas mix toward is not MSE blur (docs/models.md, round eight).
+         gammas mix toward is not MSE blur (docs/models.md, rounds eight and
+         nine; the default model's D was trained this way).
 Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
          drawn uniformly in (0, t_max], conditioned on the quantized latent.
 Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
