@@ -32,7 +32,7 @@ class PhaseLoss:
     """The loss to minimise and the numbers worth logging."""
 
     loss: Tensor
-    aux_loss: Tensor | None
+    aux_loss: Tensor | None  # None where the latent codec is frozen (train_latent: false)
     metrics: dict[str, float]
 
 
@@ -148,7 +148,7 @@ def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: Perce
     lp = perceptual(x0, target).mean()
     diffusion = F.mse_loss(x0_theta, target)
     loss = bpp + lmbda * 255**2 * (mse + perceptual_weight * lp) + diffusion
-    return PhaseLoss(loss, model.latent.aux_loss(), {
+    return PhaseLoss(loss, model.latent.aux_loss() if train_latent else None, {
         "bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item()), "lpips": lp.item(),
         "gamma": gamma.mean().item(),
     })
