@@ -375,8 +375,10 @@ def _plot(report: dict, path: Path) -> None:
                                     label=f"{CODEC_NAMES[method]} over qualities")
                 color = line.get_color()
             if _finite(average[metric]):
+                # The corrdiff point goes on top: it often sits on the e2e point.
                 axis.plot(average["bpp"], average[metric], markers[method], color=color,
-                          markersize=11 if method == "corrdiff" else 8, label=LABELS[method])
+                          markersize=11 if method == "corrdiff" else 8, label=LABELS[method],
+                          zorder=3 if method == "corrdiff" else 2)
         axis.set_xlabel("bits per pixel")
         axis.set_title(title)
         axis.grid(alpha=0.3)
