@@ -2,13 +2,13 @@
 
 Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: distortion
          scaled by 255^2), plus compressai's auxiliary loss for the z prior's quantiles.
-         Optionally D alone on the frozen codec's coding-time latent (the records' bytes
-         stay put), and optionally with a perceptual term, rate + lambda * (MSE + w * LPIPS):
+         Optionally D alone on the frozen codec's coded latent (the records' bytes stay
+         put; ``coded_latent``), and optionally with a perceptual term, rate + lambda * (MSE + w * LPIPS):
          our extension, not the paper's (its D is MSE-trained), so that the anchor the
          gammas mix toward is not MSE blur (docs/models.md, rounds eight and
          nine; the default model's D was trained this way).
 Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
-         drawn uniformly in (0, t_max], conditioned on the quantized latent.
+         drawn uniformly in (0, t_max], conditioned on the coded latent.
 Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
          frozen): rate + lambda * (MSE + w * LPIPS) of the corrected estimate, whose gamma is
          the differentiable closed form, plus the phase-1 loss.
@@ -74,15 +74,12 @@ def trainable_parameters(model: CorrDiffModel, phase: int,
 
 def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: PerceptualLoss | None = None,
                 perceptual_weight: float = 0.0, train_latent: bool = True) -> PhaseLoss:
-    out = model.latent(x)
     if train_latent:
-        y_hat = out.y_hat  # compressai's training proxy: additive uniform noise
+        out = model.latent(x)  # compressai's training proxy: additive uniform noise
+        y_hat, bpp = out.y_hat, (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / _pixels(x)
     else:
-        with torch.no_grad():  # a frozen codec: exactly the latent a record will carry
-            y_hat = _quantized_latent(model, x)
+        y_hat, bpp = coded_latent(model, x)
     x_hat = model.decoder(y_hat)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / pixels
     mse = F.mse_loss(x_hat, x)
     distortion = mse
     metrics = {"bpp": bpp.item(), "mse": mse.item(), "psnr": psnr(mse.item())}
@@ -103,18 +100,28 @@ def _diffusion_pair(model: CorrDiffModel, x: Tensor, generator: torch.Generator 
     return a.sqrt() * x + (1 - a).sqrt() * noise, t.to(x.device)
 
 
-def _quantized_latent(model: CorrDiffModel, x: Tensor) -> Tensor:
-    """y rounded around the predicted means, as at coding time (float h_s; within 1/512)."""
-    latent = model.latent
-    y = latent.g_a(x)
-    z_hat, _ = latent.entropy_bottleneck(latent.h_a(y), training=False)
-    means, _ = latent.h_s(z_hat).chunk(2, dim=1)
-    return torch.round(y - means) + means
+def coded_latent(model: CorrDiffModel, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A frozen codec's latent of x exactly as a decoder will see it, and its real rate.
+
+    The latent comes from ``LatentCodec.compress`` (fixed-point h_s, the CDF tables), so D
+    and the score network train on the very values they will decode from: the float h_s's
+    means differ from the coded ones by about 0.002 and flip one rounding in a thousand.
+    The rate is counted from the coded bytes. The tables must be current: the training loop
+    calls ``LatentCodec.freeze`` when a phase starts with the codec frozen.
+    """
+    with torch.no_grad():
+        streams, y_hat = model.latent.compress(x)
+        bpp = torch.tensor(8.0 * sum(len(s.z) + len(s.y) for s in streams) / _pixels(x))
+    return y_hat, bpp
+
+
+def _pixels(x: Tensor) -> int:
+    return x.shape[0] * x.shape[2] * x.shape[3]
 
 
 def phase1_loss(model: CorrDiffModel, x: Tensor, generator: torch.Generator | None = None) -> PhaseLoss:
+    y_hat, _ = coded_latent(model, x)
     with torch.no_grad():
-        y_hat = _quantized_latent(model, x)
         x_e = model.reconstruct_e2e(y_hat)
     target = x * 2 - 1
     x_t, t = _diffusion_pair(model, target, generator)
@@ -128,13 +135,13 @@ def phase1_loss(model: CorrDiffModel, x: Tensor, generator: torch.Generator | No
 def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: PerceptualLoss,
                 perceptual_weight: float, train_latent: bool = True,
                 generator: torch.Generator | None = None) -> PhaseLoss:
-    out = model.latent(x)
     if train_latent:
+        out = model.latent(x)
         # Straight-through rounding: the decoder side sees quantized values, gradients pass through.
         y_hat = out.y + (torch.round(out.y - out.means) + out.means - out.y).detach()
+        bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / _pixels(x)
     else:
-        with torch.no_grad():  # a frozen codec: exactly the latent a record will carry
-            y_hat = _quantized_latent(model, x)
+        y_hat, bpp = coded_latent(model, x)
     x_e = model.reconstruct_e2e(y_hat)
     target = x * 2 - 1
     x_t, t = _diffusion_pair(model, target, generator)
@@ -142,8 +149,6 @@ def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: Perce
     mask = torch.ones_like(target[:, :1])
     gamma = closed_form_gamma(target, x0_theta, x_e, mask).float()
     x0 = correct(x0_theta, x_e, gamma)
-    pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / pixels
     mse = F.mse_loss(x0, target) / 4
     lp = perceptual(x0, target).mean()
     diffusion = F.mse_loss(x0_theta, target)

@@ -53,9 +53,7 @@ def load_model(path: str | Path) -> CorrDiffModel:
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a CorrDiff weights file (format {metadata.get('format')!r})")
     model = CorrDiffModel(ModelConfig.from_json(metadata["config"]))
-    state = load_file(str(path))
-    _resize_buffers(model, state)
-    model.load_state_dict(state, strict=True)
+    load_state(model, load_file(str(path)))
     actual = model_id(model).hex()
     if actual != metadata.get("model_id"):
         raise ValueError(f"{path} is corrupt: its tensors hash to {actual}, the file says {metadata.get('model_id')}")
@@ -112,6 +110,13 @@ def _model_files() -> list[Path]:
     """Weights files in $CORRDIFF_MODELS directories (first) and the shipped ones."""
     extra = [Path(p) for p in os.environ.get(MODELS_PATH_ENV, "").split(os.pathsep) if p]
     return [p for d in [*extra, PRETRAINED_DIR] if d.is_dir() for p in sorted(d.glob("*.safetensors"))]
+
+
+def load_state(model: CorrDiffModel, state: dict[str, torch.Tensor]) -> None:
+    """Load every tensor strictly, the CDF tables included: ``LatentCodec.freeze`` sizes
+    them, so a model built from its config may not have their shapes yet."""
+    _resize_buffers(model, state)
+    model.load_state_dict(state, strict=True)
 
 
 def _resize_buffers(model: CorrDiffModel, state: dict[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ from corrdiff.latent_codec import HYPER_STRIDE  # noqa: E402
 from corrdiff.metrics import LPIPS  # noqa: E402
 from corrdiff.model import CorrDiffModel  # noqa: E402
 from corrdiff.training import PhaseLoss, phase0_loss, phase1_loss, phase2_loss, trainable_parameters  # noqa: E402
-from corrdiff.weights import load_model, resolve, save_model  # noqa: E402
+from corrdiff.weights import load_model, load_state, resolve, save_model  # noqa: E402
 from pipeline.image_folder import RandomCrops, load_images  # noqa: E402
 
 # Crops below 4 hyper-latent positions a side leave z almost all border: h_s then learns the
@@ -118,7 +118,7 @@ def train(config: TrainConfig) -> Path:
     start_phase, start_step, saved = 0, 0, None
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
+        load_state(model, saved["model"])
         start_phase, start_step = saved["phase_index"], saved["step"]
         print(f"resuming from {checkpoint_path}: phase index {start_phase}, step {start_step}")
 
@@ -138,6 +138,8 @@ def train(config: TrainConfig) -> Path:
             crops = RandomCrops(images, config.crop, seed=config.seed * 1_000_003 + index * 10_007 + first,
                                 min_scale=config.min_scale)
             main_params, aux_params = trainable_parameters(model, phase.phase, phase.train_latent)
+            if not aux_params:  # a frozen codec: the losses code its latent, with its current tables
+                model.latent.freeze()
             optimizer = torch.optim.Adam(main_params, lr=phase.lr)
             aux_optimizer = torch.optim.Adam(aux_params, lr=1e-3) if aux_params else None
             if saved is not None and index == start_phase and first > 0 and saved["optimizer"]:

@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import lpips_backbone_path
+from corrdiff.training import coded_latent, phase0_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 
+from conftest import smooth_image  # noqa: E402
 from train import MIN_CROP, PhaseConfig, TrainConfig, train  # noqa: E402
 
 
@@ -90,6 +93,22 @@ def test_train_latent_false_keeps_the_codec_and_every_record_byte(tmp_path, phas
     [old_record], [new_record] = before.encode([image]), after.encode([image])
     old, new = before.parse(old_record), after.parse(new_record)
     assert (old.z_string, old.y_string) == (new.z_string, new.y_string) and len(old_record) == len(new_record)
+
+
+def test_a_frozen_codec_trains_its_decoders_on_the_decoded_latent_and_logs_the_coded_rate(codec):
+    """With the codec frozen, D (and f_theta) learn from exactly what a decoder reads from a
+    record, not the float hyper-synthesis's near copy, and the logged rate is the bytes'."""
+    x = torch.stack([torch.from_numpy(smooth_image(64, 64, seed)).permute(2, 0, 1).float() / 255 for seed in (1, 2)])
+    model = codec.model
+    streams, _ = model.latent.compress(x)
+    decoded = model.latent.decompress(streams, (64, 64))
+    with torch.no_grad():
+        y_hat, bpp = coded_latent(model, x)
+        result = phase0_loss(model, x, 0.01, train_latent=False)
+        expected_mse = F.mse_loss(model.decoder(decoded), x).item()
+    assert torch.equal(y_hat, decoded)
+    assert bpp.item() == result.metrics["bpp"] == 8 * sum(len(s.z) + len(s.y) for s in streams) / (2 * 64 * 64)
+    assert result.metrics["mse"] == expected_mse and result.aux_loss is None
 
 
 def test_phase_1_refuses_the_options_of_phases_0_and_2():
