@@ -3,10 +3,10 @@
 Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: distortion
          scaled by 255^2), plus compressai's auxiliary loss for the z prior's quantiles.
          Optionally D alone on the frozen codec's coded latent (the records' bytes stay
-         put; ``coded_latent``), and optionally with a perceptual term, rate + lambda * (MSE + w * LPIPS):
-         our extension, not the paper's (its D is MSE-trained), so that the anchor the
-         gammas mix toward is not MSE blur (docs/models.md, rounds eight and
-         nine; the default model's D was trained this way).
+         put; ``coded_latent``), and optionally with a perceptual term,
+         rate + lambda * (MSE + w * LPIPS): our extension, not the paper's (its D is
+         MSE-trained), so that the anchor the gammas mix toward is not MSE blur
+         (docs/models.md, rounds eight and nine; the default model's D was trained this way).
 Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
          drawn uniformly in (0, t_max], conditioned on the coded latent.
 Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corrdiff.gamma import PerceptualLoss, closed_form_gamma, correct
+from corrdiff.latent_codec import LatentForward
 from corrdiff.model import CorrDiffModel
 
 
@@ -76,7 +77,7 @@ def phase0_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: Perce
                 perceptual_weight: float = 0.0, train_latent: bool = True) -> PhaseLoss:
     if train_latent:
         out = model.latent(x)  # compressai's training proxy: additive uniform noise
-        y_hat, bpp = out.y_hat, (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / _pixels(x)
+        y_hat, bpp = out.y_hat, _proxy_bpp(out, x)
     else:
         y_hat, bpp = coded_latent(model, x)
     x_hat = model.decoder(y_hat)
@@ -115,6 +116,11 @@ def coded_latent(model: CorrDiffModel, x: Tensor) -> tuple[Tensor, Tensor]:
     return y_hat, bpp
 
 
+def _proxy_bpp(out: LatentForward, x: Tensor) -> Tensor:
+    """The rate of compressai's training proxy: the likelihoods' bits per pixel (differentiable)."""
+    return (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / _pixels(x)
+
+
 def _pixels(x: Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
 
@@ -139,7 +145,7 @@ def phase2_loss(model: CorrDiffModel, x: Tensor, lmbda: float, perceptual: Perce
         out = model.latent(x)
         # Straight-through rounding: the decoder side sees quantized values, gradients pass through.
         y_hat = out.y + (torch.round(out.y - out.means) + out.means - out.y).detach()
-        bpp = (bits(out.y_likelihoods) + bits(out.z_likelihoods)) / _pixels(x)
+        bpp = _proxy_bpp(out, x)
     else:
         y_hat, bpp = coded_latent(model, x)
     x_e = model.reconstruct_e2e(y_hat)
