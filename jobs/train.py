@@ -3,7 +3,9 @@
     python jobs/train.py --config configs/train/photo-0.3.yaml [--data URL] [--output DIR]
 
 Phases (corrdiff/training.py): 0 latent codec + D (or D alone, ``train_latent: false``,
-optionally with an LPIPS term), 1 score network, 2 perceptual fine-tuning. Every ``checkpoint_every`` steps the whole state goes to
+optionally with an LPIPS term), 1 score network, 2 perceptual fine-tuning. A phase with the
+codec frozen first refreshes its tables (``LatentCodec.freeze``): its losses code the
+latent exactly as records do. Every ``checkpoint_every`` steps the whole state goes to
 ``OUTPUT/checkpoint.pt``; rerunning the same command resumes from it. Losses, bpp and
 PSNR go to ``OUTPUT/log.csv``, one row per logged step even across kills and resumes, with
 the seconds spent in the phase so far. At the end the model is frozen (CDF tables, fixed-point
