@@ -6,15 +6,22 @@ This package knows nothing of Ray or storage: it turns images into records and b
 
 from corrdiff.codec import DECODE_MODES, CorrDiffCodec, EncodedImage, check_decode_mode
 from corrdiff.config import ModelConfig, tiny_config
+from corrdiff.library import BundledModels, ModelLibrary, ModelNotFoundError, WeightsSource
 from corrdiff.record import ModelMismatchError, RecordError
+from corrdiff.weights import WeightsError
 
 __all__ = [
     "DECODE_MODES",
+    "BundledModels",
     "CorrDiffCodec",
     "EncodedImage",
     "ModelConfig",
+    "ModelLibrary",
     "ModelMismatchError",
+    "ModelNotFoundError",
     "RecordError",
+    "WeightsError",
+    "WeightsSource",
     "check_decode_mode",
     "tiny_config",
 ]

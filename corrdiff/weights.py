@@ -1,21 +1,34 @@
-"""Saving, loading and identifying model weights.
+"""Saving, loading, identifying and checking model weights.
 
 Weights live in safetensors files (no pickle: loading an untrusted file cannot run code),
 with the model config in the file's metadata. The model id is the SHA-256 of the config
 and of every tensor (name, dtype, shape, bytes) in name order, truncated to 16 bytes: it
 changes with any weight, CDF table or setting that could change a decoded pixel, and it
 does not depend on how the file was serialised.
+
+A weights file is untrusted input: it may come from an archive's ``_models/`` folder or a
+shared store years after it was written. :func:`model_from_bytes` bounds it before use
+(file and header size, and a config whose tensors the file cannot hold is refused before
+anything is allocated), and recomputes its id: a file that is not exactly the model it
+claims to be, or not the model asked for, raises :class:`WeightsError` and is never used.
+
+The package bundles only the models it recommends for new archives (``pretrained/``);
+finding any model by id, wherever it is kept, is :mod:`corrdiff.library`'s job.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from torch._subclasses.fake_tensor import FakeTensorMode
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from corrdiff.config import ModelConfig
 from corrdiff.model import CorrDiffModel
@@ -24,10 +37,18 @@ from corrdiff.record import MODEL_ID_BYTES
 WEIGHTS_FORMAT = "corrdiff-weights/1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "corrdiff-photo-0.3-r9"
-MODELS_PATH_ENV = "CORRDIFF_MODELS"  # extra directories (os.pathsep-separated) with <name>.safetensors
+WEIGHTS_SUFFIX = ".safetensors"
+# Bounds on untrusted weights files: the shipped models are 12 MB, a large GPU model a few
+# hundred; a safetensors header lists tensor names and offsets, a few KB per hundred tensors.
+MAX_WEIGHTS_BYTES = 2**30
+MAX_HEADER_BYTES = 2**22
 
 # Buffers whose shape is only known after LatentCodec.freeze() (compressai's CDF tables).
 _RESIZABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+class WeightsError(ValueError):
+    """A weights file that is not a CorrDiff model, or not the model it claims or is asked to be."""
 
 
 def model_id(model: CorrDiffModel) -> bytes:
@@ -39,77 +60,137 @@ def model_id(model: CorrDiffModel) -> bytes:
     return digest.digest()[:MODEL_ID_BYTES]
 
 
-def save_model(model: CorrDiffModel, path: str | Path) -> None:
+def is_model_id(text: str) -> bool:
+    """Whether ``text`` is a model id in its hex form (32 lower-case hex digits)."""
+    return len(text) == 2 * MODEL_ID_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
+def weights_bytes(model: CorrDiffModel) -> bytes:
+    """The model as a weights file's bytes (what :func:`save_model` writes)."""
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
     metadata = {"format": WEIGHTS_FORMAT, "config": model.config.to_json(), "model_id": model_id(model).hex()}
+    return save_tensors(tensors, metadata=metadata)
+
+
+def save_model(model: CorrDiffModel, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(weights_bytes(model))
+
+
+def read_weights(path: str | Path) -> bytes:
+    """A local weights file's bytes, refused before reading if it is larger than any model."""
+    size = Path(path).stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"{path} is {size:,} bytes, more than a weights file may be ({MAX_WEIGHTS_BYTES:,})")
+    return Path(path).read_bytes()
 
 
 def load_model(path: str | Path) -> CorrDiffModel:
-    """Build the model from a weights file; fail loudly if the file is not what it claims."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path} is not a CorrDiff weights file (format {metadata.get('format')!r})")
-    model = CorrDiffModel(ModelConfig.from_json(metadata["config"]))
-    load_state(model, load_file(str(path)))
+    """Build the model from a local weights file; fail loudly if the file is not what it claims."""
+    return model_from_bytes(read_weights(path), str(path))
+
+
+def model_from_bytes(data: bytes, source: str, expected_id: str | None = None) -> CorrDiffModel:
+    """Build and verify the model a weights file holds.
+
+    ``source`` names the file in errors. Raises :class:`WeightsError` if the bytes are not a
+    CorrDiff weights file within the bounds, if its tensors do not hash to the id it
+    declares, or if ``expected_id`` is given and the model is another one.
+    """
+    metadata = _metadata(data, source)
+    try:
+        config = ModelConfig.from_json(metadata["config"])
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise WeightsError(f"{source} has an invalid model config: {error}") from error
+    _check_room(config, len(data), source)
+    model = CorrDiffModel(config)
+    try:
+        load_state(model, load_tensors(data))
+    except (SafetensorError, RuntimeError, ValueError, KeyError) as error:
+        raise WeightsError(f"{source} does not hold the tensors its config needs: {error}") from error
     actual = model_id(model).hex()
-    if actual != metadata.get("model_id"):
-        raise ValueError(f"{path} is corrupt: its tensors hash to {actual}, the file says {metadata.get('model_id')}")
+    if actual != metadata["model_id"]:
+        raise WeightsError(f"{source} is corrupt: its tensors hash to model {actual}, "
+                           f"the file says {metadata['model_id']}")
+    if expected_id is not None and actual != expected_id:
+        raise WeightsError(f"{source} holds model {actual}, not model {expected_id}")
     return model
 
 
 def declared_model_id(path: str | Path) -> str:
-    """The model id a weights file declares in its header (hex), without loading its tensors.
+    """The model id a local weights file declares in its header (hex), without reading its tensors.
 
-    Cheap enough to scan every available model; ``load_model`` then verifies the claim.
+    Cheap enough to scan every bundled model; :func:`model_from_bytes` then verifies the claim.
     """
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != WEIGHTS_FORMAT or "model_id" not in metadata:
-        raise ValueError(f"{path} is not a CorrDiff weights file (format {metadata.get('format')!r})")
-    return metadata["model_id"]
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = handle.read(min(length, MAX_HEADER_BYTES))
+    return _metadata(head + header, str(path), tensors_follow=False)["model_id"]
 
 
-def find_model(model_id_hex: str) -> Path:
-    """The available weights file (shipped or under $CORRDIFF_MODELS) whose model id this is.
+def _metadata(data: bytes, source: str, tensors_follow: bool = True) -> dict[str, str]:
+    """The CorrDiff metadata of a safetensors file's header, checked and bounded."""
+    if tensors_follow and len(data) > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"{source} is {len(data):,} bytes, more than a weights file may be")
+    if len(data) < 8:
+        raise WeightsError(f"{source} is not a CorrDiff weights file ({len(data)} bytes)")
+    length = struct.unpack("<Q", data[:8])[0]
+    if length > MAX_HEADER_BYTES or 8 + length > len(data):
+        raise WeightsError(f"{source} is not a CorrDiff weights file (header of {length:,} bytes)")
+    try:
+        header = json.loads(data[8:8 + length])
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as error:
+        raise WeightsError(f"{source} is not a CorrDiff weights file (unreadable header)") from error
+    if (metadata.get("format") != WEIGHTS_FORMAT or not isinstance(metadata.get("config"), str)
+            or not is_model_id(str(metadata.get("model_id")))):
+        raise WeightsError(f"{source} is not a CorrDiff weights file (format {metadata.get('format')!r})")
+    return metadata
 
-    Records name their model by id, not by name, so a decoder years later finds the exact
-    weights an archive was written with, whatever the file is called now.
+
+def _check_room(config: ModelConfig, size: int, source: str) -> None:
+    """Refuse a config whose tensors could not fit in the file, before allocating any of them.
+
+    The model is built with fake tensors (shapes, no storage; torch's FakeTensorMode, which
+    torch.compile is built on: the meta device alone fails on compressai's GDN, whose
+    constructor mixes in a CPU tensor). A forged config asking for a network of terabytes is
+    then a clear error in a fraction of a second, not an out-of-memory kill.
     """
-    for path in _model_files():
-        if declared_model_id(path) == model_id_hex:
-            return path
-    raise FileNotFoundError(
-        f"no available model has id {model_id_hex}: put its weights file in a directory listed in "
-        f"${MODELS_PATH_ENV} (available: {', '.join(available_models()) or 'none'})"
-    )
+    try:
+        with FakeTensorMode():
+            skeleton = CorrDiffModel(config)
+    except Exception as error:  # noqa: BLE001 - any config the networks reject is invalid input
+        raise WeightsError(f"{source} has an invalid model config: {type(error).__name__}: {error}") from error
+    needed = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    if needed > size:
+        raise WeightsError(f"{source} is {size:,} bytes, but its config needs {needed:,} bytes of tensors")
 
 
 def resolve(name_or_path: str | os.PathLike[str] | None) -> Path:
-    """A path to a weights file, or the name of a shipped model (or one under $CORRDIFF_MODELS)."""
+    """A path to a weights file, or the name of a bundled model (None: the default)."""
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     if Path(name).is_file():
         return Path(name)
-    extra = [Path(p) for p in os.environ.get(MODELS_PATH_ENV, "").split(os.pathsep) if p]
-    for directory in [*extra, PRETRAINED_DIR]:
-        candidate = directory / f"{name}.safetensors"
-        if candidate.is_file():
-            return candidate
+    candidate = PRETRAINED_DIR / f"{name}{WEIGHTS_SUFFIX}"
+    if candidate.is_file():
+        return candidate
     raise FileNotFoundError(
-        f"no model file or model named {name!r}; available models: {', '.join(available_models()) or 'none'}"
+        f"no model file or bundled model named {name!r}; bundled models: {', '.join(available_models()) or 'none'}"
     )
 
 
 def available_models() -> list[str]:
-    return sorted({p.stem for p in _model_files()})
+    """The names of the bundled models."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob(f"*{WEIGHTS_SUFFIX}"))
 
 
-def _model_files() -> list[Path]:
-    """Weights files in $CORRDIFF_MODELS directories (first) and the shipped ones."""
-    extra = [Path(p) for p in os.environ.get(MODELS_PATH_ENV, "").split(os.pathsep) if p]
-    return [p for d in [*extra, PRETRAINED_DIR] if d.is_dir() for p in sorted(d.glob("*.safetensors"))]
+def bundled_model(model_id_hex: str) -> Path | None:
+    """The bundled weights file that declares this model id, if the package has one."""
+    for path in sorted(PRETRAINED_DIR.glob(f"*{WEIGHTS_SUFFIX}")):
+        if declared_model_id(path) == model_id_hex:
+            return path
+    return None
 
 
 def load_state(model: CorrDiffModel, state: dict[str, torch.Tensor]) -> None:

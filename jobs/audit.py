@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="check every record's checksum and decodability (fast e2e decoder), no scoring")
     parser.add_argument("--mode", choices=DECODE_MODES, help="decoder to score (default corrdiff)")
     parser.add_argument("--model", help="decode every record with this model (default: each record's own)")
+    parser.add_argument("--model-store", action="append", default=[], metavar="URL",
+                        help="also look for models here (fsspec prefix of <model id>.safetensors; repeatable)")
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     parser.add_argument("--audit-id", help="id of this audit (default: time + random suffix)")
@@ -58,6 +60,8 @@ def build_config(args: argparse.Namespace) -> AuditConfig:
             data[flag] = getattr(args, flag)
     if args.endpoint_url:
         data["storage"] = dict(data.get("storage") or {}) | {"endpoint_url": args.endpoint_url}
+    if args.model_store:
+        data["model_stores"] = [*(data.get("model_stores") or ()), *args.model_store]
     if not data.get("archive") or not data.get("report"):
         raise ValueError("--archive and --report are required (or archive and report in --config)")
     return AuditConfig.from_dict(data)

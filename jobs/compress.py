@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="fsspec URL of the archive (a folder/prefix of Parquet files)")
     parser.add_argument("--config", help="YAML config file (configs/compress.yaml documents every key)")
     parser.add_argument("--input-kind", choices=["files", "tar", "parquet", "manifest"], help="layout of --input")
-    parser.add_argument("--model", help="shipped model name or weights file (default: the default model)")
+    parser.add_argument("--model", help="bundled model name or weights file (default: the default model)")
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     parser.add_argument("--job-id", help="id recorded in every row (default: time + random suffix)")
@@ -79,6 +79,10 @@ def format_summary(summary: dict) -> str:
         f"this run       {summary['processed_this_job']} images in {summary['seconds']} s"
         + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""),
     ]
+    for model_id, model in summary["models"].items():
+        lines.append(f"model          {model_id}: {model['records']} records, "
+                     + (f"weights in {model['file']}" if model["file"] else
+                        "WARNING: no copy in the archive's _models/ (decoding needs the package or a model store)"))
     if summary["error_reasons"]:
         lines.append("error reasons  " + json.dumps(summary["error_reasons"]))
     return "\n".join(lines)

@@ -10,8 +10,9 @@ On a Ray cluster:
 
 Each key K is written as OUTPUT/K.png (folders kept; unsafe keys percent-encoded, see
 pipeline/keys.py). OUTPUT/_restore/<run>.parquet maps every key to its file or to the
-reason it was not restored. Each record is decoded by the model whose id it carries
-(shipped models, or weights files in $CORRDIFF_MODELS), unless --model names one.
+reason it was not restored. Each record is decoded by the model whose id it carries, found
+in the archive's own _models/, then among the package's models, then in the stores named
+by --model-store (prefixes of <model id>.safetensors), unless --model names one.
 Exits 0 when every selected key was restored, 1 otherwise.
 """
 
@@ -42,8 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=DECODE_MODES, default="corrdiff",
                         help="corrdiff (default: the archived quality), e2e (fastest), diffusion")
     parser.add_argument("--model", help="decode every record with this model (default: each record's own)")
+    parser.add_argument("--model-store", action="append", default=[], metavar="URL",
+                        help="also look for models here (fsspec prefix of <model id>.safetensors; repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--config", help="YAML with storage: and resources: sections (as configs/compress.yaml)")
+    parser.add_argument("--config", help="YAML with storage:, resources: and model_stores: (as configs/audit.yaml)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     parser.add_argument("--run-id", help="name of this run's manifest (default: time + random suffix)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
@@ -61,7 +64,8 @@ def build_config(args: argparse.Namespace) -> DecodeConfig:
         keys += [line for line in text.splitlines() if line]
     return DecodeConfig(
         archive=args.archive, output=args.output, keys=tuple(keys) if (args.keys or args.keys_file) else None,
-        mode=args.mode, model=args.model, device=args.device, storage=StorageConfig(**storage),
+        mode=args.mode, model=args.model, model_stores=(*(data.get("model_stores") or ()), *args.model_store),
+        device=args.device, storage=StorageConfig(**storage),
         resources=ResourceSettings(**(data.get("resources") or {})), run_id=args.run_id,
     )
 

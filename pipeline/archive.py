@@ -49,7 +49,7 @@ SCHEMA = pa.schema([
     pa.field("job_id", pa.string(), nullable=False),
 ])
 
-_TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
 
 def is_data_file(path: str) -> bool:
@@ -92,7 +92,7 @@ class ArchiveDatasink(Datasink[WrittenFile]):
         pq.write_table(table, buffer, compression="zstd")
         name = f"part-{self.job_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         fs, root = filesystem(self.url, self.storage)
-        final, temp = posixpath.join(root, name), posixpath.join(root, _TEMP_PREFIX + name)
+        final, temp = posixpath.join(root, name), posixpath.join(root, TEMP_PREFIX + name)
         with_retries(lambda: fs.pipe_file(temp, buffer.getvalue()), self.storage, f"write {temp}")
         with_retries(lambda: fs.mv(temp, final), self.storage, f"rename {temp}")
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
@@ -100,6 +100,7 @@ class ArchiveDatasink(Datasink[WrittenFile]):
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:
     fs, root = filesystem(url, storage)
+    fs.invalidate_cache(root)  # other processes (the write tasks) add files: never list from a stale cache
     if not fs.exists(root):
         return []
     return sorted(p for p in fs.find(root) if is_data_file(p))
@@ -110,7 +111,7 @@ def clean_incomplete(url: str, storage: StorageConfig) -> list[str]:
     fs, root = filesystem(url, storage)
     if not fs.exists(root):
         return []
-    stale = [p for p in fs.find(root) if posixpath.basename(p).startswith(_TEMP_PREFIX)]
+    stale = [p for p in fs.find(root) if posixpath.basename(p).startswith(TEMP_PREFIX)]
     for path in stale:
         fs.rm(path)
     return stale

@@ -27,7 +27,6 @@ import hashlib
 import io
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -39,11 +38,11 @@ import ray
 from PIL import Image
 
 from corrdiff import check_decode_mode
-from corrdiff.weights import find_model
 
 from pipeline.compress import new_job_id
 from pipeline.decode import DecodeStage
 from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
@@ -57,6 +56,7 @@ from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thre
 ORIGINAL_OK, ORIGINAL_MISSING, ORIGINAL_CHANGED = "ok", "missing", "changed"
 ORIGINAL_UNREADABLE, ORIGINAL_NO_CHECKSUM = "unreadable", "no_checksum"
 UNREADABLE_FILE = "unreadable_file"  # record status of a row standing for a whole unreadable data file
+DAMAGED_MODEL_FILE = "damaged_model_file"  # status of a row standing for a _models/ file that fails verification
 
 DEFAULT_THRESHOLDS = {"integrity_failures": {"max": 0}}
 
@@ -78,7 +78,8 @@ class AuditConfig:
     sample: float = 200  # a count (>= 1) or a fraction of the archive's rows (< 1)
     seed: int = 0
     mode: str = "corrdiff"
-    model: str | None = None  # None = each record's own model, found by its id
+    model: str | None = None  # None = each record's own model, found by its id (pipeline.models)
+    model_stores: tuple[str, ...] = ()  # fsspec prefixes of <model id>.safetensors, searched after the archive and package
     device: str = "auto"
     lpips_net: str = "alex"
     # Also score DISTS (corrdiff.metrics.DISTS): a second perceptual opinion, one that
@@ -101,6 +102,10 @@ class AuditConfig:
         if unscored:
             raise ValueError(f"threshold {unscored[0]} needs DISTS scored: set dists: true")
 
+    @property
+    def models(self) -> ModelSources:
+        return ModelSources(self.archive, self.storage, self.model_stores)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
@@ -109,6 +114,7 @@ class AuditConfig:
         data = dict(data)
         data["storage"] = StorageConfig(**(data.get("storage") or {}))
         data["resources"] = ResourceSettings(**(data.get("resources") or {}))
+        data["model_stores"] = tuple(data.get("model_stores") or ())
         if data.get("thresholds") is None:
             data.pop("thresholds", None)
         return cls(**data)
@@ -166,9 +172,9 @@ class AuditStage:
     """Actor stage: decode each row's record and score it against its original
     (``crop`` > 0: cut the worst region of both instead)."""
 
-    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str, lpips_net: str,
-                 dists: bool = False, crop: int = 0) -> None:
-        self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
+    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None, mode: str,
+                 lpips_net: str, dists: bool = False, crop: int = 0) -> None:
+        self.models, self.model, self.device, self.torch_threads, self.mode = models, model, device, torch_threads, mode
         self.lpips_net, self.score_dists, self.crop = lpips_net, dists, crop
         self.setup()
 
@@ -176,7 +182,7 @@ class AuditStage:
         from corrdiff.codec import pick_device
         from corrdiff.metrics import DISTS, LPIPS
 
-        self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
+        self.decoder = RecordDecoder(self.models, self.model, self.device, self.torch_threads)
         device = pick_device(self.decoder.device)
         self.lpips = LPIPS(self.lpips_net, device=device)
         self.dists = DISTS(device=device) if self.score_dists and not self.crop else None
@@ -254,7 +260,7 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
     measures = audit_measures(metrics)
     summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
-    summary["models"] = model_names(metrics["model_id"].to_pylist())
+    summary["models"] = model_locations(metrics["model_id"].to_pylist(), config.models)
     write_report(config.report, config.storage, summary, metrics, crops)
     return summary
 
@@ -269,7 +275,7 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     dataset = read_selected(all_rows(files), config.storage,
                             columns=["key", "record", "error", "model_id", "width", "height"])
     dataset = dataset.map_batches(
-        DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
+        DecodeStage, fn_constructor_kwargs={"models": config.models, "model": config.model, "device": config.device,
                                             "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False},
         batch_format="pyarrow", **plan.actor_pool(),
     )
@@ -284,24 +290,15 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
         if bad.num_rows:
             problems.append(bad)
     table = pa.concat_tables(problems) if problems else None
-    metrics = _problem_rows(table, files)
-    measures = verify_measures(statuses, files)
+    stored = check_stored_models(config.archive, config.storage)
+    metrics = _problem_rows(table, files, stored)
+    measures = verify_measures(statuses, files, stored)
     summary = _summary("verify", audit_id, config, files, measures, evaluate(thresholds, measures), started)
     summary["record_statuses"] = dict(sorted(statuses.items()))
-    summary["models"] = model_names(models)
+    summary["models"] = model_locations(models, config.models)
+    summary["stored_models"] = {check.path: check.error or "ok" for check in stored}
     write_report(config.report, config.storage, summary, metrics, CROP_SCHEMA.empty_table())
     return summary
-
-
-def model_names(model_ids: Iterable[str | None]) -> dict[str, str | None]:
-    """Each model id met -> the name of the weights file that has it here (None: not available)."""
-    names = {}
-    for model_id in sorted({m for m in model_ids if m}):
-        try:
-            names[model_id] = find_model(model_id).stem
-        except FileNotFoundError:
-            names[model_id] = None
-    return names
 
 
 def _files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
@@ -323,7 +320,8 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
     )
     dataset = dataset.map_batches(
         AuditStage, fn_constructor_kwargs={
-            "model": config.model, "device": config.device, "torch_threads": plan.torch_threads, "mode": config.mode,
+            "models": config.models, "model": config.model, "device": config.device,
+            "torch_threads": plan.torch_threads, "mode": config.mode,
             "lpips_net": config.lpips_net, "dists": config.dists, "crop": crop},
         batch_format="pyarrow", **plan.actor_pool(),
     )
@@ -352,12 +350,14 @@ def _unreadable_file_rows(files: list[ArchiveFile]) -> pa.Table:
                                 schema=METRICS_SCHEMA)
 
 
-def _problem_rows(problems: pa.Table | None, files: list[ArchiveFile]) -> pa.Table:
+def _problem_rows(problems: pa.Table | None, files: list[ArchiveFile], stored: list[StoredModelCheck]) -> pa.Table:
     """Verify's findings in the metrics schema (so one report renders both kinds of run)."""
     rows = [] if problems is None else [
         {"key": r["key"], "archive_file": r["archive_file"], "archive_row": r["archive_row"],
          "model_id": r["model_id"], "record_status": r["status"], "error": r["error"]}
         for r in problems.to_pylist()]
+    rows += [{"archive_file": check.path, "archive_row": -1, "record_status": DAMAGED_MODEL_FILE, "error": check.error}
+             for check in stored if check.error]
     return pa.concat_tables([pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), _unreadable_file_rows(files)])
 
 
@@ -384,9 +384,14 @@ def audit_measures(metrics: pa.Table) -> dict[str, float | None]:
     return measures
 
 
-def verify_measures(statuses: Counter[str], files: list[ArchiveFile]) -> dict[str, float | None]:
+def verify_measures(statuses: Counter[str], files: list[ArchiveFile],
+                    stored: list[StoredModelCheck]) -> dict[str, float | None]:
+    """The record counts, and the archive's own model files that fail verification: a damaged
+    copy is an integrity failure even while another copy (the package's) still decodes."""
     records = Counter(statuses) + Counter({UNREADABLE_FILE: sum(1 for f in files if f.error)})
-    return _record_counts(records, sum(statuses.values()))
+    measures = _record_counts(records, sum(statuses.values()))
+    damaged = sum(1 for check in stored if check.error)
+    return measures | {"damaged_model_files": damaged, "integrity_failures": measures["integrity_failures"] + damaged}
 
 
 def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:

@@ -1,12 +1,16 @@
 """The compress pipeline: object storage -> decode (CPU tasks) -> encode (actor pool) -> archive.
 
+    model: resolved and verified (driver) -> ARCHIVE/_models/<model id>.safetensors
     source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks)
-        -> EncodeStage (actors: GPUs where there are any, CPU threads otherwise)
+        -> EncodeStage (actors, loading the model from the archive's _models/: GPUs where
+           there are any, CPU threads otherwise)
         -> ArchiveDatasink (one Parquet file per write task, atomic)
 
 Every input key reaches the archive exactly once, as a record or as an error row. A rerun
 reads the keys already archived and processes only the rest (resume after a crash or a
-kill); the summary is computed from the archive itself, so it covers every run.
+kill); the summary is computed from the archive itself, so it covers every run. The model
+is in the archive before any record it wrote: an archive never holds a record it cannot
+restore by itself (pipeline/models.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from corrdiff import weights
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.models import MODELS_DIR, ModelSources, store_model
 from pipeline.sources import SourceConfig, read_source
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
@@ -33,7 +38,7 @@ from pipeline.summary import summarize, write_summary
 
 @dataclass(frozen=True)
 class CodecSettings:
-    model: str | None = None  # a shipped model's name or a weights file; None = the default model
+    model: str | None = None  # a bundled model's name or a weights file; None = the default model
     device: str = "auto"  # auto = cuda where the actor has a GPU, else cpu
     seed: int = 0
     steps: int | None = None  # sampler steps; None = the model's
@@ -98,12 +103,14 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     job_id = config.job_id or new_job_id()
     started = time.time()
     model_path = weights.resolve(config.codec.model)
-    model_id = weights.declared_model_id(model_path)  # the actors load the weights and verify it
+    model_bytes = weights.read_weights(model_path)
+    model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
     removed = clean_incomplete(config.output, config.storage)
+    stored = store_model(config.output, config.storage, model_id, model_bytes)
     skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    print(f"job {job_id}: model {model_path.stem} ({model_id}), {len(skip)} keys already archived, "
-          f"{plan.actors} encode actor(s) x {plan.torch_threads} thread(s)"
+    print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/), "
+          f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x {plan.torch_threads} thread(s)"
           + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
 
     dataset = read_source(config.input, config.storage, done_keys=skip)
@@ -114,7 +121,8 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     dataset = dataset.map_batches(
         EncodeStage,
         fn_constructor_kwargs={
-            "model": config.codec.model, "model_id": model_id, "device": config.codec.device, "seed": config.codec.seed,
+            "models": ModelSources(config.output, config.storage), "model_id": model_id,
+            "device": config.codec.device, "seed": config.codec.seed,
             "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
             "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
             "torch_threads": plan.torch_threads, "job_id": job_id,

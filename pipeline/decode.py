@@ -6,7 +6,7 @@
         -> manifest: OUTPUT/_restore/<run>.parquet (key -> file, status) + <run>.json
 
 Every selected key gets a manifest row: restored (with its path), or why not (an error row
-of the archive, a corrupt record, a missing model, a failed write, a key that is not in the
+of the archive, a corrupt record, a model found nowhere, a failed write, a key that is not in the
 archive). Files are written under names from ``pipeline.keys``: never outside the output.
 """
 
@@ -31,6 +31,7 @@ from corrdiff import check_decode_mode
 
 from pipeline.compress import new_job_id
 from pipeline.keys import is_safe_join, key_to_path
+from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, RecordDecoder
 from pipeline.selection import all_rows, archive_files, read_selected
@@ -53,7 +54,10 @@ class DecodeConfig:
     output: str
     keys: tuple[str, ...] | None = None  # None = every key
     mode: str = "corrdiff"
-    model: str | None = None  # None = each record's own model, found by its id
+    model: str | None = None  # None = each record's own model, found by its id (pipeline.models)
+    # Where to look for models after the archive's _models/ and the package: fsspec prefixes
+    # holding <model id>.safetensors.
+    model_stores: tuple[str, ...] = ()
     device: str = "auto"
     storage: StorageConfig = field(default_factory=StorageConfig)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
@@ -62,18 +66,22 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         check_decode_mode(self.mode)
 
+    @property
+    def models(self) -> ModelSources:
+        return ModelSources(self.archive, self.storage, self.model_stores)
+
 
 class DecodeStage:
     """Actor stage: archive rows -> pixels (ragged column) and a status per row."""
 
-    def __init__(self, model: str | None, device: str, torch_threads: int | None, mode: str,
+    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None, mode: str,
                  keep_pixels: bool = True) -> None:
-        self.model, self.device, self.torch_threads, self.mode = model, device, torch_threads, mode
+        self.models, self.model, self.device, self.torch_threads, self.mode = models, model, device, torch_threads, mode
         self.keep_pixels = keep_pixels  # False: only the status matters (verify), ship no pixels
         self.setup()
 
     def setup(self) -> None:
-        self.decoder = RecordDecoder(self.model, self.device, self.torch_threads)
+        self.decoder = RecordDecoder(self.models, self.model, self.device, self.torch_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels, statuses, errors, model_ids, seconds = [], [], [], [], []
@@ -134,7 +142,7 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
     keys = frozenset(config.keys) if config.keys is not None else None
     dataset = read_selected(all_rows(files), config.storage, keys=keys)
     dataset = dataset.map_batches(
-        DecodeStage, fn_constructor_kwargs={"model": config.model, "device": config.device,
+        DecodeStage, fn_constructor_kwargs={"models": config.models, "model": config.model, "device": config.device,
                                             "torch_threads": plan.torch_threads, "mode": config.mode},
         batch_format="pyarrow", **plan.actor_pool(),
     )

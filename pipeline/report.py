@@ -139,8 +139,8 @@ def _overview(summary: dict[str, Any]) -> str:
     else:
         rows.append(("records checked", f"{m['sampled']:,} (every row, e2e decoder, not scored)"))
     rows += [("error rate", _fmt(m["error_rate"])), ("integrity failures", str(m["integrity_failures"])),
-             ("models", ", ".join(f"{name or 'not available here'} ({model_id})"
-                                  for model_id, name in summary.get("models", {}).items()) or "-"),
+             ("models (where found)", ", ".join(f"{model_id}: {location or 'found nowhere'}"
+                                                for model_id, location in summary.get("models", {}).items()) or "-"),
              ("run time", f"{summary['seconds']} s")]
     return "<h2>Overview</h2>" + _table(None, rows, align_numbers=False)
 

@@ -6,8 +6,9 @@ one of :data:`STATUSES`; an exception never escapes, because a corrupt record is
 to report, not a reason to stop restoring the others.
 
 Records name their model by id. Unless a job fixes the model, each record is decoded by
-the available weights file with that id (corrdiff.weights.find_model), so one archive
-written by several models (a model upgrade halfway) restores in one pass.
+the weights with that id, found through ``pipeline.models.ModelSources`` (the archive's own
+``_models/``, the package, the configured stores), so one archive written by several
+models (a model upgrade halfway) restores in one pass.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from corrdiff import CorrDiffCodec
+from corrdiff import CorrDiffCodec, ModelNotFoundError
 from corrdiff.record import ModelMismatchError, Record, RecordError
-from corrdiff.weights import find_model
+
+from pipeline.models import ModelSources
 
 OK = "ok"
 COMPRESS_ERROR = "compress_error"  # the archive holds an error row: the image was never compressed
 CORRUPT = "corrupt"  # checksum, truncation or format error in the record bytes
-MODEL_MISSING = "model_missing"  # no available weights have the record's model id
+MODEL_MISSING = "model_missing"  # no source holds verified weights with the record's model id
 DECODE_FAILED = "decode_failed"  # anything else raised while decoding
 STATUSES = (OK, COMPRESS_ERROR, CORRUPT, MODEL_MISSING, DECODE_FAILED)
 
@@ -39,21 +41,19 @@ class Restored:
 class RecordDecoder:
     """Decodes records, loading each model the first time a record needs it."""
 
-    def __init__(self, model: str | None, device: str, torch_threads: int | None) -> None:
+    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None) -> None:
+        """``model`` (a bundled name or a weights file) decodes every record; None: each
+        record's own model, from ``models``."""
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = None if device == "auto" else device
         self.fixed = CorrDiffCodec.from_pretrained(model, device=self.device) if model is not None else None
-        self.codecs: dict[str, CorrDiffCodec] = {}
+        self.library = models.library(self.device)
 
     def codec_for(self, model_id: str) -> CorrDiffCodec:
-        if self.fixed is not None:
-            return self.fixed
-        if model_id not in self.codecs:
-            self.codecs[model_id] = CorrDiffCodec.from_pretrained(find_model(model_id), device=self.device)
-        return self.codecs[model_id]
+        return self.fixed if self.fixed is not None else self.library.codec(model_id)
 
     def restore(self, record: bytes | None, archive_error: str | None, mode: str) -> Restored:
         if record is None:
@@ -64,7 +64,7 @@ class RecordDecoder:
             return Restored(CORRUPT, error=f"corrupt record: {error}")
         try:
             codec = self.codec_for(model_id)
-        except FileNotFoundError as error:
+        except ModelNotFoundError as error:
             return Restored(MODEL_MISSING, model_id=model_id, error=str(error))
         try:
             (pixels,) = codec.decode([record], mode=mode)

@@ -21,6 +21,7 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipeline.archive import SCHEMA
 from pipeline.images import ImageDecodeError, decode_image
+from pipeline.models import ModelSources
 
 Batch = dict[str, np.ndarray]
 
@@ -77,28 +78,25 @@ def ragged_column(images: list[np.ndarray]) -> pa.ExtensionArray:
 class EncodeStage:
     """Actor stage: runs the codec on decoded images and emits archive rows."""
 
-    def __init__(self, model: str | None, model_id: str, device: str, seed: int, steps: int | None,
+    def __init__(self, models: ModelSources, model_id: str, device: str, seed: int, steps: int | None,
                  gamma_refine_steps: int, gamma_learning_rate: float, gamma_metric: str, torch_threads: int | None,
                  job_id: str) -> None:
-        self.model, self.model_id, self.device, self.seed, self.steps = model, model_id, device, seed, steps
+        self.models, self.model_id, self.device, self.seed, self.steps = models, model_id, device, seed, steps
         self.gamma_refine_steps, self.gamma_learning_rate = gamma_refine_steps, gamma_learning_rate
         self.gamma_metric = gamma_metric
         self.torch_threads, self.job_id = torch_threads, job_id
         self.setup()
 
     def setup(self) -> None:
-        """Load the model once per actor, by name so that each node resolves its own copy,
-        and refuse to run if that copy is not the model the job planned with."""
+        """Load the model once per actor, by id from the archive's own copy (which the driver
+        wrote and verified first), so that no node needs the driver's files; the library
+        verifies that what it loads is that model."""
         import torch
-
-        from corrdiff import CorrDiffCodec
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         device = None if self.device == "auto" else self.device
-        self.codec = CorrDiffCodec.from_pretrained(self.model, device=device)
-        if self.codec.model_id_hex != self.model_id:
-            raise RuntimeError(f"worker loaded model {self.codec.model_id_hex}, the job uses {self.model_id}")
+        self.codec = self.models.library(device).codec(self.model_id)
         if self.gamma_refine_steps > 0:
             from corrdiff.gamma import perceptual_fitter
             from corrdiff.metrics import perceptual_metric

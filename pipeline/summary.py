@@ -10,13 +10,14 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.archive import list_data_files, read_columns
+from pipeline.models import archive_store
 from pipeline.storage import StorageConfig, filesystem
 
 TOP_REASONS = 10
 
 
 def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float) -> dict[str, Any]:
-    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "job_id"])
+    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "model_id", "job_id"])
     keys = table.column("key")
     errors = table.column("error")
     ok_mask = pc.is_null(errors)
@@ -37,10 +38,23 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float) -> 
         "archive_bytes": archive_bytes,
         "compression_ratio": round(input_bytes / archive_bytes, 3) if archive_bytes else None,
         "mean_bpp": pc.mean(pc.filter(table.column("bpp"), ok_mask)).as_py(),
+        "models": _models(url, storage, table.column("model_id").to_pylist()),
         "processed_this_job": this_job,
         "seconds": round(seconds, 2),
         "images_per_second": round(this_job / seconds, 3) if seconds > 0 else None,
     }
+
+
+def _models(url: str, storage: StorageConfig, model_ids: list[str | None]) -> dict[str, dict[str, Any]]:
+    """Each model the records use: how many records, and its file in the archive's
+    ``_models/`` (None: the archive cannot restore those records by itself, e.g. records
+    written before archives kept their models)."""
+    store = archive_store(url, storage)
+    models = {}
+    for model_id, rows in sorted(Counter(m for m in model_ids if m).items()):
+        fs, path = filesystem(store.path(model_id), storage)
+        models[model_id] = {"records": rows, "file": store.path(model_id) if fs.exists(path) else None}
+    return models
 
 
 def _reason(error: str) -> str:

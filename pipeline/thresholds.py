@@ -6,7 +6,7 @@ A config names measures and bounds::
       lpips.median: {max: 0.35}     # half the sampled images at most this far (perceptually)
       psnr.p5: {min: 22.0}          # 95% of sampled images at least this PSNR
       error_rate: {max: 0.01}       # at most 1% of sampled rows not restorable
-      integrity_failures: {max: 0}  # no corrupt record, no missing model, no unreadable file
+      integrity_failures: {max: 0}  # no corrupt record, missing model, unreadable file or damaged _models/ file
 
 Measures are ``<metric>.<statistic>`` (metrics: psnr, ms_ssim, lpips, dists, bpp; statistics:
 mean, median, p5, p95, min, max) or the counts and rates in :data:`COUNT_MEASURES`.
@@ -26,7 +26,7 @@ STATISTICS = ("mean", "median", "p5", "p95", "min", "max")
 COUNT_MEASURES = (
     "sampled", "scored", "error_rate", "compress_errors", "corrupt_records", "decode_failures", "model_missing",
     "unreadable_files", "integrity_failures", "missing_originals", "changed_originals", "unreadable_originals",
-    "originals_without_checksum",
+    "originals_without_checksum", "damaged_model_files",
 )
 MEASURES = tuple(f"{m}.{s}" for m in METRICS for s in STATISTICS) + COUNT_MEASURES
 

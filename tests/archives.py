@@ -1,34 +1,26 @@
-"""Inputs shared by the pipeline tests: a tiny model that jobs can find by id, and a photo
-folder with the bad inputs a real collection has."""
+"""Inputs shared by the pipeline tests: a tiny model that no job can find but through the
+archives written with it, and a photo folder with the bad inputs a real collection has."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from corrdiff import CorrDiffCodec, tiny_config
-from corrdiff.weights import MODELS_PATH_ENV
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "photos"
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Iterator[Path]:
-    """A tiny random model, in a directory on $CORRDIFF_MODELS for the whole session.
-
-    The Ray fixture depends on this one: Ray workers copy the environment at ray.init, and
-    the decode and audit jobs find a record's model by id through $CORRDIFF_MODELS.
-    """
-    directory = tmp_path_factory.mktemp("models")
-    path = directory / "tiny.safetensors"
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random model's weights file. It is not bundled with the package: the decode
+    and audit jobs find it in the ``_models/`` of the archives the compress job wrote."""
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu").save_pretrained(path)
-    with pytest.MonkeyPatch.context() as environment:
-        environment.setenv(MODELS_PATH_ENV, str(directory))
-        yield path
+    return path
 
 
 def photo_folder(root: Path, broken: bool = True) -> dict[str, str | None]:

@@ -10,10 +10,9 @@ from ray.data import DataContext
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server, tiny_model) -> Iterator[None]:
-    """A 2-CPU local cluster, started after s3_server and tiny_model so that its workers
-    inherit the fake AWS credentials and $CORRDIFF_MODELS (workers copy the environment of
-    the process that calls ray.init)."""
+def ray_local(s3_server) -> Iterator[None]:
+    """A 2-CPU local cluster, started after s3_server so that its workers inherit the fake
+    AWS credentials (workers copy the environment of the process that calls ray.init)."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     DataContext.get_current().enable_progress_bars = False
     try:

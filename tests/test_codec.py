@@ -183,5 +183,5 @@ def test_tampered_weights_are_refused(codec, tmp_path):
 
 
 def test_unknown_model_name_lists_what_exists():
-    with pytest.raises(FileNotFoundError, match="available models"):
+    with pytest.raises(FileNotFoundError, match="bundled models: corrdiff-photo"):
         CorrDiffCodec.from_pretrained("no-such-model", device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_corrupt_record_and_missing_model_are_reported(archive, tmp_path):
     foreign[-4:] = zlib.crc32(bytes(foreign[:-4])).to_bytes(4, "little")
     records[ok[0]], records[ok[1]] = bytes(damaged), bytes(foreign)
     bad = tmp_path / "bad-archive"
-    bad.mkdir()
+    shutil.copytree(archive / "_models", bad / "_models")  # the damaged archive keeps its model
     pq.write_table(table.set_column(table.schema.get_field_index("record"), "record", pa.array(records, pa.binary())),
                    bad / "part-0.parquet")
     summary = run_decode(DecodeConfig(archive=str(bad), output=str(tmp_path / "out"), device="cpu", run_id="r"))

@@ -8,6 +8,7 @@ the card's table must list every shipped file under its real id, and mark the mo
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from corrdiff.weights import DEFAULT_MODEL, PRETRAINED_DIR, available_models, re
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SHIPPED_BYTES = 15 * 2**20  # the limit per checkpoint
+# docs/models.md, "Size budget": a GPU call carries the working tree, a training data pack
+# and wheels, 64 MiB in all; the tracked files get half.
+MAX_TRACKED_BYTES = 32 * 2**20
 SHIPPED = sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
 
 
@@ -55,3 +59,12 @@ def test_the_default_model_round_trips_a_real_photo_in_every_mode() -> None:
         assert decoded.shape == photo.shape and decoded.dtype == np.uint8
     [decoded] = codec.decode([encoded.record])
     assert np.array_equal(decoded, encoded.reconstruction)  # the encoder simulated this decoder exactly
+
+
+def test_the_tracked_files_fit_the_repository_budget() -> None:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    paths = [ROOT / name.decode() for name in listed.stdout.split(b"\0") if name]
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    assert total <= MAX_TRACKED_BYTES, f"tracked files take {total / 2**20:.1f} MiB, the budget is 32 MiB"
