@@ -1,16 +1,19 @@
-"""`ray job submit` end to end: jobs/compress.py run as a Ray job on a private Ray head.
+"""`ray job submit` end to end, as the README's "Run on a Ray cluster" says: token
+authentication on, a token from `ray get-auth-token --generate`, `ray start --head` with the
+venv's Python on the PATH, RAY_ADDRESS, and the README's submit line (`--runtime-env
+configs/ray-job.yaml`, from the repository root); the job's own Python process imports the
+uploaded copy of the repository.
 
-This is the way the README tells users to run the compressor on a cluster, so it is tested
-the same way: a real `ray start --head`, a real `ray job submit --working-dir <repo>`, the
-job's own Python process importing the uploaded copy of the repository.
-
-Isolation from every other Ray cluster on the machine (the `ray_local` cluster that other
-tests start inside this very pytest process, other sessions' clusters):
+What differs from the README, only to isolate this cluster from every other on the machine
+(the `ray_local` cluster that other tests start inside this very pytest process, other
+sessions' clusters), each named here:
+- HOME is a private folder, so the token lives in <private>/.ray/auth_token, not the user's;
 - the head gets its own free ports (GCS, dashboard, client server, dashboard agent) and its
   own temp dir, so it writes no `/tmp/ray/ray_current_cluster` and an address-less
   `ray.init()` elsewhere never joins it; the temp dir is short because Ray's Unix socket
   paths (<temp dir>/session_<date>_<pid>/sockets/plasma_store) must fit in 107 bytes;
-- RAY_AUTH_MODE=disabled and RAY_ADDRESS are set only in the subprocesses' environment;
+- the submit adds `--submission-id` and `--no-wait` (then follows the logs), so the test
+  can ask for the job's status;
 - teardown does NOT run `ray stop`: it has no address or temp-dir filter and kills every
   Ray process on the machine (it matches process names). Instead it kills exactly the
   processes of this cluster: those whose command line names its private folder (GCS,
@@ -39,8 +42,6 @@ EXAMPLES = ROOT / "examples" / "photos"
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job runs
 PHOTOS = ["aitzgorri.jpg", "life.jpg", "sunset.jpg"]
 SUBMISSION_ID = "corrdiff-test-job-submit"
-# Ignored folders are left out by .gitignore already (Ray honours it); these are the rest.
-EXCLUDES = [".git", ".hypothesis", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", "runs", "data"]
 JOB_TIMEOUT_S = 180  # about 30 s on an idle 2-core machine; a bound, not an expectation
 
 
@@ -55,8 +56,8 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args[:3])} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -88,7 +89,7 @@ def _kill_cluster(marker: str) -> None:
 
 
 def test_ray_job_submit_compresses_a_folder():
-    """`ray job submit -- python jobs/compress.py ...` on a private head: the job succeeds,
+    """The README's cluster sequence on a private head with token auth: the job succeeds,
     the archive holds each of the 3 photos exactly once, and the job prints its summary."""
     work = Path(tempfile.mkdtemp(prefix="cdjob-", dir="/tmp"))  # short: Ray's socket paths
     marker = str(work)
@@ -100,11 +101,13 @@ def test_ray_job_submit_compresses_a_folder():
         shutil.copy(EXAMPLES / name, photos / name)
 
     gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
-            "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "HOME": str(work / "home"),
+            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
+        _run([str(BIN / "ray"), "get-auth-token", "--generate"], env, timeout=60)
+        assert len((work / "home" / ".ray" / "auth_token").read_text().strip()) >= 32
         _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
               f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
               f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
@@ -116,16 +119,19 @@ def test_ray_job_submit_compresses_a_folder():
         default_file = Path("/tmp/ray/ray_current_cluster")
         assert not default_file.exists() or not default_file.read_text().strip().endswith(f":{gcs_port}")
 
-        _run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", SUBMISSION_ID,
-              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-              "--no-wait", "--",
+        env["RAY_ADDRESS"] = address
+        # Without the token, the cluster refuses the client.
+        refused = subprocess.run([str(BIN / "ray"), "job", "list"], env=env | {"HOME": str(work)},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+        _run([str(BIN / "ray"), "job", "submit", "--runtime-env", "configs/ray-job.yaml",
+              "--submission-id", SUBMISSION_ID, "--no-wait", "--",
               "python", "jobs/compress.py", "--input", str(photos), "--output", str(archive),
               "--model", str(model), "--device", "cpu", "--job-id", "submitted"],
-             env, timeout=60)
+             env, timeout=60, cwd=ROOT)
         # Follows the job's output until the job ends (whatever its outcome).
-        logs = _run([str(BIN / "ray"), "job", "logs", "--address", address, "--follow", SUBMISSION_ID],
-                    env, timeout=JOB_TIMEOUT_S).stdout
-        status = _run([str(BIN / "ray"), "job", "status", "--address", address, SUBMISSION_ID], env, timeout=30)
+        logs = _run([str(BIN / "ray"), "job", "logs", "--follow", SUBMISSION_ID], env, timeout=JOB_TIMEOUT_S).stdout
+        status = _run([str(BIN / "ray"), "job", "status", SUBMISSION_ID], env, timeout=30)
         assert f"Job '{SUBMISSION_ID}' succeeded" in status.stdout, f"job did not succeed:\n{status.stdout}\n{logs}"
 
         table = pads.dataset(str(archive), format="parquet").to_table()
@@ -138,6 +144,8 @@ def test_ray_job_submit_compresses_a_folder():
         assert "images         3 (3 ok, 0 errors)" in logs
         summary = json.loads((archive / "_summary.json").read_text())
         assert summary["rows"] == summary["unique_keys"] == summary["ok"] == 3
+        [model_id] = summary["models"]
+        assert [p.name for p in (archive / "_models").iterdir()] == [f"{model_id}.safetensors"]
     finally:
         _kill_cluster(marker)
         shutil.rmtree(work, ignore_errors=True)
