@@ -2,7 +2,8 @@
 """Write the held-out set of real photographs for evaluation.
 
 Why: an evaluation set must be photographs the model never trained on. None of these is in
-the training data (docs/training-data.md: four Debian wallpaper packages), and
+the training data (docs/training-data.md: Debian wallpaper packages, and for the training
+pack six more packages; its build refuses a photo that looks like one of the six below), and
 docs/heldout-data.md lists each one with its source and licence.
 
 From the project's own dependencies, available offline on any machine:
