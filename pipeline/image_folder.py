@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import decode_image
-from pipeline.sources import IMAGE_EXTENSIONS
+from pipeline.images import IMAGE_EXTENSIONS, decode_image
 
 
 def list_images(url: str, storage_options: dict | None = None) -> list[str]:

@@ -20,6 +20,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+# File name endings read as images (case-insensitive). Here, not in pipeline.sources, so that
+# training's image folder (pipeline.image_folder) imports neither Ray nor pyarrow.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 Mpx: above any camera photo, far below a bomb
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # The image modes whose pixels an ICC profile of each colour space describes.

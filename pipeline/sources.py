@@ -43,9 +43,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray.data
 
+from pipeline.images import IMAGE_EXTENSIONS  # noqa: F401  (defined beside the decoder, re-exported here)
 from pipeline.storage import StorageConfig, filesystem, read_bytes, with_retries
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 SourceKind = Literal["files", "tar", "parquet", "manifest"]
 
