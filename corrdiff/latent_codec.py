@@ -50,6 +50,21 @@ class LatentBitstreams:
     y: bytes
 
 
+@dataclass
+class QuantizedLatent:
+    """A batch's integer symbols and the exact (float64) means and CDF indexes of y."""
+
+    z_symbols: Tensor
+    y_symbols: Tensor
+    means: Tensor
+    indexes: Tensor
+
+    @property
+    def y_hat(self) -> Tensor:
+        """y_hat as every decoder computes it: the symbols plus the fixed-point means."""
+        return (self.y_symbols + self.means).float()
+
+
 class LatentCodec(nn.Module):
     """Analysis g_a (stride 16), hyper-analysis h_a (stride 64), entropy models, h_s."""
 
@@ -104,17 +119,24 @@ class LatentCodec(nn.Module):
 
     # ----------------------------------------------------------------- coding
     @torch.no_grad()
-    def compress(self, x: Tensor) -> tuple[list[LatentBitstreams], Tensor]:
-        """Code a batch of padded images; also return y_hat exactly as a decoder will see it."""
+    def quantize(self, x: Tensor) -> QuantizedLatent:
+        """A batch of padded images' latent exactly as :meth:`compress` codes it, without the
+        entropy coding: training on a frozen codec needs y_hat at every step, the bytes rarely."""
         y = self.g_a(x)
         z = self.h_a(y)
         z_symbols = torch.round(z - self._z_medians()).to(torch.int64)
         means, indexes = self._y_parameters(z_symbols)
         y_symbols = torch.round(y.double() - means).to(torch.int64)
-        z_strings = self._encode(self.entropy_bottleneck, z_symbols, self._z_indexes(z_symbols.shape))
-        y_strings = self._encode(self.gaussian_conditional, y_symbols, indexes)
+        return QuantizedLatent(z_symbols=z_symbols, y_symbols=y_symbols, means=means, indexes=indexes)
+
+    @torch.no_grad()
+    def compress(self, x: Tensor) -> tuple[list[LatentBitstreams], Tensor]:
+        """Code a batch of padded images; also return y_hat exactly as a decoder will see it."""
+        q = self.quantize(x)
+        z_strings = self._encode(self.entropy_bottleneck, q.z_symbols, self._z_indexes(q.z_symbols.shape))
+        y_strings = self._encode(self.gaussian_conditional, q.y_symbols, q.indexes)
         streams = [LatentBitstreams(z=zs, y=ys) for zs, ys in zip(z_strings, y_strings)]
-        return streams, (y_symbols + means).float()
+        return streams, q.y_hat
 
     @torch.no_grad()
     def decompress(self, streams: list[LatentBitstreams], padded_size: tuple[int, int]) -> Tensor:
