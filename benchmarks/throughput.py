@@ -1,6 +1,6 @@
 """Throughput of the Ray compress pipeline against a bare encode loop, on the same images.
 
-    python benchmarks/throughput.py [--model NAME_OR_PATH] [--images DIR] [--repeat N]
+    python benchmarks/throughput.py [--model NAME_OR_PATH] [--images DIR] [--repeat N] [--bare-only]
 
 The images of DIR (default examples/photos) are copied N times (default 4: 24 images from
 the 6 example photos) into a temporary folder, then compressed twice:
@@ -14,6 +14,10 @@ the 6 example photos) into a temporary folder, then compressed twice:
     loads the model), so the script times a 1-image run as well: its time is the per-run
     fixed cost, and (N - 1) / (t_N - t_1) is the pipeline's steady-state rate. A first
     1-image run, timed but not counted, starts Ray's task worker processes.
+
+With --bare-only, or where Ray cannot be imported (a GPU machine may lack it), only (a)
+runs. The JSON file (--json) is written after (a) and again after (b), so a run cut short
+during (b) still leaves (a)'s numbers.
 
 Without --model, a tiny randomly initialised model (corrdiff.tiny_config()) is used: its
 encode is so cheap that the pipeline's fixed costs dominate. With a real model, encoding
@@ -50,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both runs)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for torch and for Ray")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--bare-only", action="store_true", help="only the bare loop (a), no Ray")
     return parser.parse_args(argv)
 
 
@@ -141,12 +146,17 @@ def pipeline_runs(model_path: Path, files: list[Path], work: Path, device: str, 
 
 
 def machine_facts(cpus: int) -> dict:
-    import ray
     import torch
 
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "cpus_used": cpus, "torch": torch.__version__, "ray": ray.__version__, "gpu": gpu}
+            "cpus_used": cpus, "torch": torch.__version__, "ray": ray_version, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,14 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("need at least 2 images (raise --repeat)")
         facts = machine_facts(args.num_cpus)
         bare = bare_loop(model_path, files, args.device, args.num_cpus)
-        piped = pipeline_runs(model_path, files, work, args.device, args.num_cpus)
+        results = {"machine": facts, "model": model_note, "images": len(files), "images_dir": args.images,
+                   "repeat": args.repeat, "bare": bare, "pipeline": None, "ratio": None, "steady_ratio": None}
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        if not args.bare_only and facts["ray"] is not None:
+            piped = pipeline_runs(model_path, files, work, args.device, args.num_cpus)
+            results |= {"pipeline": piped, "ratio": piped["images_per_second"] / bare["images_per_second"],
+                        "steady_ratio": (piped["steady_images_per_second"] / bare["images_per_second"]
+                                         if piped["steady_images_per_second"] else None)}
 
-    n = len(files)
-    results = {"machine": facts, "model": model_note, "images": n, "images_dir": args.images,
-               "repeat": args.repeat, "bare": bare, "pipeline": piped,
-               "ratio": piped["images_per_second"] / bare["images_per_second"],
-               "steady_ratio": (piped["steady_images_per_second"] / bare["images_per_second"]
-                                if piped["steady_images_per_second"] else None)}
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -185,16 +197,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(r: dict) -> str:
     m, b, p = r["machine"], r["bare"], r["pipeline"]
-    steady = p["steady_images_per_second"]
-    lines = [
+    head = [
         f"machine     {m['cpu_count']} CPUs ({m['cpus_used']} used), GPU: {m['gpu'] or 'none'}; "
-        f"python {m['python']}, torch {m['torch']}, ray {m['ray']}",
+        f"python {m['python']}, torch {m['torch']}, ray {m['ray'] or 'not installed'}",
         f"model       {r['model']}",
         f"images      {r['images']} ({r['images_dir']} x {r['repeat']}), mean {b['mean_megapixels']:.3f} Mpx, "
         f"{b['steps']} sampler steps, device {b['device']}",
         "",
         f"(a) bare loop      {b['images_per_second']:8.3f} images/s   {b['seconds']:.2f} s "
         f"(decode {b['decode_seconds']:.2f} s, encode {b['encode_seconds']:.2f} s; torch threads {b['torch_threads']})",
+    ]
+    if p is None:
+        return "\n".join(head + ["(b) pipeline       not run (--bare-only, or Ray not installed)"])
+    steady = p["steady_images_per_second"]
+    lines = head + [
         f"(b) pipeline       {p['images_per_second']:8.3f} images/s   {p['seconds']:.2f} s end to end, "
         f"actor start-up included ({p['actors']} encode actor(s) x {p['actor_torch_threads']} torch "
         f"threads, {p['actor_cpus']} CPU reserved each)",
