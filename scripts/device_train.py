@@ -256,8 +256,9 @@ def summarize_log(path: Path, phases: list[dict]) -> list[dict]:
         if row.get("gpu_mem_gib"):
             current["gpu_mem_gib"] = max(current.get("gpu_mem_gib", 0.0), float(row["gpu_mem_gib"]))
         previous_step = step
-    for item, phase in zip(summary, phases):
-        item["config"] = phase
+    for index, item in enumerate(summary):
+        if len(summary) == len(phases):  # else a phase was skipped (no LPIPS): which is which is in the log
+            item["config"] = phases[index]
         item["steps_per_s"] = round(item["steps"] / item["seconds"], 2) if item["seconds"] else None
     return summary
 
