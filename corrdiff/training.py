@@ -6,7 +6,7 @@ Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: dist
          put; ``coded_latent``), and optionally with a perceptual term,
          rate + lambda * (MSE + w * LPIPS): our extension, not the paper's (its D is
          MSE-trained), so that the anchor the gammas mix toward is not MSE blur
-         (docs/models.md, rounds eight and nine; the default model's D was trained this way).
+         (docs/model-history.md, rounds eight and nine; the default model's D was trained this way).
 Phase 1: the score network alone, everything else frozen: predict x0 from x_t at a time
          drawn uniformly in (0, t_max], conditioned on the coded latent.
 Phase 2: perceptual fine-tuning of the encoder, entropy model and score network (D stays
@@ -71,7 +71,7 @@ def trainable_parameters(model: CorrDiffModel, phase: int,
 
     Phases 0 and 2 train the latent codec too unless ``train_latent`` is false: then the
     encoder, entropy model and rate stay exactly as they are and only D (phase 0) or f_theta
-    (phase 2) learns (the rate drifts otherwise; docs/models.md, round five).
+    (phase 2) learns (the rate drifts otherwise; docs/model-history.md, round five).
     """
     if phase == 0:
         modules = [model.latent, model.decoder] if train_latent else [model.decoder]

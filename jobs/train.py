@@ -52,7 +52,7 @@ from pipeline.image_folder import RandomCrops, load_images  # noqa: E402
 
 # Crops below 4 hyper-latent positions a side leave z almost all border: h_s then learns the
 # zero padding's statistics and mispredicts the interior of every larger image, whose rate
-# comes out several times too high (docs/models.md, "Crop size and the hyperprior").
+# comes out several times too high (docs/model-history.md, "Crop size and the hyperprior").
 MIN_CROP = 4 * HYPER_STRIDE
 LOG_COLUMNS = ["phase", "step", "seconds", "lr", "loss", "bpp", "mse", "psnr", "e2e_psnr", "lpips", "gamma",
                "steps_per_s", "gpu_mem_gib"]
