@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -229,13 +228,20 @@ def run_training(args: argparse.Namespace, out: Path, timeout: float) -> dict:
                "--output", str(out), "--max-seconds", str(args.seconds), "--lpips", "optional",
                "--checkpoint-seconds", str(args.checkpoint_seconds), "--export-checkpoints",
                "--max-file-mib", str(args.max_file_mib)]
+    code, seconds = run_timed(command, timeout)
+    return {"exit": code, "seconds": seconds, "command": command[1:]}
+
+
+def run_timed(command: list[str], timeout: float) -> tuple[int | str, float]:
+    """Run a stage's subprocess in the repository root: its exit code (or why it was
+    stopped at ``timeout``) and its wall time."""
     say("$ " + " ".join(command))
     started = time.monotonic()
     try:
-        code = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
+        code: int | str = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
-        code = "killed at the hard limit"
-    return {"exit": code, "seconds": round(time.monotonic() - started, 1), "command": command[1:]}
+        code = f"killed after {timeout:.0f} s, its time limit"
+    return code, round(time.monotonic() - started, 1)
 
 
 def summarize_log(path: Path, phases: list[dict]) -> list[dict]:
@@ -353,14 +359,9 @@ def run_benchmark(model_path: Path, images: Path, mode: str, repeat: int, cpus: 
         command += ["--num-cpus", str(cpus)]
     if mode == "bare":
         command.append("--bare-only")
-    say("$ " + " ".join(command))
-    started = time.monotonic()
-    try:
-        code = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        code = "killed: out of time"
+    code, seconds = run_timed(command, timeout)
     result = json.loads(scratch.read_text()) if scratch.is_file() else {}
-    return {"exit": code, "mode": mode, "seconds": round(time.monotonic() - started, 1), "results": result}
+    return {"exit": code, "mode": mode, "seconds": seconds, "results": result}
 
 
 # ------------------------------------------------------------------------- main
