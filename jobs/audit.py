@@ -3,7 +3,7 @@ verify every record's integrity; write a report; exit non-zero when a threshold 
 
 Locally (starts an embedded Ray cluster):
     python jobs/audit.py --archive s3://bucket/archive/ --report s3://bucket/audits/
-    python jobs/audit.py --archive ... --report ... --sample 0.01 --config configs/audit.yaml
+    python jobs/audit.py --archive ... --report ... --sample 1% --config configs/audit.yaml
     python jobs/audit.py --archive ... --report ... --verify-all
 
 On a Ray cluster:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", help="fsspec URL of the archive")
     parser.add_argument("--report", help="fsspec URL of the report prefix (one folder per audit)")
-    parser.add_argument("--sample", type=float, help="images to score: a count, or a fraction (< 1) of the rows")
+    parser.add_argument("--sample", help="images to score: a count of rows (1000) or a percentage of them (10%%)")
     parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument("--config", help="YAML config (configs/audit.yaml documents every key)")
     parser.add_argument("--verify-all", action="store_true",

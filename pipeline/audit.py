@@ -75,7 +75,7 @@ CROP_SCHEMA = pa.schema([("key", pa.string()), ("original_png", pa.binary()), ("
 class AuditConfig:
     archive: str
     report: str
-    sample: float = 200  # a count (>= 1) or a fraction of the archive's rows (< 1)
+    sample: int | str = 200  # a count of rows (200, "200") or a percentage of them ("10%")
     seed: int = 0
     mode: str = "corrdiff"
     model: str | None = None  # None = each record's own model, found by its id (pipeline.models)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.selection import describe_sample
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 PROBLEM_ROWS_SHOWN = 50
@@ -127,7 +128,7 @@ def _overview(summary: dict[str, Any]) -> str:
     rows = [("archive rows / files", f"{summary['archive_rows']:,} in {_count(summary['archive_files'], 'file')}")]
     if summary["kind"] == "audit":
         rows += [
-            ("sample", f"{m['sampled']:,} rows ({_sample_setting(config['sample'])}, seed {config['seed']}), "
+            ("sample", f"{m['sampled']:,} rows ({describe_sample(config['sample'])}, seed {config['seed']}), "
                        f"{m['scored']:,} scored"),
             ("decode mode", config["mode"]),
             ("median LPIPS-" + config["lpips_net"], _fmt(m["lpips.median"])),
@@ -328,10 +329,6 @@ def _img(png: bytes, alt: str) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def _sample_setting(sample: float) -> str:
-    return f"{sample:.4g} of the rows" if sample < 1 else f"asked for {int(sample):,}"
 
 
 def _table(columns: list[str] | None, rows: list[tuple], raw: bool = False, raw_last: bool = False,

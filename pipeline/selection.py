@@ -64,18 +64,39 @@ def archive_files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
     return files
 
 
-def sample_size(sample: float, total: int) -> int:
-    """``sample`` >= 1 is a count (capped at ``total``); 0 < ``sample`` < 1 is a fraction."""
-    if sample <= 0:
-        raise ValueError(f"sample must be a positive count or a fraction in (0, 1), got {sample}")
+def sample_size(sample: int | str, total: int) -> int:
+    """How many of ``total`` rows a sample setting asks for.
+
+    A count (an int, or a string of digits; capped at ``total``) or a percentage of the rows
+    (``"10%"``, ``"0.1%"``; at least one row). Nothing else: a bare ``1.0`` or ``0.5`` is
+    refused, because "one row" and "every row" must never look alike.
+    """
+    if isinstance(sample, str) and sample.strip().endswith("%"):
+        try:
+            percent = float(sample.strip()[:-1])
+        except ValueError:
+            percent = math.nan
+        if not 0 < percent <= 100:
+            raise ValueError(f"a sample percentage must be in (0%, 100%], got {sample!r}")
+        return min(total, max(1, math.ceil(percent / 100 * total))) if total else 0
+    if isinstance(sample, str) and sample.strip().isdigit():
+        sample = int(sample.strip())
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        hint = f" (did you mean {sample * 100:g}%?)" if isinstance(sample, float) and 0 < sample < 1 else ""
+        raise ValueError(f"sample must be a count of rows (e.g. 1000) or a percentage (e.g. 10%), "
+                         f"got {sample!r}{hint}")
     if sample < 1:
-        return min(total, math.ceil(sample * total))
-    if sample != int(sample):
-        raise ValueError(f"a sample count must be a whole number, got {sample}")
-    return min(total, int(sample))
+        raise ValueError(f"a sample count must be at least 1, got {sample}")
+    return min(total, sample)
 
 
-def sample_rows(files: list[ArchiveFile], sample: float, seed: int) -> list[FileSelection]:
+def describe_sample(sample: int | str) -> str:
+    """What an audit was asked to sample, as its report says it."""
+    text = str(sample).strip()
+    return f"asked for {text} of the rows" if text.endswith("%") else f"asked for {int(text):,} rows"
+
+
+def sample_rows(files: list[ArchiveFile], sample: int | str, seed: int) -> list[FileSelection]:
     """A seeded sample of rows, stratified by file (see the module docstring)."""
     readable = [f for f in files if f.error is None and f.rows > 0]
     counts = np.array([f.rows for f in readable], dtype=np.int64)

@@ -179,7 +179,7 @@ def test_corrupt_record_unreadable_file_missing_and_changed_originals(ray_local,
     changed = tmp_path / "in" / "photos" / "sunset.jpg"
     changed.write_bytes(changed.read_bytes() + b"\0")
     code, summary = _audit(tmp_path, "--archive", str(tmp_path / "damaged"), "--report", str(tmp_path / "r"),
-                           "--sample", "1000", config="thresholds: {integrity_failures: {max: 0}}\n")
+                           "--sample", "100%", config="thresholds: {integrity_failures: {max: 0}}\n")
     m = summary["measures"]
     assert code == 1 and summary["verdict"] == "FAIL"
     assert m["corrupt_records"] == 1 and m["unreadable_files"] == 1 and m["integrity_failures"] == 2
@@ -195,6 +195,7 @@ def test_corrupt_record_unreadable_file_missing_and_changed_originals(ray_local,
     assert m["changed_originals"] == int("photos/sunset.jpg" in surviving)
     text = " ".join(_page(next((tmp_path / "r").glob("*/report.html"))).text)
     assert "unreadable archive file" in text and "corrupt record" in text
+    assert "asked for 100% of the rows" in text  # what was asked, beside what was sampled and scored
 
     # --verify-all: every record, no scoring; the same two integrity failures.
     code, verify = _audit(tmp_path, "--archive", str(tmp_path / "damaged"), "--report", str(tmp_path / "v"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.selection import ArchiveFile, sample_rows, sample_size
+from pipeline.selection import ArchiveFile, describe_sample, sample_rows, sample_size
 from pipeline.thresholds import Threshold, evaluate, parse_thresholds, verdict
 
 
@@ -32,12 +32,21 @@ def test_bad_thresholds_are_rejected(raw, message):
         parse_thresholds(raw)
 
 
-def test_sample_size():
-    assert sample_size(200, 1000) == 200 and sample_size(5000, 1000) == 1000
-    assert sample_size(0.01, 1000) == 10 and sample_size(0.0001, 1000) == 1
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError):
-            sample_size(bad, 10)
+def test_sample_size_is_a_count_or_a_percentage():
+    assert sample_size(200, 1000) == 200 and sample_size("200", 1000) == 200 and sample_size(5000, 1000) == 1000
+    assert sample_size("1%", 1000) == 10 and sample_size("0.01%", 1000) == 1 and sample_size("100%", 1000) == 1000
+    assert sample_size("1", 1000) == 1  # one row, never "all of them"
+    assert describe_sample("10%") == "asked for 10% of the rows" and describe_sample(1000) == "asked for 1,000 rows"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (1.0, "count of rows .* or a percentage"), (0.5, "did you mean 50%"), (0, "at least 1"), (-1, "at least 1"),
+    ("0%", "percentage must be"), ("101%", "percentage must be"), ("ten%", "percentage must be"), ("1.5", "got '1.5'"),
+    (True, "count of rows"),
+])
+def test_ambiguous_or_invalid_samples_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        sample_size(bad, 10)
 
 
 def test_sample_is_stratified_seeded_and_skips_unreadable_files():
@@ -46,6 +55,6 @@ def test_sample_is_stratified_seeded_and_skips_unreadable_files():
     assert {s.path: len(s.rows) for s in sample} == {"a": 25, "b": 75}
     assert all(list(s.rows) == sorted(set(s.rows)) for s in sample)
     assert sample == sample_rows(files, 100, seed=7) and sample != sample_rows(files, 100, seed=8)
-    assert sum(len(s.rows) for s in sample_rows(files, 0.5, seed=0)) == 2000
+    assert sum(len(s.rows) for s in sample_rows(files, "50%", seed=0)) == 2000
     small = sample_rows([ArchiveFile("x", 3), ArchiveFile("y", 3), ArchiveFile("z", 3)], 2, seed=0)
     assert sum(len(s.rows) for s in small) == 2  # largest remainders: exact total
