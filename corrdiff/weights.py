@@ -77,11 +77,15 @@ def save_model(model: CorrDiffModel, path: str | Path) -> None:
     Path(path).write_bytes(weights_bytes(model))
 
 
+def check_weights_size(size: int | None, source: str) -> None:
+    """Refuse a weights file larger than any model may be; callers check before reading it."""
+    if size is None or size > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"{source} is {size} bytes, more than a weights file may be ({MAX_WEIGHTS_BYTES:,})")
+
+
 def read_weights(path: str | Path) -> bytes:
     """A local weights file's bytes, refused before reading if it is larger than any model."""
-    size = Path(path).stat().st_size
-    if size > MAX_WEIGHTS_BYTES:
-        raise WeightsError(f"{path} is {size:,} bytes, more than a weights file may be ({MAX_WEIGHTS_BYTES:,})")
+    check_weights_size(Path(path).stat().st_size, str(path))
     return Path(path).read_bytes()
 
 
@@ -131,8 +135,8 @@ def declared_model_id(path: str | Path) -> str:
 
 def _metadata(data: bytes, source: str, tensors_follow: bool = True) -> dict[str, str]:
     """The CorrDiff metadata of a safetensors file's header, checked and bounded."""
-    if tensors_follow and len(data) > MAX_WEIGHTS_BYTES:
-        raise WeightsError(f"{source} is {len(data):,} bytes, more than a weights file may be")
+    if tensors_follow:
+        check_weights_size(len(data), source)
     if len(data) < 8:
         raise WeightsError(f"{source} is not a CorrDiff weights file ({len(data)} bytes)")
     length = struct.unpack("<Q", data[:8])[0]

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from corrdiff.library import BundledModels, ModelLibrary, ModelNotFoundError, WeightsSource
-from corrdiff.weights import MAX_WEIGHTS_BYTES, WEIGHTS_SUFFIX, WeightsError, is_model_id, model_from_bytes
+from corrdiff.weights import (WEIGHTS_SUFFIX, WeightsError, check_weights_size, is_model_id,
+                              model_from_bytes)
 
 from pipeline.archive import TEMP_PREFIX
 from pipeline.storage import StorageConfig, filesystem, with_retries
@@ -56,8 +57,7 @@ class StoredModels:
             size = with_retries(lambda: fs.size(path), self.storage, f"stat {self.path(model_id)}")
         except FileNotFoundError:
             return None
-        if size is None or size > MAX_WEIGHTS_BYTES:
-            raise WeightsError(f"{self.path(model_id)} is {size} bytes, more than a weights file may be")
+        check_weights_size(size, self.path(model_id))
         return with_retries(lambda: fs.cat_file(path), self.storage, f"read {self.path(model_id)}")
 
 
