@@ -45,7 +45,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
-from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, RecordDecoder
+from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
                                 read_selected, sample_rows, sample_size)
 from pipeline.stages import EMPTY_PIXELS, ragged_column
@@ -195,13 +195,21 @@ class AuditStage:
             return pa.Table.from_pylist([r for r in rows if "original_png" in r], schema=CROP_SCHEMA)
         return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
 
+    @classmethod
+    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
+        """Rows for records whose restore or scoring killed the worker (pipeline.isolation);
+        no crops of them."""
+        if settings["crop"]:
+            return CROP_SCHEMA.empty_table()
+        rows = [_identity(row) | {"record_status": WORKER_DIED, "error": reason, "seconds": 0.0}
+                for row in batch.drop_columns(["original"]).to_pylist()]
+        return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
     def _one(self, row: dict[str, Any], original: np.ndarray | None) -> dict[str, Any]:
         from corrdiff.metrics import bits_per_pixel, ms_ssim, psnr
 
         started = time.perf_counter()
-        out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
-                                                "height", "record_bytes", "model_id", "original_status")}
-        out["archived_psnr"] = row.get("psnr")
+        out = _identity(row)
         if _stands_for_file(row):
             return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
         restored = self.decoder.restore(row["record"], row["error"], self.mode)
@@ -224,6 +232,13 @@ class AuditStage:
                     out["dists"] = self.dists(original, restored.pixels)
         out["seconds"] = time.perf_counter() - started
         return out
+
+
+def _identity(row: dict[str, Any]) -> dict[str, Any]:
+    """What a metrics row says of the archive row it scores, before any scoring."""
+    out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
+                                            "height", "record_bytes", "model_id", "original_status")}
+    return out | {"archived_psnr": row.get("psnr")}
 
 
 def _crops(original: np.ndarray, restored: np.ndarray, side: int) -> dict[str, Any]:
@@ -274,11 +289,10 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     plan = plan_resources(config.resources, ray.cluster_resources())
     dataset = read_selected(all_rows(files), config.storage,
                             columns=["key", "record", "error", "model_id", "width", "height"])
-    dataset = dataset.map_batches(
-        DecodeStage, fn_constructor_kwargs={"models": config.models, "model": config.model, "device": config.device,
-                                            "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False},
-        batch_format="pyarrow", **plan.actor_pool(),
-    )
+    dataset = plan.model_stage(dataset, DecodeStage, {
+        "models": config.models, "model": config.model, "device": config.device,
+        "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False,
+    }, batch_format="pyarrow")
     statuses: Counter[str] = Counter()
     models: set[str | None] = set()
     problems = []
@@ -318,13 +332,11 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
         fetch_originals, fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels},
         batch_size=plan.tasks.batch_size, batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
-    dataset = dataset.map_batches(
-        AuditStage, fn_constructor_kwargs={
-            "models": config.models, "model": config.model, "device": config.device,
-            "torch_threads": plan.torch_threads, "mode": config.mode,
-            "lpips_net": config.lpips_net, "dists": config.dists, "crop": crop},
-        batch_format="pyarrow", **plan.actor_pool(),
-    )
+    dataset = plan.model_stage(dataset, AuditStage, {
+        "models": config.models, "model": config.model, "device": config.device,
+        "torch_threads": plan.torch_threads, "mode": config.mode,
+        "lpips_net": config.lpips_net, "dists": config.dists, "crop": crop,
+    }, batch_format="pyarrow")
     tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
@@ -395,7 +407,7 @@ def verify_measures(statuses: Counter[str], files: list[ArchiveFile],
 
 
 def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:
-    failed = sum(records.get(s, 0) for s in (COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING))
+    failed = sum(records.get(s, 0) for s in (COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED))
     return {
         "sampled": rows,
         "error_rate": failed / rows if rows else None,
@@ -403,8 +415,10 @@ def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:
         "corrupt_records": records.get(CORRUPT, 0),
         "decode_failures": records.get(DECODE_FAILED, 0),
         "model_missing": records.get(MODEL_MISSING, 0),
+        "worker_deaths": records.get(WORKER_DIED, 0),
         "unreadable_files": records.get(UNREADABLE_FILE, 0),
-        "integrity_failures": sum(records.get(s, 0) for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, UNREADABLE_FILE)),
+        "integrity_failures": sum(records.get(s, 0)
+                                  for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED, UNREADABLE_FILE)),
     }
 
 

@@ -118,17 +118,13 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
         batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
-    dataset = dataset.map_batches(
-        EncodeStage,
-        fn_constructor_kwargs={
-            "models": ModelSources(config.output, config.storage), "model_id": model_id,
-            "device": config.codec.device, "seed": config.codec.seed,
-            "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
-            "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
-            "torch_threads": plan.torch_threads, "job_id": job_id,
-        },
-        batch_format="numpy", **plan.actor_pool(),
-    )
+    dataset = plan.model_stage(dataset, EncodeStage, {
+        "models": ModelSources(config.output, config.storage), "model_id": model_id,
+        "device": config.codec.device, "seed": config.codec.seed,
+        "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
+        "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
+        "torch_threads": plan.torch_threads, "job_id": job_id,
+    }, batch_format="numpy")
     metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file))

@@ -33,7 +33,7 @@ from pipeline.compress import new_job_id
 from pipeline.keys import is_safe_join, key_to_path
 from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
-from pipeline.restore import OK, RecordDecoder
+from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
 from pipeline.selection import all_rows, archive_files, read_selected
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
@@ -84,21 +84,30 @@ class DecodeStage:
         self.decoder = RecordDecoder(self.models, self.model, self.device, self.torch_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pixels, statuses, errors, model_ids, seconds = [], [], [], [], []
+        restored, seconds = [], []
         for record, error in zip(batch["record"].to_pylist(), batch["error"].to_pylist()):
             started = time.perf_counter()
-            restored = self.decoder.restore(record, error, self.mode)
-            pixels.append(restored.pixels if restored.pixels is not None and self.keep_pixels else EMPTY_PIXELS)
-            statuses.append(restored.status)
-            errors.append(restored.error)
-            model_ids.append(restored.model_id)
+            restored.append(self.decoder.restore(record, error, self.mode))
             seconds.append(time.perf_counter() - started)
-        return pa.table({
-            "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
-            "status": pa.array(statuses, pa.string()), "error": pa.array(errors, pa.string()),
-            "model_id": pa.array(model_ids, pa.string()), "seconds": pa.array(seconds, pa.float64()),
-            "pixels": ragged_column(pixels),
-        })
+        return _restored_rows(batch, restored, seconds, self.keep_pixels)
+
+    @classmethod
+    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
+        """Rows for records whose restore killed the worker (pipeline.isolation)."""
+        return _restored_rows(batch, [Restored(WORKER_DIED, error=reason)] * batch.num_rows, [0.0] * batch.num_rows,
+                              keep_pixels=False)
+
+
+def _restored_rows(batch: pa.Table, restored: list[Restored], seconds: list[float], keep_pixels: bool) -> pa.Table:
+    return pa.table({
+        "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
+        "status": pa.array([r.status for r in restored], pa.string()),
+        "error": pa.array([r.error for r in restored], pa.string()),
+        "model_id": pa.array([r.model_id for r in restored], pa.string()),
+        "seconds": pa.array(seconds, pa.float64()),
+        "pixels": ragged_column([r.pixels if r.pixels is not None and keep_pixels else EMPTY_PIXELS
+                                 for r in restored]),
+    })
 
 
 def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig, mode: str) -> pa.Table:
@@ -141,11 +150,10 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
     plan = plan_resources(config.resources, ray.cluster_resources())
     keys = frozenset(config.keys) if config.keys is not None else None
     dataset = read_selected(all_rows(files), config.storage, keys=keys)
-    dataset = dataset.map_batches(
-        DecodeStage, fn_constructor_kwargs={"models": config.models, "model": config.model, "device": config.device,
-                                            "torch_threads": plan.torch_threads, "mode": config.mode},
-        batch_format="pyarrow", **plan.actor_pool(),
-    )
+    dataset = plan.model_stage(dataset, DecodeStage, {
+        "models": config.models, "model": config.model, "device": config.device,
+        "torch_threads": plan.torch_threads, "mode": config.mode,
+    }, batch_format="pyarrow")
     dataset = dataset.map_batches(write_png, fn_kwargs={"output": config.output, "storage": config.storage,
                                                         "mode": config.mode},
                                   batch_size=plan.actor.batch_size, batch_format="numpy", num_cpus=plan.tasks.num_cpus)

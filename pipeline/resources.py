@@ -6,10 +6,14 @@ pool of actors that each hold a model", and size that pool from the cluster the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.data import ActorPoolStrategy
+
+from pipeline.isolation import ModelStage, WorkerLimits, isolated
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class ResourceSettings:
     actor_batch_size: int = 4
     task_batch_size: int = 16
     rows_per_file: int = 1000
+    # Each model actor runs its model in a child process (pipeline.isolation): the child is
+    # killed at this much resident memory (None: 80% of its node's memory), and an image that
+    # kills it worker_attempts times alone becomes an error row.
+    worker_memory_gb: float | None = None
+    worker_attempts: int = 2
+
+    def worker_limits(self) -> WorkerLimits:
+        memory = int(self.worker_memory_gb * 2**30) if self.worker_memory_gb is not None else None
+        return WorkerLimits(memory_bytes=memory, attempts=self.worker_attempts)
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,28 @@ class ResourcePlan:
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
+    limits: WorkerLimits = WorkerLimits()
 
-    def actor_pool(self) -> dict[str, Any]:
-        """``map_batches`` arguments that run a stage class in the model actor pool."""
-        return {"compute": ActorPoolStrategy(size=self.actors), "batch_size": self.actor.batch_size,
-                "num_cpus": self.actor.num_cpus, "num_gpus": self.actor.num_gpus or None}
+    def model_stage(self, dataset: ray.data.Dataset, stage: type[ModelStage], settings: dict[str, Any],
+                    batch_format: str) -> ray.data.Dataset:
+        """``dataset`` mapped by ``stage`` in the model actor pool, each actor running the
+        stage in a child process (pipeline.isolation).
+
+        ``max_restarts=0``: inputs cannot kill an actor (they kill its child, which the actor
+        replaces), so an actor dies only with its node; Ray Data's default of restarting
+        actors and retrying their batches without end would turn a node that keeps failing
+        into a hung job (and makes Ray log an error-level line on every run, #57733).
+        """
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for max_restarts and warns that the generic
+            # ones go away in 2.64; the pinned Ray honours them (tests/test_isolation.py).
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            return dataset.map_batches(
+                isolated(stage), fn_constructor_kwargs={"settings": settings, "limits": self.limits},
+                batch_format=batch_format, compute=ActorPoolStrategy(size=self.actors),
+                batch_size=self.actor.batch_size, num_cpus=self.actor.num_cpus, num_gpus=self.actor.num_gpus or None,
+                max_restarts=0,
+            )
 
 
 def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> ResourcePlan:
@@ -74,4 +104,5 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> Res
         actor=StageResources(num_cpus=actor_cpus, num_gpus=actor_gpus, batch_size=settings.actor_batch_size),
         actors=actors,
         torch_threads=threads,
+        limits=settings.worker_limits(),
     )

@@ -106,12 +106,8 @@ class EncodeStage:
 
     def __call__(self, batch: Batch) -> pa.Table:
         from corrdiff.metrics import psnr
-        from corrdiff.record import FORMAT_VERSION
 
-        n = len(batch["key"])
-        out: dict[str, list[Any]] = {name: [None] * n for name in (
-            "record", "record_bytes", "bpp", "psnr", "width", "height", "gammas", "steps", "encode_seconds",
-        )}
+        out = _no_results(len(batch["key"]))
         errors = list(batch["error"])
         for i, pixels in enumerate(batch["pixels"]):
             if errors[i] is not None:
@@ -131,18 +127,39 @@ class EncodeStage:
             out["psnr"][i] = psnr(pixels, encoded.reconstruction)
             out["gammas"][i] = list(encoded.gammas)
             out["steps"][i] = len(encoded.gammas)
-        now = datetime.now(timezone.utc)
-        ok = [e is None for e in errors]
-        sizes = [int(v) if v >= 0 else None for v in batch["source_bytes"]]
-        return pa.Table.from_pydict({
-            "key": list(batch["key"]),
-            "source_uri": list(batch["source_uri"]),
-            "source_bytes": sizes,
-            "source_sha256": list(batch["source_sha256"]),
-            **out,
-            "model_id": [self.codec.model_id_hex if good else None for good in ok],
-            "format_version": [FORMAT_VERSION if good else None for good in ok],
-            "error": errors,
-            "created_at": [now] * n,
-            "job_id": [self.job_id] * n,
-        }, schema=SCHEMA)
+        return _archive_rows(batch, out, errors, self.codec.model_id_hex, self.job_id)
+
+    @classmethod
+    def lost(cls, batch: Batch, reason: str, settings: dict[str, Any]) -> pa.Table:
+        """Error rows for images whose encode killed the worker (pipeline.isolation)."""
+        errors = [error if error is not None else reason for error in batch["error"]]
+        return _archive_rows(batch, _no_results(len(batch["key"])), errors, None, settings["job_id"])
+
+
+RESULT_COLUMNS = ("record", "record_bytes", "bpp", "psnr", "width", "height", "gammas", "steps", "encode_seconds")
+
+
+def _no_results(rows: int) -> dict[str, list[Any]]:
+    return {name: [None] * rows for name in RESULT_COLUMNS}
+
+
+def _archive_rows(batch: Batch, out: dict[str, list[Any]], errors: list[str | None], model_id: str | None,
+                  job_id: str) -> pa.Table:
+    """The archive's rows (pipeline.archive.SCHEMA) for a batch: a record where ``errors``
+    has None, else an error row with its reason."""
+    from corrdiff.record import FORMAT_VERSION
+
+    n = len(batch["key"])
+    ok = [e is None for e in errors]
+    return pa.Table.from_pydict({
+        "key": list(batch["key"]),
+        "source_uri": list(batch["source_uri"]),
+        "source_bytes": [int(v) if v >= 0 else None for v in batch["source_bytes"]],
+        "source_sha256": list(batch["source_sha256"]),
+        **out,
+        "model_id": [model_id if good else None for good in ok],
+        "format_version": [FORMAT_VERSION if good else None for good in ok],
+        "error": errors,
+        "created_at": [datetime.now(timezone.utc)] * n,
+        "job_id": [job_id] * n,
+    }, schema=SCHEMA)

@@ -1,0 +1,137 @@
+"""Model stages in child processes (pipeline.isolation): real process deaths, no Ray.
+
+The stage below stands in for a model stage; what it does to its own process on some keys
+(SIGKILL as the out-of-memory killer sends it, a segmentation fault in native code, a
+memory hog) is real, and so is everything the actor then does about it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow as pa
+import pytest
+
+from pipeline.isolation import StageSetupError, WorkerLimits, isolated
+
+MiB = 2**20
+
+
+class PoisonStage:
+    """Echoes its keys with its process id; some keys are poison to its process."""
+
+    def __init__(self, marker_dir: str, fail_setup: bool = False) -> None:
+        if fail_setup:
+            raise FileNotFoundError("no weights at /nowhere/model.safetensors")
+        self.marker_dir, self.pid = Path(marker_dir), os.getpid()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for key in batch["key"].to_pylist():
+            if key == "oom-killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if key == "segfault":
+                ctypes.string_at(0)
+            if key == "hog":
+                hog = bytearray(600 * MiB)
+                hog[::4096] = b"x" * len(hog[::4096])  # touch every page: resident, not just reserved
+                time.sleep(5)
+            if key.startswith("flaky"):  # dies the first time only, as a transient fault would
+                marker = self.marker_dir / key
+                if not marker.exists():
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if key == "bug":
+                raise KeyError("a bug in the stage")
+        return pa.table({"key": batch["key"], "status": ["ok"] * batch.num_rows, "pid": [self.pid] * batch.num_rows})
+
+    @classmethod
+    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
+        return pa.table({"key": batch["key"], "status": [reason] * batch.num_rows,
+                         "pid": pa.array([None] * batch.num_rows, pa.int64())})
+
+
+def _stage(tmp_path: Path, **limits: Any):
+    return isolated(PoisonStage)({"marker_dir": str(tmp_path)}, WorkerLimits(**limits))
+
+
+def _batch(*keys: str) -> pa.Table:
+    return pa.table({"key": list(keys)})
+
+
+def test_a_row_that_kills_its_worker_becomes_an_error_row_and_the_rest_is_kept(tmp_path):
+    stage = _stage(tmp_path)
+    first_child = stage.child.process.pid
+    out = stage(_batch("a", "oom-killed", "b", "segfault", "c")).to_pylist()
+    assert [row["key"] for row in out] == ["a", "oom-killed", "b", "segfault", "c"]
+    status = {row["key"]: row["status"] for row in out}
+    assert status["a"] == status["b"] == status["c"] == "ok"
+    assert status["oom-killed"] == "worker died: killed by SIGKILL (out of memory?) (tried 2 time(s) alone)"
+    assert status["segfault"].startswith("worker died: killed by SIGSEGV (a crash in native code)")
+    # The worker was replaced, and the replacement goes on serving batches.
+    assert first_child not in {row["pid"] for row in out}
+    assert stage(_batch("d")).column("status").to_pylist() == ["ok"]
+
+
+def test_a_transient_death_costs_nothing(tmp_path):
+    out = _stage(tmp_path)(_batch("flaky-1", "e")).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "ok"]
+
+
+def test_a_lone_row_is_tried_as_often_as_the_limit_says(tmp_path):
+    (out,) = _stage(tmp_path, attempts=3)(_batch("oom-killed")).to_pylist()
+    assert out["status"].endswith("(tried 3 time(s) alone)")
+
+
+def test_the_memory_cap_kills_the_worker_before_the_node_runs_out(tmp_path):
+    stage = _stage(tmp_path)
+    baseline = psutil.Process(stage.child.process.pid).memory_info().rss
+    stage = _stage(tmp_path, memory_bytes=baseline + 300 * MiB)
+    started = time.perf_counter()
+    out = stage(_batch("hog", "f")).to_pylist()
+    assert out[0]["status"].startswith("worker died: it crossed its memory cap of")
+    assert out[1]["status"] == "ok"
+    assert time.perf_counter() - started < 4 * 5, "the hog was not killed at the cap but waited out"
+
+
+def test_a_stage_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(StageSetupError, match="no weights at /nowhere/model.safetensors"):
+        isolated(PoisonStage)({"marker_dir": str(tmp_path), "fail_setup": True}, WorkerLimits())
+
+
+def test_a_bug_in_the_stage_fails_the_batch_instead_of_hiding(tmp_path):
+    with pytest.raises(RuntimeError, match="KeyError: 'a bug in the stage'"):
+        _stage(tmp_path)(_batch("bug"))
+
+
+def test_the_worker_dies_with_its_actor(tmp_path):
+    """An actor killed outright (SIGKILL, as Ray kills one) leaves no orphaned model process."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+        from test_isolation import _stage
+        from pathlib import Path
+        stage = _stage(Path({str(tmp_path)!r}))
+        print(stage.child.process.pid, flush=True)
+        input()
+    """)
+    actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(actor.stdout.readline()))
+    actor.kill()
+    actor.wait()
+    child.wait(timeout=10)  # raises TimeoutExpired if the child outlived its actor
+
+
+def test_limits_are_checked():
+    with pytest.raises(ValueError, match="attempts"):
+        WorkerLimits(attempts=0)
+    with pytest.raises(ValueError, match="memory cap"):
+        WorkerLimits(memory_bytes=0)
