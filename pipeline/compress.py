@@ -98,21 +98,48 @@ def new_job_id() -> str:
 def run_compress(config: CompressConfig) -> dict[str, Any]:
     """Compress everything under ``config.input`` not yet in the archive; return the summary.
 
-    Ray must be initialised by the caller (a local cluster, or a connection to one).
+    Ray must be initialised by the caller (a local cluster, or a connection to one). A run
+    that loses an encode actor (its node, or its process killed from outside: inputs
+    cannot kill it, pipeline.isolation) resumes itself from what the archive holds, at most
+    ``resources.lost_actor_resumes`` times, then fails with Ray's error; nothing written is lost.
     """
     job_id = config.job_id or new_job_id()
     started = time.time()
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
     model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
-    removed = clean_incomplete(config.output, config.storage)
     stored = store_model(config.output, config.storage, model_id, model_bytes)
+    print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
+    metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
+    resumes = 0
+    while True:
+        try:
+            _compress_missing(config, model_id, job_id, metadata)
+            break
+        except LOST_WORKER_ERRORS as error:
+            if resumes == config.resources.lost_actor_resumes:
+                raise
+            resumes += 1
+            print(f"job {job_id}: lost a worker ({type(error).__name__}: {_first_line(error)}); "
+                  f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
+    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started)
+    summary["resumed_after_lost_workers"] = resumes
+    write_summary(config.output, config.storage, summary)
+    return summary
+
+
+# What a run resumes after: a worker process or node lost, not an input's fault.
+LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                      ray.exceptions.WorkerCrashedError)
+
+
+def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metadata: dict[str, str]) -> None:
+    """One pass: every input key not yet in the archive -> decode -> encode -> archive files."""
+    removed = clean_incomplete(config.output, config.storage)
     skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/), "
-          f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x {plan.torch_threads} thread(s)"
-          + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
-
+    print(f"job {job_id}: {len(skip)} keys already archived, {plan.actors} encode actor(s) x "
+          f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
     dataset = read_source(config.input, config.storage, done_keys=skip)
     dataset = dataset.map_batches(
         decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
@@ -125,9 +152,9 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
         "torch_threads": plan.torch_threads, "job_id": job_id,
     }, batch_format="numpy")
-    metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file))
-    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started)
-    write_summary(config.output, config.storage, summary)
-    return summary
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""

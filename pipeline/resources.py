@@ -41,6 +41,14 @@ class ResourceSettings:
     # kills it worker_attempts times alone becomes an error row.
     worker_memory_gb: float | None = None
     worker_attempts: int = 2
+    # Times a compress run resumes itself after losing a model actor (its node, or a kill
+    # from outside), before it fails with Ray's error (pipeline.compress).
+    lost_actor_resumes: int = 2
+
+    def __post_init__(self) -> None:
+        self.worker_limits()  # its own checks, before any work
+        if self.lost_actor_resumes < 0:
+            raise ValueError("resources.lost_actor_resumes must be >= 0")
 
     def worker_limits(self) -> WorkerLimits:
         memory = int(self.worker_memory_gb * 2**30) if self.worker_memory_gb is not None else None

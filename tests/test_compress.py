@@ -9,11 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -166,6 +168,34 @@ def test_an_image_that_kills_its_worker_is_an_error_row_and_the_job_finishes(ray
     assert rows["huge.png"]["record"] is None and rows["huge.png"]["source_sha256"] is not None
     assert all(rows[key]["record"] is not None for key in expected)
     assert summary["error_reasons"] == {"worker died": 1}
+
+
+def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model, tmp_path):
+    """The encode actor is killed from outside, as a lost node takes it, while it starts (its
+    model process is still loading). Ray Data then fails the run (an actor that dies while it
+    encodes, it sometimes replaces by itself), and the run resumes from the archive."""
+    expected = _photo_folder(tmp_path / "in")
+    archive = tmp_path / "archive"
+    config = _config(str(tmp_path / "in"), str(archive), tiny_model)
+    files_at_kill: list[int] = []
+
+    def kill_the_starting_actor() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            for process in psutil.process_iter(["cmdline"]):
+                if "pipeline.isolation" in (process.info["cmdline"] or []):
+                    process.parent().kill()
+                    files_at_kill.append(len(list(archive.glob("part-*.parquet"))))
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_starting_actor)
+    killer.start()
+    summary = run_compress(config)
+    killer.join()
+    keys = _archive(str(archive)).column("key").to_pylist()
+    assert files_at_kill == [0] and summary["resumed_after_lost_workers"] == 1
+    assert sorted(keys) == sorted(expected)
 
 
 def test_plan_never_starves_the_readers():
