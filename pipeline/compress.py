@@ -113,8 +113,8 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
           f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x {plan.torch_threads} thread(s)"
           + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
 
-    dataset = read_source(config.input, config.storage, done_keys=skip)
-    dataset = dataset.map_batches(
+    source = read_source(config.input, config.storage, done_keys=skip)
+    dataset = source.dataset.map_batches(
         decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
         batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
@@ -132,6 +132,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file))
-    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started)
+    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
+                        skipped=source.skipped())
     write_summary(config.output, config.storage, summary)
     return summary
