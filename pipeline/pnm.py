@@ -15,6 +15,8 @@ be complete. Registered by importing this module (pipeline.images does).
 
 from __future__ import annotations
 
+from typing import IO
+
 import numpy as np
 from PIL import Image, ImageFile, PpmImagePlugin  # noqa: F401  (PpmImagePlugin first: it registers "ppm")
 
@@ -61,7 +63,7 @@ class PamImageFile(ImageFile.ImageFile):
         self.tile = [tile]
 
 
-def _read_header(fp) -> dict[str, str]:
+def _read_header(fp: IO[bytes]) -> dict[str, str]:
     """The header's fields up to ENDHDR (TUPLTYPE lines joined by spaces), within the bound."""
     if fp.read(len(_MAGIC)) != _MAGIC:
         raise SyntaxError("not a PAM file")
@@ -100,7 +102,7 @@ class MaxvalDecoder(ImageFile.PyDecoder):
 
     _pulls_fd = True
 
-    def decode(self, buffer: bytes | Image.SupportsArrayInterface) -> tuple[int, int]:
+    def decode(self, buffer: Image.DecoderInput) -> tuple[int, int]:
         assert self.fd is not None and self.im is not None
         maxval = int(self.args[-1])
         out_max = 65535 if self.mode == "I" else 255
