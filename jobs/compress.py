@@ -83,6 +83,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"model          {model_id}: {model['records']} records, "
                      + (f"weights in {model['file']}" if model["file"] else
                         "WARNING: no copy in the archive's _models/ (decoding needs the package or a model store)"))
+    skipped = summary["skipped_this_job"]
+    if skipped["count"]:
+        lines.append(f"skipped        {skipped['count']} files or tar members without an image extension: " + "; ".join(
+            f"{extension or '(none)'} {entry['count']} (e.g. {', '.join(entry['examples'])})"
+            for extension, entry in skipped["by_extension"].items()))
     if summary["error_reasons"]:
         lines.append("error reasons  " + json.dumps(summary["error_reasons"]))
     return "\n".join(lines)

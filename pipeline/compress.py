@@ -29,7 +29,7 @@ from corrdiff.metrics import PERCEPTUAL_METRICS
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.models import MODELS_DIR, ModelSources, store_model
-from pipeline.sources import SourceConfig, read_source
+from pipeline.sources import Skipped, SourceConfig, read_source
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
@@ -114,7 +114,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     resumes = 0
     while True:
         try:
-            _compress_missing(config, model_id, job_id, metadata)
+            skipped = _compress_missing(config, model_id, job_id, metadata)
             break
         except LOST_WORKER_ERRORS as error:
             if resumes == config.resources.lost_actor_resumes:
@@ -122,7 +122,8 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
             resumes += 1
             print(f"job {job_id}: lost a worker ({type(error).__name__}: {_first_line(error)}); "
                   f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
-    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started)
+    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
+                        skipped=skipped)
     summary["resumed_after_lost_workers"] = resumes
     write_summary(config.output, config.storage, summary)
     return summary
@@ -133,15 +134,17 @@ LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError
                       ray.exceptions.WorkerCrashedError)
 
 
-def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metadata: dict[str, str]) -> None:
-    """One pass: every input key not yet in the archive -> decode -> encode -> archive files."""
+def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
+                      metadata: dict[str, str]) -> Skipped:
+    """One pass: every input key not yet in the archive -> decode -> encode -> archive files;
+    returns what the input filter skipped (pipeline.sources)."""
     removed = clean_incomplete(config.output, config.storage)
     skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
     print(f"job {job_id}: {len(skip)} keys already archived, {plan.actors} encode actor(s) x "
           f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
-    dataset = read_source(config.input, config.storage, done_keys=skip)
-    dataset = dataset.map_batches(
+    source = read_source(config.input, config.storage, done_keys=skip)
+    dataset = source.dataset.map_batches(
         decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
         batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
@@ -154,6 +157,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metada
     }, batch_format="numpy")
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file))
+    return source.skipped()
 
 
 def _first_line(error: BaseException) -> str:

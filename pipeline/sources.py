@@ -23,6 +23,13 @@ error set, so that a job over millions of objects finishes and says what it miss
 corrupt or truncated tar shard yields the members read before the damage, then one row
 keyed "<shard key prefix>/#shard" with error "corrupt tar shard: <reason>"; Parquet files
 likewise end with "<file path without .parquet>/#file" and "corrupt parquet file: <reason>".
+An image larger than ``SourceConfig.max_image_bytes`` is an error row "image file too large:
+..." whose bytes are never read: the size is known first (the object's size, the tar
+member's header, the Parquet cell's length).
+
+Skipped is said, not silent: the files under the prefix and the tar members that the
+extension filter leaves out are counted by extension, with a few names (:class:`Skipped`),
+and the compress job's summary reports them.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -45,6 +52,9 @@ import ray.data
 
 from pipeline.images import IMAGE_EXTENSIONS  # noqa: F401  (defined beside the decoder, re-exported here)
 from pipeline.storage import StorageConfig, filesystem, read_bytes, with_retries
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 SourceKind = Literal["files", "tar", "parquet", "manifest"]
 
@@ -58,6 +68,12 @@ FILE_ERROR_SUFFIX = "#file"
 _FETCH_THREADS = 16  # concurrent reads per block: object stores are latency-bound
 _TAR_BLOCK = 512
 _MANIFEST_FORMATS = (".txt", ".csv", ".parquet")
+# The largest encoded image read, per file, tar member or Parquet cell. An image within the
+# pixel limit (100 Mpx) is at most 800 MB uncompressed (16-bit RGBA; a 100 Mpx 16-bit RGB
+# TIFF is 600 MB), so 1 GiB refuses no image the decoder would accept, while bounding what
+# one row can make a worker hold. Lower it for collections of ordinary photos.
+DEFAULT_MAX_IMAGE_BYTES = 1 << 30
+SKIPPED_EXAMPLES = 5  # names shown per skipped extension
 
 Row = tuple[str, str, bytes | None, str | None]  # key, source_uri, data, error
 
@@ -72,20 +88,109 @@ class SourceConfig:
     key_column: str = "key"  # parquet input
     image_column: str = "image"  # parquet input: binary column of encoded image bytes
     uri_column: str = "uri"  # manifest given as CSV/Parquet; a .txt manifest is one URI per line
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger files, members, cells: error rows, never read
+
+    def __post_init__(self) -> None:
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
 
 
-def list_items(source: SourceConfig, storage: StorageConfig) -> pa.Table:
-    """The driver-side listing (key, source_uri), sorted by key.
+@dataclass
+class Skipped:
+    """Names under the input that the extension filter left out (files, tar members).
+
+    Counted by lower-case extension ("" for none), with the first few names of each as
+    examples: a folder of formats the filter does not take must be reported, not become a
+    small archive in silence.
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, name: str) -> None:
+        extension = posixpath.splitext(name)[1].lower()
+        self.counts[extension] += 1
+        shown = self.examples.setdefault(extension, [])
+        if len(shown) < SKIPPED_EXAMPLES:
+            shown.append(name)
+
+    def merge(self, other: Skipped) -> None:
+        for extension, count in other.counts.items():
+            self.counts[extension] += count
+            shown = self.examples.setdefault(extension, [])
+            shown.extend(other.examples[extension][: SKIPPED_EXAMPLES - len(shown)])
+
+    def report(self) -> dict[str, Any]:
+        """For the job summary: the total, then each extension (most common first)."""
+        return {
+            "count": sum(self.counts.values()),
+            "by_extension": {
+                extension: {"count": count, "examples": self.examples[extension]}
+                for extension, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The driver's listing: the items to read (key, source_uri), and the files it skipped."""
+
+    items: pa.Table
+    skipped: Skipped
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """A source's Dataset and what was skipped on the way to it.
+
+    Tar members are met only by the tasks that read the shards; those report them to
+    ``member_tally`` (an actor), so :meth:`skipped` has them once the dataset has run.
+    """
+
+    dataset: ray.data.Dataset
+    listed_skipped: Skipped
+    member_tally: ActorHandle | None = None
+
+    def skipped(self) -> Skipped:
+        """What the listing skipped, plus the tar members skipped by the readers so far."""
+        total = Skipped()
+        total.merge(self.listed_skipped)
+        if self.member_tally is not None:
+            total.merge(ray.get(self.member_tally.total.remote()))
+        return total
+
+
+@ray.remote(num_cpus=0)
+class _MemberTally:
+    """The skipped tar members of each shard, as its reading task reports them. Kept per
+    shard, so that a retried task replaces its shard's count instead of adding to it."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, Skipped] = {}
+
+    def record(self, shard_key: str, skipped: Skipped) -> None:
+        self._shards[shard_key] = skipped
+
+    def total(self) -> Skipped:
+        total = Skipped()
+        for shard_key in sorted(self._shards):
+            total.merge(self._shards[shard_key])
+        return total
+
+
+def list_items(source: SourceConfig, storage: StorageConfig) -> Listing:
+    """The driver-side listing (key, source_uri), sorted by key, and the files it skipped.
 
     One row per image for files and manifests; one row per shard or file for tar and
     parquet (key = its path relative to the prefix), whose images are known only once read.
     """
-    listers: dict[str, Callable[[SourceConfig, StorageConfig], pa.Table]] = {
+    listers: dict[str, Callable[[SourceConfig, StorageConfig], Listing]] = {
         "files": _list_files, "manifest": _list_manifest, "tar": _list_tar, "parquet": _list_parquet,
     }
     if source.kind not in listers:
         raise ValueError(f"unknown source kind {source.kind!r}; expected one of {', '.join(listers)}")
-    return listers[source.kind](source, storage).sort_by("key")
+    listing = listers[source.kind](source, storage)
+    return Listing(listing.items.sort_by("key"), listing.skipped)
 
 
 def read_source(
@@ -93,7 +198,7 @@ def read_source(
     storage: StorageConfig,
     done_keys: set[str] | frozenset[str] = frozenset(),
     rows_per_block: int = 64,
-) -> ray.data.Dataset:
+) -> SourceRead:
     """A Dataset of (key, source_uri, data, error), one row per image not in done_keys.
 
     Files and manifests are filtered before any byte is fetched; tar and Parquet rows are
@@ -103,52 +208,66 @@ def read_source(
         raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
     listing = list_items(source, storage)
     if source.kind in ("files", "manifest"):
-        todo = _without_done(listing, done_keys)
+        todo = _without_done(listing.items, done_keys)
         if todo.num_rows == 0:
-            return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
-        fetch = partial(_fetch_batch, storage=storage)
-        return _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
-    tables_of = _tar_tables if source.kind == "tar" else _parquet_tables
-    expand = partial(
-        _expand,
-        tables_of=partial(tables_of, source=source, storage=storage, done=frozenset(done_keys),
-                          rows_per_block=rows_per_block),
-    )
-    return _blocks(listing, 1).map_batches(expand, batch_format="pyarrow", batch_size=1)
+            return SourceRead(ray.data.from_arrow(OUTPUT_SCHEMA.empty_table()), listing.skipped)
+        fetch = partial(_fetch_batch, storage=storage, max_bytes=source.max_image_bytes)
+        dataset = _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
+        return SourceRead(dataset, listing.skipped)
+    common = {"source": source, "storage": storage, "done": frozenset(done_keys), "rows_per_block": rows_per_block}
+    if source.kind == "tar":
+        tally = _MemberTally.remote()
+        tables_of = partial(_tar_tables, tally=tally, **common)
+    else:
+        tally, tables_of = None, partial(_parquet_tables, **common)
+    dataset = _blocks(listing.items, 1).map_batches(partial(_expand, tables_of=tables_of),
+                                                    batch_format="pyarrow", batch_size=1)
+    return SourceRead(dataset, listing.skipped, tally)
 
 
 # Listing -------------------------------------------------------------------------------
 
 
-def _list_files(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+def _list_files(source: SourceConfig, storage: StorageConfig) -> Listing:
     return _find(source, storage, _lower(source.extensions), "images")
 
 
-def _list_tar(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+def _list_tar(source: SourceConfig, storage: StorageConfig) -> Listing:
     return _find(source, storage, (".tar",), "tar shards")
 
 
-def _list_parquet(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+def _list_parquet(source: SourceConfig, storage: StorageConfig) -> Listing:
     listing = _find(source, storage, (".parquet",), "Parquet files")
     # One footer read catches a wrong column name before the job starts; a later file
     # that differs is reported by its task as a '#file' error row.
-    first_uri = listing["source_uri"][0].as_py()
+    first_uri = listing.items["source_uri"][0].as_py()
     fs, path = filesystem(first_uri, storage)
     schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), storage, f"read the schema of {first_uri}")
     _check_parquet_schema(schema, source, first_uri)
     return listing
 
 
-def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...], what: str) -> pa.Table:
-    """Files under the folder/prefix whose names end with a suffix (case-insensitive)."""
+def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...], what: str) -> Listing:
+    """Files under the folder/prefix whose names end with a suffix (case-insensitive), and
+    the others, counted as skipped (named relative to the prefix)."""
     fs, root = filesystem(source.url, storage)
     fs.invalidate_cache(root)  # a driver that listed before must see what was added since
     found = with_retries(lambda: fs.find(root), storage, f"list {source.url}")
-    paths = [path for path in found if path.lower().endswith(suffixes)]
+    paths, skipped = [], Skipped()
+    for path in sorted(found):
+        if path.lower().endswith(suffixes):
+            paths.append(path)
+        else:
+            skipped.add(_relative(path, root))
     if not paths:
-        raise FileNotFoundError(f"no {what} ({', '.join(suffixes)}) under {source.url}")
+        counted = "".join(f", {count} {extension or 'without extension'}"
+                          for extension, count in skipped.counts.most_common(SKIPPED_EXAMPLES))
+        raise FileNotFoundError(
+            f"no {what} ({', '.join(suffixes)}) under {source.url}"
+            + (f"; skipped {sum(skipped.counts.values())} other files{counted}" if skipped.counts else "")
+        )
     keys = [_relative(path, root) for path in paths]
-    return _listing(keys, [_full_uri(fs, path, source.url) for path in paths])
+    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths]), skipped)
 
 
 def _relative(path: str, root: str) -> str:
@@ -161,7 +280,7 @@ def _full_uri(fs: fsspec.AbstractFileSystem, path: str, like_url: str) -> str:
     return path if fsspec.core.split_protocol(like_url)[0] is None else fs.unstrip_protocol(path)
 
 
-def _list_manifest(source: SourceConfig, storage: StorageConfig) -> pa.Table:
+def _list_manifest(source: SourceConfig, storage: StorageConfig) -> Listing:
     data = read_bytes(source.url, storage)
     suffix = posixpath.splitext(source.url.lower())[1]
     if suffix == ".txt":
@@ -173,7 +292,7 @@ def _list_manifest(source: SourceConfig, storage: StorageConfig) -> pa.Table:
     else:
         raise ValueError(f"manifest {source.url} must end with one of {', '.join(_MANIFEST_FORMATS)}")
     _check_manifest(keys, uris, source.url)
-    return _listing(keys, uris)
+    return Listing(_listing(keys, uris), Skipped())  # every URI listed is read, whatever its name
 
 
 def _manifest_table(data: bytes, suffix: str, source: SourceConfig) -> pa.Table:
@@ -240,21 +359,33 @@ def _blocks(listing: pa.Table, rows_per_block: int) -> ray.data.Dataset:
 # Fetching whole objects (files, manifest) ------------------------------------------------
 
 
-def _fetch_batch(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+def _fetch_batch(batch: pa.Table, storage: StorageConfig, max_bytes: int) -> pa.Table:
     """Every object of a block, read concurrently; a failed read becomes an error row."""
     uris = batch["source_uri"].to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, min(_FETCH_THREADS, len(uris)))) as pool:
-        fetched = list(pool.map(partial(_fetch_one, storage=storage), uris))
+        fetched = list(pool.map(partial(_fetch_one, storage=storage, max_bytes=max_bytes), uris))
     return _output_table(
         batch["key"].to_pylist(), uris, [data for data, _ in fetched], [error for _, error in fetched]
     )
 
 
-def _fetch_one(uri: str, storage: StorageConfig) -> tuple[bytes | None, str | None]:
+def _fetch_one(uri: str, storage: StorageConfig, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """One object's bytes, its size checked before they are read; or the reason why not."""
     try:
-        return read_bytes(uri, storage), None
+        fs, path = filesystem(uri, storage)
+        size = with_retries(lambda: fs.size(path), storage, f"stat {uri}")
+        if size is not None and size > max_bytes:
+            return None, _too_large(size, max_bytes)
+        # Bounded even when the size is unknown or the object grew since it was measured.
+        data = with_retries(lambda: fs.cat_file(path, start=0, end=max_bytes + 1), storage, f"read {uri}")
+        return (None, _too_large(len(data), max_bytes)) if len(data) > max_bytes else (data, None)
     except Exception as error:  # one unreadable object must not drop its block
         return None, f"read failed: {_reason(error)}"
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    """The error of an image whose encoded bytes are over the cap (they are not read)."""
+    return f"image file too large: {size:,} bytes, over max_image_bytes ({max_bytes:,})"
 
 
 def _reason(error: BaseException) -> str:
@@ -314,21 +445,25 @@ def _expand(batch: pa.Table, tables_of: Callable[[str, str], Iterator[pa.Table]]
 
 def _tar_tables(
     shard_key: str, shard_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
-    rows_per_block: int,
+    rows_per_block: int, tally: ActorHandle,
 ) -> Iterator[pa.Table]:
-    rows = _tar_rows(shard_key, shard_uri, _lower(source.extensions), storage, done)
-    return _in_tables(rows, rows_per_block)
+    """One shard's rows in tables; then its skipped members, reported to the tally."""
+    skipped = Skipped()
+    yield from _in_tables(_tar_rows(shard_key, shard_uri, source, storage, done, skipped), rows_per_block)
+    ray.get(tally.record.remote(shard_key, skipped))  # waited for: the task must not end first
 
 
 def _tar_rows(
-    shard_key: str, shard_uri: str, extensions: tuple[str, ...], storage: StorageConfig, done: frozenset[str]
+    shard_key: str, shard_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
+    skipped: Skipped,
 ) -> Iterator[Row]:
-    """The image members of one shard, streamed; damage ends the shard with a '#shard' row."""
+    """The image members of one shard, streamed; damage ends the shard with a '#shard' row.
+    Members that are not images are added to ``skipped`` (named "<shard key prefix>/<member>")."""
     prefix = shard_key[: -len(".tar")]
     try:
         fs, path = filesystem(shard_uri, storage)
         with with_retries(lambda: fs.open(path, "rb"), storage, f"open {shard_uri}") as handle:
-            end = yield from _tar_members(handle, prefix, shard_uri, extensions, storage, done)
+            end = yield from _tar_members(handle, prefix, shard_uri, source, storage, done, skipped)
             _check_end_of_archive(handle, end, storage, shard_uri)
     except Exception as error:  # corrupt, truncated or unreadable: record it, keep the rest
         yield f"{prefix}/{SHARD_ERROR_SUFFIX}", shard_uri, None, f"corrupt tar shard: {_reason(error)}"
@@ -338,29 +473,38 @@ def _tar_members(
     handle: IO[bytes],
     prefix: str,
     shard_uri: str,
-    extensions: tuple[str, ...],
+    source: SourceConfig,
     storage: StorageConfig,
     done: frozenset[str],
+    skipped: Skipped,
 ) -> Generator[Row, None, int]:
     """Stream the tar; returns (as the generator's value) the offset where its members end.
 
     A member name seen before in the same shard is a copy that a key cannot tell apart:
-    it becomes an error row keyed "<key>#<n>" rather than a second row under one key.
+    it becomes an error row keyed "<key>#<n>" rather than a second row under one key. A
+    member larger than ``source.max_image_bytes`` (its header says so) is an error row; its
+    data is skipped unread, as is every member that is not an image.
     """
+    extensions = _lower(source.extensions)
     copies: dict[str, int] = {}
     with tarfile.open(fileobj=_RetryingReader(handle, storage, shard_uri), mode="r|") as archive:
         for member in archive:
-            if not (member.isfile() and member.name.lower().endswith(extensions)):
+            if not member.isfile():
+                continue
+            if not member.name.lower().endswith(extensions):
+                skipped.add(f"{prefix}/{member.name}")
                 continue
             base, uri = f"{prefix}/{member.name}", f"{shard_uri}#{member.name}"
             copies[base] = copy = copies.get(base, 0) + 1
             key = base if copy == 1 else f"{base}#{copy}"
             if key in done:
                 continue  # tarfile skips the unread data
-            if copy == 1:
-                yield key, uri, archive.extractfile(member).read(), None
-            else:
+            if copy > 1:
                 yield key, uri, None, f"duplicate member name in tar shard (copy {copy})"
+            elif member.size > source.max_image_bytes:
+                yield key, uri, None, _too_large(member.size, source.max_image_bytes)
+            else:
+                yield key, uri, archive.extractfile(member).read(), None
         return archive.offset
 
 
@@ -412,14 +556,25 @@ def _parquet_tables(
 
 
 def _parquet_rows(rows: pa.Table, file_uri: str, source: SourceConfig, done: frozenset[str]) -> pa.Table:
-    """Output rows for a slice of a file, the image bytes staying in Arrow buffers."""
+    """Output rows for a slice of a file, the image bytes staying in Arrow buffers.
+
+    A cell over ``source.max_image_bytes`` is an error row (its length is read, not its
+    bytes); the row group it came in was read whole, which the writer's row group size bounds.
+    """
     keys = pc.cast(rows[source.key_column], pa.string())
     if keys.null_count:
         raise ValueError(f"null value in key column {source.key_column!r}")
-    data = pc.cast(rows[source.image_column], pa.binary())
+    cells = rows[source.image_column]
+    sizes = pc.binary_length(cells).to_pylist()
+    errors = pa.array([
+        "missing image bytes" if size is None
+        else _too_large(size, source.max_image_bytes) if size > source.max_image_bytes
+        else None
+        for size in sizes
+    ], pa.string())
+    data = pc.if_else(pc.is_null(errors), pc.cast(cells, pa.binary()), pa.scalar(None, pa.binary()))
     key_list = keys.to_pylist()
     uris = pa.array([f"{file_uri}#{key}" for key in key_list], pa.string())
-    errors = pc.if_else(pc.is_null(data), pa.scalar("missing image bytes"), pa.scalar(None, pa.string()))
     table = pa.Table.from_arrays([keys, uris, data, errors], schema=OUTPUT_SCHEMA)
     return table.filter(pa.array([key not in done for key in key_list])) if done else table
 

@@ -1,4 +1,5 @@
-"""The job summary, computed from the archive itself so that it covers resumed runs too."""
+"""The job summary, computed from the archive itself so that it covers resumed runs too;
+only what this job's listing and readers skipped is of this job alone."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pyarrow.compute as pc
 
 from pipeline.archive import list_data_files, read_columns
 from pipeline.models import archive_store
+from pipeline.sources import Skipped
 from pipeline.storage import StorageConfig, filesystem
 
 TOP_REASONS = 10
 
 
-def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float) -> dict[str, Any]:
+def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, skipped: Skipped) -> dict[str, Any]:
+    """The archive's counts, plus ``skipped_this_job``: the input files and tar members this
+    job's extension filter left out (they have no rows, so only the job can say)."""
     table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "model_id", "job_id"])
     keys = table.column("key")
     errors = table.column("error")
@@ -40,6 +44,7 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float) -> 
         "mean_bpp": pc.mean(pc.filter(table.column("bpp"), ok_mask)).as_py(),
         "models": _models(url, storage, table.column("model_id").to_pylist()),
         "processed_this_job": this_job,
+        "skipped_this_job": skipped.report(),
         "seconds": round(seconds, 2),
         "images_per_second": round(this_job / seconds, 3) if seconds > 0 else None,
     }

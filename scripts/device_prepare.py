@@ -5,9 +5,11 @@
 
 1. Downloads into ``.whl/`` (ignored by git) the wheels the device image lacks, for its
    Python 3.12 (``pip download --no-deps --only-binary=:all: --python-version 3.12
-   --implementation cp --platform manylinux_2_34_x86_64``): compressai 1.2.8 (its rANS
-   extension is built for cp312), pytorch-msssim 1.0.0 (compressai imports it at import
-   time, although nothing here calls it) and lpips 0.1.4 (pure Python).
+   --implementation cp --platform manylinux_2_34_x86_64`` and the older manylinux tags
+   that glibc 2.34 runs): compressai 1.2.8 (its rANS extension is built for cp312),
+   pytorch-msssim 1.0.0 (compressai imports it at import time, although nothing here calls
+   it), lpips 0.1.4 (pure Python), and pillow-heif 1.8.1 and pillow-jxl-plugin 1.3.8
+   (pipeline.images registers them at import, and training reads its photos through it).
 2. Writes ``.whl/lpips-alexnet-features-fp16.safetensors``: the convolutional layers of the
    AlexNet backbone that LPIPS-alex needs, from torch's cache here (scripts/setup.sh puts
    them there), in float16 (4.9 MB instead of 233 MB for the whole torchvision file;
@@ -32,8 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.device_train import LPIPS_CHECK, LPIPS_FEATURES, lpips_check_value, write_alexnet_backbone  # noqa: E402
 
-WHEELS = ("compressai==1.2.8", "pytorch-msssim==1.0.0", "lpips==0.1.4")
-PLATFORM = "manylinux_2_34_x86_64"
+WHEELS = ("compressai==1.2.8", "pytorch-msssim==1.0.0", "lpips==0.1.4", "pillow-heif==1.8.1",
+          "pillow-jxl-plugin==1.3.8")
+# pip matches --platform exactly: the device's glibc 2.34 runs wheels built for older ones too
+# (pillow-heif ships manylinux_2_28, pillow-jxl-plugin manylinux_2_17).
+PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64")
 TRAVEL_LIMIT = 64 * 2**20
 DEFAULT_CARRY = ("data/pack", ".whl")
 RUN_COMMAND = "bash scripts/device_train.sh configs/train/gpu-photo-0.3.yaml 360"
@@ -43,7 +48,8 @@ RUN_TIMEOUT_S = 540
 def download_wheels(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", "--platform", PLATFORM,
+                    "--python-version", "3.12", "--implementation", "cp",
+                    *(option for platform in PLATFORMS for option in ("--platform", platform)),
                     "-d", str(folder), *WHEELS], check=True)
     wheels = sorted(folder.glob("*.whl"))
     names = [w.name.split("-")[0].lower().replace("_", "-") for w in wheels]

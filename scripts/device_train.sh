@@ -20,15 +20,18 @@ py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 {
   echo "== scripts/device_train.sh $config $budget $* ($(date -u +%FT%TZ))"
-  # A carried wheel is installed only where its package is not installed (a CPU venv has them all).
+  # A carried wheel is installed only where its distribution is not installed (a CPU venv has
+  # them all); by distribution name, which is not always the module's (pillow_jxl_plugin).
   missing=()
   for wheel in .whl/*.whl; do
     [ -e "$wheel" ] && missing+=("$wheel")
   done
   if [ ${#missing[@]} -gt 0 ]; then
-    mapfile -t missing < <("$py" -c 'import importlib.util, os, sys
+    mapfile -t missing < <("$py" -c 'import importlib.metadata, os, sys
 for wheel in sys.argv[1:]:
-    if importlib.util.find_spec(os.path.basename(wheel).split("-")[0]) is None:
+    try:
+        importlib.metadata.distribution(os.path.basename(wheel).split("-")[0])
+    except importlib.metadata.PackageNotFoundError:
         print(wheel)' "${missing[@]}")
   fi
   if [ ${#missing[@]} -gt 0 ]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -66,6 +68,45 @@ def test_folder_to_archive_loses_nothing(ray_local, tiny_model, tmp_path):
     assert summary["rows"] == summary["unique_keys"] == len(expected)
     assert summary["ok"] == 6 and summary["errors"] == 4
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
+
+
+def _compress_job():
+    """jobs/compress.py as a module (it is a script, not a package member)."""
+    spec = importlib.util.spec_from_file_location("compress_job", ROOT / "jobs" / "compress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_formats_people_have_are_archived_and_skipped_files_reported(ray_local, tiny_model, tmp_path):
+    """HEIC, JPEG XL, AVIF, GIF and the PNM family decode in the Ray workers (the plugins
+    register where decode_image runs); what the extension filter leaves out is in the summary."""
+    photo = Image.open(EXAMPLES / "sunset.jpg").convert("RGB").resize((48, 32))
+    folder = tmp_path / "in"
+    (folder / "raw").mkdir(parents=True)
+    for name, fmt, options in [("a.heic", "HEIF", {"quality": 90}), ("b.jxl", "JXL", {}), ("c.avif", "AVIF", {}),
+                               ("d.gif", "GIF", {}), ("e.ppm", "PPM", {}), ("f.pgm", "PPM", {})]:
+        (photo.convert("L") if name.endswith(".pgm") else photo).save(folder / name, fmt, **options)
+    pam = b"P7\nWIDTH 48\nHEIGHT 32\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n"
+    (folder / "g.pam").write_bytes(pam + np.asarray(photo.convert("RGBA")).tobytes())
+    for name in ("raw/1.CR2", "raw/2.CR2", "notes.txt"):
+        (folder / name).write_bytes(b"not an image the filter takes")
+    assert pillow_heif.is_supported((folder / "a.heic").read_bytes())
+
+    summary = run_compress(_config(str(folder), str(tmp_path / "archive"), tiny_model))
+
+    rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
+    assert sorted(rows) == ["a.heic", "b.jxl", "c.avif", "d.gif", "e.ppm", "f.pgm", "g.pam"]
+    assert {key: row["error"] for key, row in rows.items()} == dict.fromkeys(rows)
+    assert all((row["width"], row["height"]) == (48, 32) for row in rows.values())
+    assert summary["skipped_this_job"] == {"count": 3, "by_extension": {
+        ".cr2": {"count": 2, "examples": ["raw/1.CR2", "raw/2.CR2"]},
+        ".txt": {"count": 1, "examples": ["notes.txt"]},
+    }}
+    assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
+    printed = _compress_job().format_summary(summary)
+    assert ("skipped        3 files or tar members without an image extension: "
+            ".cr2 2 (e.g. raw/1.CR2, raw/2.CR2); .txt 1 (e.g. notes.txt)") in printed.splitlines()
 
 
 def test_archive_rows_are_honest(ray_local, tiny_model, tmp_path):
@@ -251,6 +292,8 @@ def test_tar_shards(ray_local, tiny_model, tmp_path):
     keys = sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist())
     assert keys == ["000000/000000.jpg", "000000/000001.jpg", "000001/000002.jpg", "000001/000003.jpg"]
     assert summary["ok"] == 3 and summary["errors"] == 1
+    assert summary["skipped_this_job"] == {"count": 1, "by_extension": {
+        ".json": {"count": 1, "examples": ["000000/000000.json"]}}}
 
 
 def test_parquet_input(ray_local, tiny_model, tmp_path):

@@ -9,15 +9,18 @@ from pathlib import Path
 
 import botocore.exceptions
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
 
 from pipeline import storage as storage_module
-from pipeline.sources import OUTPUT_SCHEMA, SourceConfig, _tar_rows, list_items, read_source
+from pipeline.sources import (OUTPUT_SCHEMA, Skipped, SourceConfig, SourceRead, _fetch_one, _parquet_tables,
+                              _tar_rows, list_items, read_source)
 from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
 
 LOCAL = StorageConfig(retry_wait=0.01)
@@ -29,9 +32,21 @@ def png(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
     return buffer.getvalue()
 
 
-def collect(dataset: ray.data.Dataset) -> dict[str, dict]:
+def noise_png(seed: int, size: tuple[int, int] = (40, 40)) -> bytes:
+    """A PNG that does not compress: its size grows with its pixels, to exceed a cap."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def too_large(size: int, cap: int) -> str:
+    return f"image file too large: {size:,} bytes, over max_image_bytes ({cap:,})"
+
+
+def collect(read: SourceRead) -> dict[str, dict]:
     """Every row by key, after checking the exact output schema and key uniqueness."""
-    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
+    tables = [table for table in ray.get(read.dataset.to_arrow_refs()) if table.num_rows]
     table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
     assert table.schema.equals(OUTPUT_SCHEMA), table.schema
     rows = table.to_pylist()
@@ -179,7 +194,7 @@ def test_files_local_keys_uris_bytes_resume_and_a_vanished_file(tmp_path, ray_lo
     source = SourceConfig(url=str(tmp_path))
 
     listing = list_items(source, LOCAL)
-    assert listing.column("key").to_pylist() == ["a.png", "sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
+    assert listing.items.column("key").to_pylist() == ["a.png", "sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
 
     dataset = read_source(source, LOCAL, done_keys={"a.png"}, rows_per_block=2)
     (tmp_path / "sub/d.png").unlink()  # listed on the driver, gone before the tasks read it
@@ -198,21 +213,116 @@ def test_files_local_keys_uris_bytes_resume_and_a_vanished_file(tmp_path, ray_lo
 
 def test_files_on_s3_with_credentials_from_the_environment(s3_server, ray_local):
     files = {"photos/a.jpg": png(1), "photos/sub/b.png": png(2)}
-    bucket = s3_server.make_bucket({**files, "photos/readme.md": b"#", "photos2/c.jpg": png(3)})
+    big = noise_png(3)
+    bucket = s3_server.make_bucket({**files, "photos/big.png": big, "photos/readme.md": b"#", "photos2/c.jpg": png(3)})
     environment_only = StorageConfig(endpoint_url=s3_server.endpoint_url)
+    cap = len(big) - 1
 
-    rows = collect(read_source(SourceConfig(url=f"{bucket}/photos/"), environment_only))
+    read = read_source(SourceConfig(url=f"{bucket}/photos/", max_image_bytes=cap), environment_only)
+    rows = collect(read)
 
-    assert sorted(rows) == ["a.jpg", "sub/b.png"]  # photos2/ shares the prefix string, not the folder
+    assert sorted(rows) == ["a.jpg", "big.png", "sub/b.png"]  # photos2/ shares the prefix string, not the folder
     for key, row in rows.items():
         assert row["source_uri"] == f"{bucket}/photos/{key}"
-        assert (row["data"], row["error"]) == (files[f"photos/{key}"], None)
+        if key != "big.png":
+            assert (row["data"], row["error"]) == (files[f"photos/{key}"], None)
+    assert (rows["big.png"]["data"], rows["big.png"]["error"]) == (None, too_large(len(big), cap))
+    assert read.skipped().report() == {"count": 1, "by_extension": {".md": {"count": 1, "examples": ["readme.md"]}}}
 
 
 def test_no_images_is_an_error_not_an_empty_archive(tmp_path):
     write_files(tmp_path, {"notes.txt": b"x"})
     with pytest.raises(FileNotFoundError, match="no images"):
         list_items(SourceConfig(url=str(tmp_path)), LOCAL)
+
+
+def test_files_the_extension_filter_skips_are_counted_with_examples(tmp_path):
+    """A folder of camera raw files beside one JPEG must say what it left out."""
+    raw = {f"raw/{i:02d}.CR2": b"raw sensor data" for i in range(7)}
+    write_files(tmp_path, {"a.jpg": png(1), "notes.txt": b"x", "Makefile": b"all:", **raw})
+
+    listing = list_items(SourceConfig(url=str(tmp_path)), LOCAL)
+
+    assert listing.items.column("key").to_pylist() == ["a.jpg"]
+    assert listing.skipped.report() == {"count": 9, "by_extension": {
+        ".cr2": {"count": 7, "examples": [f"raw/{i:02d}.CR2" for i in range(5)]},
+        "": {"count": 1, "examples": ["Makefile"]},
+        ".txt": {"count": 1, "examples": ["notes.txt"]},
+    }}
+
+
+def test_no_images_says_what_it_skipped(tmp_path):
+    write_files(tmp_path, {**{f"{i}.cr2": b"raw" for i in range(3)}, "notes.txt": b"x"})
+    with pytest.raises(FileNotFoundError, match=r"no images .* skipped 4 other files, 3 \.cr2, 1 \.txt"):
+        list_items(SourceConfig(url=str(tmp_path), extensions=(".jpg",)), LOCAL)
+
+
+# Byte caps ----------------------------------------------------------------------------------
+
+
+def test_an_object_over_the_cap_is_an_error_row_and_is_never_read(monkeypatch):
+    reads: list[tuple[str, int]] = []
+    original = MemoryFileSystem.cat_file
+
+    def recording_cat_file(self, path, start=None, end=None, **kwargs):
+        data = original(self, path, start=start, end=end, **kwargs)
+        reads.append((path, len(data)))
+        return data
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", recording_cat_file)
+    fs = fsspec.filesystem("memory")
+    big, small = noise_png(1), png(2)
+    fs.pipe_file("/caps/big.png", big)
+    fs.pipe_file("/caps/small.png", small)
+    cap = len(big) - 1
+    try:
+        assert _fetch_one("memory:///caps/big.png", LOCAL, cap) == (None, too_large(len(big), cap))
+        assert reads == []
+        assert _fetch_one("memory:///caps/small.png", LOCAL, cap) == (small, None)
+        # An object that grew after it was measured is still read no further than the cap.
+        monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: 10)
+        assert _fetch_one("memory:///caps/big.png", LOCAL, cap) == (None, too_large(cap + 1, cap))
+        assert reads[-1] == ("/caps/big.png", cap + 1)
+    finally:
+        fs.rm("/caps", recursive=True)
+
+
+def test_a_tar_member_over_the_cap_is_an_error_row_and_its_bytes_are_skipped(tmp_path, monkeypatch):
+    big = noise_png(1)
+    members = {"000000.png": png(0), "000001.png": big, "000001.json": b"{}", "000002.png": png(2)}
+    (tmp_path / "s.tar").write_bytes(tar_bytes(members))
+    extracted: list[str] = []
+    original = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, member: extracted.append(member.name) or original(self, member))
+    cap = len(big) - 1
+    source = SourceConfig(url=str(tmp_path), kind="tar", max_image_bytes=cap)
+    skipped = Skipped()
+
+    rows = list(_tar_rows("s.tar", str(tmp_path / "s.tar"), source, LOCAL, frozenset(), skipped))
+
+    assert [(key, data, error) for key, _, data, error in rows] == [
+        ("s/000000.png", png(0), None), ("s/000001.png", None, too_large(len(big), cap)), ("s/000002.png", png(2), None),
+    ]
+    assert extracted == ["000000.png", "000002.png"]
+    assert skipped.report() == {"count": 1, "by_extension": {".json": {"count": 1, "examples": ["s/000001.json"]}}}
+
+
+def test_a_parquet_cell_over_the_cap_is_an_error_row(tmp_path):
+    big = noise_png(1)
+    (tmp_path / "a.parquet").write_bytes(parquet_bytes(["a", "b", "c"], [png(1), big, None]))
+    cap = len(big) - 1
+    source = SourceConfig(url=str(tmp_path), kind="parquet", key_column="id", image_column="bytes", max_image_bytes=cap)
+
+    tables = list(_parquet_tables("a.parquet", str(tmp_path / "a.parquet"), source, LOCAL, frozenset(), 64))
+
+    rows = {row["key"]: (row["data"], row["error"]) for table in tables for row in table.to_pylist()}
+    assert rows == {"a": (png(1), None), "b": (None, too_large(len(big), cap)), "c": (None, "missing image bytes")}
+
+
+def test_the_cap_must_be_positive():
+    with pytest.raises(ValueError, match="max_image_bytes must be at least 1"):
+        SourceConfig(url="/x", max_image_bytes=0)
 
 
 # manifest ---------------------------------------------------------------------------------
@@ -298,6 +408,24 @@ def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
     assert "end-of-archive" in rows["train/shard-2/#shard"]["error"]
 
 
+def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local):
+    """Sidecars are met only by the tasks that read the shards; they are counted all the same."""
+    write_files(tmp_path, {
+        "a.tar": tar_bytes({"0.jpg": png(0), "0.json": b"{}", "0.cls": b"3"}),
+        "b.tar": tar_bytes({"1.png": png(1), "1.json": b"{}"}),
+        "README.md": b"# shards",
+    })
+
+    read = read_source(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
+
+    assert sorted(collect(read)) == ["a/0.jpg", "b/1.png"]
+    assert read.skipped().report() == {"count": 4, "by_extension": {
+        ".json": {"count": 2, "examples": ["a/0.json", "b/1.json"]},
+        ".cls": {"count": 1, "examples": ["a/0.cls"]},
+        ".md": {"count": 1, "examples": ["README.md"]},
+    }}
+
+
 class DroppingFile(AbstractBufferedFile):
     """Serves DroppingFileSystem.data in 1 KiB requests; the first request past the start fails."""
 
@@ -328,7 +456,8 @@ def test_a_connection_dropped_mid_shard_is_retried_in_place(monkeypatch):
     monkeypatch.setattr(DroppingFileSystem, "dropped", False)
     fsspec.register_implementation("dropping", DroppingFileSystem, clobber=True)
 
-    rows = list(_tar_rows("s.tar", "dropping://s.tar", (".png",), LOCAL, frozenset()))
+    source = SourceConfig(url="dropping://", kind="tar", extensions=(".png",))
+    rows = list(_tar_rows("s.tar", "dropping://s.tar", source, LOCAL, frozenset(), Skipped()))
 
     assert DroppingFileSystem.dropped
     assert [(key, data, error) for key, _, data, error in rows] == [(f"s/{n}", d, None) for n, d in members.items()]
@@ -353,7 +482,7 @@ def test_parquet_rows_with_a_null_image_a_corrupt_file_and_resume(where, tmp_pat
         url, storage = s3_server.make_bucket(files), s3_server.storage
     source = SourceConfig(url=url, kind="parquet", key_column="id", image_column="bytes")
 
-    assert list_items(source, storage).column("key").to_pylist() == ["b.parquet", "c.parquet", "part/a.parquet"]
+    assert list_items(source, storage).items.column("key").to_pylist() == ["b.parquet", "c.parquet", "part/a.parquet"]
     rows = collect(read_source(source, storage, done_keys={"img-3"}))
 
     assert sorted(rows) == ["c/#file", "img-0", "img-1", "img-2", "img-4"]
