@@ -59,3 +59,20 @@ def test_is_safe_join():
     assert not is_safe_join("s3-bucket/out", "../b.png")
     assert not is_safe_join("s3-bucket/out", "/etc/passwd")
     assert not is_safe_join("s3-bucket/out", "a/../../b.png")
+
+
+def test_no_key_can_spell_another_keys_shortened_name():
+    """A short key written as a long key's shortened path (its head, the marker, its hash)
+    must not be given that path: the marker is escaped in keys, so only shortening writes it."""
+    victim = "photos/" + "y" * 300 + ".jpg"
+    forged = key_to_path(victim)[: -len(".png")]
+    assert len(forged.split("/")[-1].encode()) <= MAX_SEGMENT_BYTES  # short enough not to be shortened itself
+    assert key_to_path(forged) != key_to_path(victim)
+    assert key_to_path("a~b") == "a%7Eb.png" and path_to_key("a%7Eb.png") == "a~b"
+
+
+def test_shortened_names_carry_the_whole_sha256_of_the_segment():
+    import hashlib
+
+    segment = "z" * 300
+    assert key_to_path(segment).endswith("~" + hashlib.sha256(segment.encode()).hexdigest() + ".png")
