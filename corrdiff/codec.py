@@ -32,7 +32,7 @@ from corrdiff.config import ModelConfig
 from corrdiff.gamma import GammaFitter
 from corrdiff.latent_codec import LatentBitstreams, pad_amount, pad_to_stride
 from corrdiff.model import CorrDiffModel
-from corrdiff.record import ModelMismatchError, Record
+from corrdiff.record import ModelMismatchError, Record, check_padded_size
 from corrdiff.sampler import corrected_ddim, initial_state
 
 DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
@@ -197,6 +197,8 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
         raise ValueError(f"image {index}: expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image {index}: empty image {image.shape}")
+    height, width = image.shape[:2]
+    check_padded_size(height + pad_amount(height), width + pad_amount(width))  # before any model runs
     return image
 
 

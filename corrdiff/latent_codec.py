@@ -21,9 +21,16 @@ from torch import Tensor, nn
 
 from corrdiff.config import LatentConfig
 from corrdiff.fixed_point import ACT_FRAC_BITS, FixedPointHyperSynthesis, HyperSynthesis, to_fixed
+from corrdiff.record import RecordError
 
 LATENT_STRIDE = 16  # y is x downsampled 16 times
 HYPER_STRIDE = 64  # z is x downsampled 64 times: images are padded to a multiple of this
+# compressai's rANS strings are 32-bit words ending in the coder's 64-bit final state, and no
+# symbol costs more than 16 bits (its CDF precision) plus the bypass code of an out-of-range
+# value (a 4-bit count and at most 36 bits of value): 7 bytes, rounded up to 8.
+RANS_WORD_BYTES = 4
+RANS_FLUSH_BYTES = 8
+RANS_MAX_BYTES_PER_SYMBOL = 8
 
 
 def _conv(cin: int, cout: int, kernel: int = 5, stride: int = 2) -> nn.Conv2d:
@@ -177,8 +184,11 @@ class LatentCodec(nn.Module):
 
     def _decode(self, model: EntropyModel, strings: list[bytes], indexes: Tensor) -> Tensor:
         cdfs, lengths, offsets = _cdf_tables(model)
+        symbols = indexes[0].numel()
         decoded = [
-            self._rans_decoder.decode_with_indexes(string, indexes[i].reshape(-1).tolist(), cdfs, lengths, offsets)
+            self._rans_decoder.decode_with_indexes(
+                readable_string(string, symbols), indexes[i].reshape(-1).tolist(), cdfs, lengths, offsets,
+            )
             for i, string in enumerate(strings)
         ]
         return torch.tensor(decoded, dtype=torch.int64, device=indexes.device).view(indexes.shape)
@@ -192,6 +202,24 @@ def _cdf_tables(model: EntropyModel) -> tuple[list[list[int]], list[int], list[i
         model._cdf_length.reshape(-1).tolist(),
         model._offset.reshape(-1).tolist(),
     )
+
+
+def readable_string(string: bytes, symbols: int) -> bytes:
+    """Check a rANS string's length against the number of symbols it codes; return it with a
+    zero tail of one word per symbol.
+
+    compressai's decoder reads 32-bit words without bounds checks: a string shorter than its
+    symbols need (a record forged with a valid checksum) would make it read past the end of
+    the buffer and crash the process. Each decode step reads at most one word (bypass-coded
+    values aside, which a zero tail does not produce), so the tail keeps every read inside
+    the buffer; a string that was really written never reaches it, and decodes as before.
+    """
+    length = len(string)
+    if length % RANS_WORD_BYTES or not RANS_FLUSH_BYTES <= length <= RANS_FLUSH_BYTES + RANS_MAX_BYTES_PER_SYMBOL * symbols:
+        raise RecordError(f"entropy-coded string of {length} bytes is impossible for {symbols} symbols "
+                          f"(whole {RANS_WORD_BYTES}-byte words, {RANS_FLUSH_BYTES} to "
+                          f"{RANS_FLUSH_BYTES + RANS_MAX_BYTES_PER_SYMBOL * symbols} bytes)")
+    return string + bytes(RANS_WORD_BYTES * symbols)
 
 
 def pad_amount(size: int) -> int:

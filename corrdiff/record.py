@@ -18,7 +18,10 @@ Layout (little-endian), format version 1:
     end-4   4     CRC-32 (zlib) of every byte before it
 
 Parsing checks, in order: length, magic, checksum, version, then every field's range and
-the exact total length, so a truncated or corrupted record is reported, never decoded.
+the exact total length, so a truncated or corrupted record is reported, never decoded. A
+checksum proves only that the bytes are as written, not who wrote them: the image size is
+also bounded (:data:`MAX_PADDED_PIXELS`), because the decoder allocates buffers from it
+before it reads a single coded symbol.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ _HEADER = struct.Struct("<4sB16sIIBBBI")
 _LENGTH = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 MIN_RECORD_BYTES = _HEADER.size + 2 + 2 * _LENGTH.size + _CRC.size
+# The largest padded image (height + pad) * (width + pad) a record may describe: 2**27 px.
+# Every image within the pipeline's 100 Mpx decode limit (pipeline.images.DEFAULT_MAX_PIXELS)
+# fits unless it is a strip under ~190 px on a side, whose padding to 64 multiplies its area;
+# the encoder refuses larger images, so no record beyond it was ever written. Decoding one
+# takes a few GB; a forged 100000 x 100000 header would ask for hundreds.
+MAX_PADDED_PIXELS = 2**27
 
 
 class RecordError(ValueError):
@@ -134,9 +143,21 @@ def _validate_fields(record: Record) -> None:
     for name, size, pad in (("height", record.height, record.pad_bottom), ("width", record.width, record.pad_right)):
         if not 0 <= pad < PAD_MULTIPLE or (size + pad) % PAD_MULTIPLE:
             raise RecordError(f"invalid padding {pad} for {name} {size}")
+    check_padded_size(*record.padded_size)
     if not 1 <= record.steps <= 255:
         raise RecordError(f"invalid number of sampler steps {record.steps}")
     if not all(np.isfinite(record.gammas)):
         raise RecordError("record holds a non-finite gamma")
     if not 0 <= record.seed < 2**32:
         raise RecordError(f"invalid seed {record.seed}")
+
+
+def check_padded_size(height: int, width: int) -> None:
+    """Raise ``RecordError`` if a padded image of ``height x width`` exceeds :data:`MAX_PADDED_PIXELS`.
+
+    One check for both sides of the format: the encoder (an image too large to record) and
+    the parser (a header that would make the decoder allocate without bound).
+    """
+    if height * width > MAX_PADDED_PIXELS:
+        raise RecordError(f"image of {height}x{width} px (padded to a multiple of {PAD_MULTIPLE}) exceeds the "
+                          f"record limit of {MAX_PADDED_PIXELS} padded pixels")

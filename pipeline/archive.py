@@ -7,6 +7,10 @@ final name only once it is complete (written under a hidden temporary name, then
 renamed; object stores make the upload itself atomic), so on a rerun every key found in a
 readable file is done and is skipped, and a half-written file from a crash is invisible
 (hidden names are ignored by Parquet readers) and is cleaned up.
+
+Every data page carries a CRC-32 (Parquet page checksums), and every read of a data file
+verifies them (:func:`read_data_file`): a record has its own checksum, but a key, a size or
+an error text silently changed on disk would otherwise be read as if it were true.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data._internal.execution.interfaces import TaskContext
@@ -88,14 +93,27 @@ class ArchiveDatasink(Datasink[WrittenFile]):
             return WrittenFile("", 0)
         table = pa.concat_tables([t.select(SCHEMA.names).cast(SCHEMA) for t in tables]).replace_schema_metadata(
             self.schema.metadata)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        data = data_file_bytes(table)
         name = f"part-{self.job_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         fs, root = filesystem(self.url, self.storage)
         final, temp = posixpath.join(root, name), posixpath.join(root, TEMP_PREFIX + name)
-        with_retries(lambda: fs.pipe_file(temp, buffer.getvalue()), self.storage, f"write {temp}")
+        with_retries(lambda: fs.pipe_file(temp, data), self.storage, f"write {temp}")
         with_retries(lambda: fs.mv(temp, final), self.storage, f"rename {temp}")
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
+
+
+def data_file_bytes(table: pa.Table) -> bytes:
+    """A data file's bytes: zstd pages, each with its CRC-32 (checked by :func:`read_data_file`)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
+    return buffer.getvalue()
+
+
+def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str]) -> pa.Table:
+    """Columns of one data file, every page's checksum verified: a damaged page raises
+    (``OSError``) instead of being read as data. Files written before page checksums
+    existed have none to verify and read as before."""
+    return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:
@@ -123,7 +141,7 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
     files = list_data_files(url, storage)
     if not files:
         return SCHEMA.empty_table().select(columns)
-    return pa.concat_tables([pq.read_table(path, columns=columns, filesystem=fs) for path in files])
+    return pa.concat_tables([read_data_file(path, fs, columns) for path in files])
 
 
 def done_keys(url: str, storage: StorageConfig) -> set[str]:

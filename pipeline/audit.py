@@ -47,7 +47,7 @@ from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
-                                read_selected, sample_rows, sample_size)
+                                read_selected, sample_rows, sample_size, split_file_rows, with_read_failures)
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, read_bytes
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
@@ -271,9 +271,11 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     files = _files(config.archive, config.storage)
     selections = sample_rows(files, config.sample, config.seed)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    metrics = pa.concat_tables([_score(selections, config, plan, crop=0), _unreadable_file_rows(files)])
+    scored, failures = split_file_rows(_score(selections, config, plan, crop=0))
+    files = with_read_failures(files, failures)
+    metrics = pa.concat_tables([scored, _unreadable_file_rows(files)])
     crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
-    measures = audit_measures(metrics)
+    measures = audit_measures(metrics, files)
     summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
     summary["models"] = model_locations(metrics["model_id"].to_pylist(), config.models)
     write_report(config.report, config.storage, summary, metrics, crops)
@@ -296,14 +298,17 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     models: set[str | None] = set()
     problems = []
+    failures: dict[str, str] = {}
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        batch = batch.drop_columns(["pixels"])
+        batch, failed = split_file_rows(batch.drop_columns(["pixels"]))
+        failures |= failed
         statuses.update(batch["status"].to_pylist())
         models.update(batch["model_id"].to_pylist())
         bad = batch.filter(pc.not_equal(batch["status"], OK))
         if bad.num_rows:
             problems.append(bad)
     table = pa.concat_tables(problems) if problems else None
+    files = with_read_failures(files, failures)
     stored = check_stored_models(config.archive, config.storage)
     metrics = _problem_rows(table, files, stored)
     measures = verify_measures(statuses, files, stored)
@@ -376,8 +381,9 @@ def _problem_rows(problems: pa.Table | None, files: list[ArchiveFile], stored: l
 # Measures -----------------------------------------------------------------------------
 
 
-def audit_measures(metrics: pa.Table) -> dict[str, float | None]:
-    """Every measure a threshold can name (pipeline/thresholds.py), from the per-image table."""
+def audit_measures(metrics: pa.Table, files: list[ArchiveFile]) -> dict[str, float | None]:
+    """Every measure a threshold can name (pipeline/thresholds.py), from the per-image table
+    and the archive's files (for the rows that unreadable files held)."""
     records = Counter(metrics["record_status"].to_pylist())
     originals = Counter(metrics["original_status"].to_pylist())
     sampled = metrics.num_rows - records.get(UNREADABLE_FILE, 0)
@@ -386,7 +392,7 @@ def audit_measures(metrics: pa.Table) -> dict[str, float | None]:
         values = np.array([v for v in metrics[metric].to_pylist() if v is not None], dtype=np.float64)
         measures |= {f"{metric}.{s}": _statistic(values, s) for s in STATISTICS}
     measures["scored"] = int(pc.sum(pc.is_valid(metrics["psnr"])).as_py() or 0)
-    measures |= _record_counts(records, sampled)
+    measures |= _record_counts(records, sampled, files)
     measures |= {
         "missing_originals": originals.get(ORIGINAL_MISSING, 0),
         "changed_originals": originals.get(ORIGINAL_CHANGED, 0),
@@ -400,14 +406,16 @@ def verify_measures(statuses: Counter[str], files: list[ArchiveFile],
                     stored: list[StoredModelCheck]) -> dict[str, float | None]:
     """The record counts, and the archive's own model files that fail verification: a damaged
     copy is an integrity failure even while another copy (the package's) still decodes."""
-    records = Counter(statuses) + Counter({UNREADABLE_FILE: sum(1 for f in files if f.error)})
-    measures = _record_counts(records, sum(statuses.values()))
+    measures = _record_counts(Counter(statuses), sum(statuses.values()), files)
     damaged = sum(1 for check in stored if check.error)
     return measures | {"damaged_model_files": damaged, "integrity_failures": measures["integrity_failures"] + damaged}
 
 
-def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:
+def _record_counts(records: Counter[str], rows: int, files: list[ArchiveFile]) -> dict[str, float | None]:
+    """Counts by record status, and the unreadable files: each is an integrity failure per row
+    its footer says it held (every one of them is lost), or one if even the footer is gone."""
     failed = sum(records.get(s, 0) for s in (COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED))
+    unreadable = [f for f in files if f.error]
     return {
         "sampled": rows,
         "error_rate": failed / rows if rows else None,
@@ -416,9 +424,10 @@ def _record_counts(records: Counter[str], rows: int) -> dict[str, float | None]:
         "decode_failures": records.get(DECODE_FAILED, 0),
         "model_missing": records.get(MODEL_MISSING, 0),
         "worker_deaths": records.get(WORKER_DIED, 0),
-        "unreadable_files": records.get(UNREADABLE_FILE, 0),
-        "integrity_failures": sum(records.get(s, 0)
-                                  for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED, UNREADABLE_FILE)),
+        "unreadable_files": len(unreadable),
+        "unreadable_rows": sum(f.rows for f in unreadable),
+        "integrity_failures": sum(records.get(s, 0) for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED))
+        + sum(max(1, f.rows) for f in unreadable),
     }
 
 

@@ -34,12 +34,13 @@ from pipeline.keys import is_safe_join, key_to_path
 from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
-from pipeline.selection import all_rows, archive_files, read_selected
+from pipeline.selection import all_rows, archive_files, read_selected, split_file_rows, with_read_failures
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 NOT_IN_ARCHIVE = "not_in_archive"
 WRITE_FAILED = "write_failed"
+UNREADABLE_FILE = "unreadable_file"  # a data file that cannot be read, or a requested key that may be in one
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("path", pa.string()), ("status", pa.string()), ("error", pa.string()),
@@ -166,14 +167,33 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
 
 def _write_manifest(dataset: ray.data.Dataset, files: list, keys: frozenset[str] | None, config: DecodeConfig,
                     run_id: str) -> pa.Table:
-    """Stream the manifest rows into OUTPUT/_restore/<run>.parquet, adding the rows for
-    unreadable archive files and for asked-for keys that the archive does not hold."""
-    tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
-    extra = [{"key": None, "status": "unreadable_file", "error": f.error, "archive_file": f.path, "mode": config.mode}
-             for f in files if f.error]
+    """Stream the manifest rows into OUTPUT/_restore/<run>.parquet, adding a row for each
+    unreadable archive file and for each asked-for key that no readable file holds.
+
+    Such a key is ``not_in_archive`` only when every file could be read. Otherwise the
+    keys of the unreadable files are unknown (their key pages may be the damaged ones), so
+    it is ``unreadable_file``, naming the files that could not be read: it may be in one.
+    """
+    tables, failures = [], {}
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch, failed = split_file_rows(batch)
+        failures |= failed
+        if batch.num_rows:
+            tables.append(batch)
+    unreadable = [f for f in with_read_failures(files, failures) if f.error]
+    extra = [{"key": None, "status": UNREADABLE_FILE, "error": f.error, "archive_file": f.path, "mode": config.mode}
+             for f in unreadable]
     found = {k for t in tables for k in t["key"].to_pylist()}
-    extra += [{"key": k, "status": NOT_IN_ARCHIVE, "error": "key not in archive", "mode": config.mode}
-              for k in sorted(keys - found)] if keys is not None else []
+    missing = sorted(keys - found) if keys is not None else []
+    if unreadable:
+        names = ", ".join(f.path for f in unreadable)
+        extra += [{"key": k, "status": UNREADABLE_FILE, "mode": config.mode,
+                   "archive_file": unreadable[0].path if len(unreadable) == 1 else None,
+                   "error": f"key not in any readable archive file; it may be in the {len(unreadable)} that could "
+                            f"not be read: {names}"} for k in missing]
+    else:
+        extra += [{"key": k, "status": NOT_IN_ARCHIVE, "error": "key not in archive", "mode": config.mode}
+                  for k in missing]
     manifest = pa.concat_tables([*tables, pa.Table.from_pylist(extra, schema=MANIFEST_SCHEMA)])
     fs, root = filesystem(config.output, config.storage)
     fs.makedirs(posixpath.join(root, "_restore"), exist_ok=True)

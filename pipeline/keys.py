@@ -6,11 +6,15 @@ readable (``photos/cat.jpg`` -> ``photos/cat.jpg.png``: the key's folders become
 and the suffix is appended, never substituted, so ``a.jpg`` and ``a.png`` cannot collide)
 and makes every other key safe by percent-encoding, segment by segment:
 
-- ``%``, ``\\``, control characters (Unicode category C*) and the characters Windows
-  forbids in names (``<>:"|?*``) become ``%XX`` escapes of their UTF-8 bytes;
+- ``%``, ``\\``, ``~`` (the shortening marker, below), control characters (Unicode
+  category C*) and the characters Windows forbids in names (``<>:"|?*``) become ``%XX``
+  escapes of their UTF-8 bytes;
 - a segment that is ``.`` or ``..`` is written ``%2E`` / ``%2E%2E``; an empty segment (a
   leading ``/`` of an absolute key, ``a//b``) is written ``%``;
-- a segment longer than 200 bytes is cut and given a hash of the whole segment.
+- a segment longer than 200 bytes is cut and given ``~`` and the SHA-256 of the whole
+  segment (all 256 bits, in hex). Only shortening writes a bare ``~``, so no key can spell
+  another's shortened name, and telling two long segments apart would take a SHA-256
+  collision.
 
 Because ``%`` itself is always escaped, the mapping is injective (no two keys share a
 path) and, below the length limit, :func:`path_to_key` inverts it. No result can contain
@@ -24,7 +28,7 @@ import posixpath
 import unicodedata
 from urllib.parse import unquote
 
-_ESCAPED = frozenset('%\\<>:"|?*')
+_ESCAPED = frozenset('%\\~<>:"|?*')
 _EMPTY_SEGMENT = "%"
 MAX_SEGMENT_BYTES = 200  # file systems allow 255; room for the suffix and a hash
 
@@ -64,9 +68,9 @@ def _encode_segment(segment: str) -> str:
     encoded = "".join(_escape(c) if c in _ESCAPED or unicodedata.category(c).startswith("C") else c
                       for c in segment)
     if len(encoded.encode()) > MAX_SEGMENT_BYTES:
-        digest = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        head = encoded.encode()[: MAX_SEGMENT_BYTES - 18].decode(errors="ignore").rstrip("%0123456789ABCDEF")
-        encoded = f"{head}~{digest}"
+        digest = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).hexdigest()
+        head = encoded.encode()[: MAX_SEGMENT_BYTES - len(digest) - 1].decode(errors="ignore")
+        encoded = f"{head.rstrip('%0123456789ABCDEF')}~{digest}"
     return encoded
 
 

@@ -14,16 +14,18 @@ it can be mailed, attached to a ticket or opened from object storage years later
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
 import posixpath
 from typing import Any
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from markupsafe import Markup
 
 from pipeline.selection import describe_sample
 from pipeline.storage import StorageConfig, filesystem, with_retries
@@ -100,30 +102,96 @@ figcaption{font-size:.8rem;color:#555}.worst{margin-bottom:1.2rem}code{font-size
 """
 
 
+# Every value reaches the page through Jinja2 with autoescaping: keys, error texts, config
+# values and, above all, earlier audits' summary.json files (read back from the report
+# prefix, which anyone who can write there controls) are data, never markup. The only
+# markup not written in this template is trusted constant text (_ABOUT_*).
+_PAGE = """
+{%- macro td(value) %}<td{% if numeric(value) %} class='num'{% endif %}>{{ value }}</td>{% endmacro %}
+{%- macro img(png, alt) %}<img alt='{{ alt }}' src='data:image/png;base64,{{ b64(png) }}'>{% endmacro -%}
+<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{{ title }}</title>
+<style>{{ style }}</style></head><body>
+<h1>{{ title }}</h1>
+<p class='muted'>{{ summary.time }} &middot; archive <code>{{ summary.archive }}</code></p>
+{% if failed %}<div class='banner FAIL'>FAIL: {{ failed|length }} of {{ summary.checks|length }} checks breached: {{ breaches }}</div>
+{%- else %}<div class='banner PASS'>PASS: all {{ summary.checks|length }} checks hold</div>{% endif %}
+<h2>Overview</h2><table>{% for label, value in overview %}<tr><td>{{ label }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
+<h2>Checks</h2>
+{%- if summary.checks %}<table><tr><th>measure</th><th>required</th><th>value</th><th>result</th></tr>
+{%- for c in summary.checks %}<tr>{{ td(c.measure) }}{{ td(c.bound) }}{{ td(fmt(c.value)) }}<td><span class='{{ c.status|replace("/", "") }}'>{{ c.status|upper }}</span></td></tr>{% endfor %}</table>
+<p class='muted'>A check without a value fails: quality that cannot be measured is not shown. N/A: this kind of run does not compute the measure.</p>
+{%- else %}<p>No thresholds configured.</p>{% endif %}
+<h2>Trend ({{ count(trend|length, noun) }} under this report prefix)</h2>
+<table><tr><th>run</th><th>time</th><th>archive rows</th>{% for _, label in trend_columns %}<th>{{ label }}</th>{% endfor %}<th>verdict</th></tr>
+{%- for s in trend[-20:] %}<tr>{{ td(s.audit_id ~ (" (this)" if loop.last else "")) }}{{ td(s.time) }}{{ td(thousands(s.archive_rows)) }}
+{%- for key, _ in trend_columns %}{{ td(fmt(s.measures.get(key))) }}{% endfor %}<td><span class='{{ s.verdict|lower }}'>{{ s.verdict }}</span></td></tr>{% endfor %}</table>
+{%- if trend_plot %}<div class='plots'>{{ img(trend_plot, 'trend of median LPIPS and p5 PSNR') }}</div>{% endif %}
+{%- if summary.kind == "audit" %}
+<h2>Distributions</h2>{% if distribution_plot %}<div class='plots'>{{ img(distribution_plot, 'histograms of bpp, PSNR and LPIPS, and rate against quality') }}</div>{% else %}<p>No image could be scored.</p>{% endif %}
+{%- if worst %}
+<h2>Worst images</h2><p class='muted'>The sampled images with the highest LPIPS; each crop is the region with the largest squared error, original on the left, restored on the right, at 1:1 pixels (shown at 256 px wide).</p>
+{%- for w in worst %}
+<div class='worst'><div><code>{{ w.key }}</code> &middot; LPIPS {{ fmt(w.lpips) }} &middot; PSNR {{ fmt(w.psnr) }} dB &middot; {{ fmt(w.bpp) }} bpp &middot; {{ w.width }}x{{ w.height }} px, crop {{ w.box[2] }}x{{ w.box[3] }} at ({{ w.box[0] }}, {{ w.box[1] }})</div><div class='pair'><figure>{{ img(w.original, 'original') }}<figcaption>original</figcaption></figure><figure>{{ img(w.restored, 'restored') }}<figcaption>restored</figcaption></figure></div></div>
+{%- endfor %}{% endif %}{% endif %}
+<h2>Integrity</h2><table><tr><th>finding</th><th>count</th></tr>{% for finding, n in counts %}<tr>{{ td(finding) }}{{ td(n) }}</tr>{% endfor %}</table>
+{%- if problems %}
+<p>{{ count(problems|length, 'row') }} with a finding{% if problems|length > shown|length %}; the first {{ shown|length }} shown, all in metrics.parquet{% endif %}:</p>
+<table><tr><th>key</th><th>record</th>{% if audit %}<th>original</th>{% endif %}<th>reason</th><th>archive file</th></tr>
+{%- for r in shown %}<tr>{{ td(r.key or "-") }}{{ td(r.record_status) }}{% if audit %}{{ td(r.original_status or "-") }}{% endif %}{{ td(r.error or "") }}<td><code>{{ basename(r.archive_file or "") }}</code> row {{ r.archive_row }}</td></tr>{% endfor %}</table>
+{%- endif %}
+<h2>How to read this</h2><ul class='muted'>{{ about }}</ul><p class='muted'>Files of this run:</p><ul>{% for url in summary.get("files", {}).values() %}<li><code>{{ url }}</code></li>{% endfor %}</ul>
+</body></html>"""
+_ABOUT_AUDIT = Markup(
+    "<li><b>LPIPS</b> (AlexNet, real ImageNet weights): perceptual distance to the original; 0 is identical, "
+    "lower is better; below about 0.1 differences are hard to see.</li>"
+    "<li><b>PSNR</b>: over all RGB values, peak 255; higher is better. <b>MS-SSIM</b>: 1 is identical; not "
+    "defined for images with a side of 160 px or less.</li>"
+    "<li><b>bpp</b>: bits of the stored record (all headers included) per pixel.</li>"
+    "<li><b>Originals</b> are fetched from each row's source_uri and their SHA-256 compared with the one "
+    "stored at compression; a changed or missing original is reported and not scored.</li>"
+    "<li>The sample is stratified over the archive's files and seeded: the same seed over the same files "
+    "scores the same images.</li>")
+_ABOUT_VERIFY = Markup(
+    "<li>Every row of every archive file was read, and every record decoded with the fast end-to-end "
+    "decoder: its checksum, format, model and entropy-coded data were all checked. Images are not "
+    "compared with their originals here; an audit does that for a sample.</li>"
+    "<li><b>Compress errors</b> are inputs that were never archived (bad images, with their reason): "
+    "they count in the error rate, not as integrity failures.</li>"
+    "<li><b>Unreadable files</b> (a footer that cannot be read, a page that fails its checksum) count as "
+    "an integrity failure per row their footer says they held.</li>")
+
+
 def render_html(summary: dict[str, Any], metrics: pa.Table, crops: pa.Table, history: list[dict[str, Any]]) -> str:
+    """The report page; ``history`` ends with this run's summary (earlier ones are untrusted)."""
     kind = summary["kind"]
-    title = f"CorrDiff archive {'audit' if kind == 'audit' else 'integrity check'} {summary['audit_id']}"
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>",
-             f"<style>{_STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
-             f"<p class='muted'>{_e(summary['time'])} &middot; archive <code>{_e(summary['archive'])}</code></p>",
-             _banner(summary), _overview(summary), _checks(summary)]
-    if kind == "audit":
-        parts += [_trend(history), _plots(metrics), _worst(metrics, crops)]
-    else:
-        parts.append(_trend(history))
-    parts += [_integrity(summary, metrics), _about(summary), "</body></html>"]
-    return "\n".join(parts)
-
-
-def _banner(summary: dict[str, Any]) -> str:
+    audit = kind == "audit"
     failed = [c for c in summary["checks"] if c["status"] == "fail"]
-    if not failed:
-        return f"<div class='banner PASS'>PASS: all {len(summary['checks'])} checks hold</div>"
-    items = "; ".join(f"{c['measure']} = {_fmt(c['value'])}, required {c['bound']}" for c in failed)
-    return f"<div class='banner FAIL'>FAIL: {len(failed)} of {len(summary['checks'])} checks breached: {_e(items)}</div>"
+    trend = [s for s in history if isinstance(s, dict) and s.get("kind") == kind
+             and isinstance(s.get("measures"), dict)]
+    problems = [r for r in metrics.to_pylist()
+                if r["record_status"] != "ok" or (audit and r["original_status"] not in (None, "ok"))]
+    return _template().render(
+        title=f"CorrDiff archive {'audit' if audit else 'integrity check'} {summary['audit_id']}",
+        style=Markup(_STYLE), summary=summary, failed=failed, audit=audit, noun="audit" if audit else "integrity check",
+        breaches="; ".join(f"{c['measure']} = {_fmt(c['value'])}, required {c['bound']}" for c in failed),
+        overview=_overview(summary), trend=trend, trend_columns=TREND_MEASURES[kind],
+        trend_plot=_trend_plot(trend[-20:]) if audit and len(trend) >= 2 else None,
+        distribution_plot=_plots(metrics) if audit else None, worst=_worst(metrics, crops) if audit else [],
+        counts=_integrity_counts(summary), problems=problems, shown=problems[:PROBLEM_ROWS_SHOWN],
+        about=_ABOUT_AUDIT if audit else _ABOUT_VERIFY,
+    )
 
 
-def _overview(summary: dict[str, Any]) -> str:
+@functools.cache
+def _template() -> jinja2.Template:
+    """The page template, in an environment that escapes every value it renders."""
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined)
+    environment.globals |= {"fmt": _fmt, "thousands": _thousands, "numeric": _numeric, "count": _count,
+                            "b64": lambda png: base64.b64encode(png).decode(), "basename": posixpath.basename}
+    return environment.from_string(_PAGE)
+
+
+def _overview(summary: dict[str, Any]) -> list[tuple[str, str]]:
     m, config = summary["measures"], summary["config"]
     rows = [("archive rows / files", f"{summary['archive_rows']:,} in {_count(summary['archive_files'], 'file')}")]
     if summary["kind"] == "audit":
@@ -143,115 +211,41 @@ def _overview(summary: dict[str, Any]) -> str:
              ("models (where found)", ", ".join(f"{model_id}: {location or 'found nowhere'}"
                                                 for model_id, location in summary.get("models", {}).items()) or "-"),
              ("run time", f"{summary['seconds']} s")]
-    return "<h2>Overview</h2>" + _table(None, rows, align_numbers=False)
+    return rows
 
 
-def _checks(summary: dict[str, Any]) -> str:
-    rows = [(c["measure"], c["bound"], _fmt(c["value"]),
-             f"<span class='{c['status'].replace('/', '')}'>{c['status'].upper()}</span>") for c in summary["checks"]]
-    note = "<p class='muted'>A check without a value fails: quality that cannot be measured is not shown. " \
-           "N/A: this kind of run does not compute the measure.</p>"
-    return "<h2>Checks</h2>" + (_table(["measure", "required", "value", "result"], rows, raw_last=True) + note
-                                if rows else "<p>No thresholds configured.</p>")
-
-
-def _trend(history: list[dict[str, Any]]) -> str:
-    kind = history[-1]["kind"]
-    same_kind = [s for s in history if s.get("kind") == kind]
-    columns = TREND_MEASURES[kind]
-    header = ["run", "time", "archive rows"] + [label for _, label in columns] + ["verdict"]
-    rows = [(_e(s["audit_id"]) + (" (this)" if s is history[-1] else ""), _e(s["time"]),
-             f"{s.get('archive_rows', 0):,}", *[_fmt(s["measures"].get(key)) for key, _ in columns],
-             f"<span class='{s['verdict'].lower()}'>{s['verdict']}</span>") for s in same_kind[-20:]]
-    noun = "audit" if kind == "audit" else "integrity check"
-    out = f"<h2>Trend ({_count(len(same_kind), noun)} under this report prefix)</h2>"
-    out += _table(header, rows, raw=True)
-    if len(same_kind) >= 2 and kind == "audit":
-        out += f"<div class='plots'>{_img(_trend_plot(same_kind[-20:]), 'trend of median LPIPS and p5 PSNR')}</div>"
-    return out
-
-
-def _plots(metrics: pa.Table) -> str:
+def _plots(metrics: pa.Table) -> bytes | None:
+    """The distribution plots' PNG, or None if no image could be scored."""
     columns = {name: np.array([v for v in metrics[name].to_pylist() if v is not None and math.isfinite(v)])
                for name in ("bpp", "psnr", "lpips", "ms_ssim")}
-    if not any(len(v) for v in columns.values()):
-        return "<h2>Distributions</h2><p>No image could be scored.</p>"
-    return ("<h2>Distributions</h2><div class='plots'>" + _img(_distribution_plot(metrics, columns),
-            "histograms of bpp, PSNR and LPIPS, and rate against quality") + "</div>")
+    return _distribution_plot(metrics, columns) if any(len(v) for v in columns.values()) else None
 
 
-def _worst(metrics: pa.Table, crops: pa.Table) -> str:
-    if crops.num_rows == 0:
-        return ""
+def _worst(metrics: pa.Table, crops: pa.Table) -> list[dict[str, Any]]:
+    """The worst images' crops, worst first, with their scores."""
     by_key = {r["key"]: r for r in metrics.to_pylist() if r["key"] is not None}
-    out = ["<h2>Worst images</h2><p class='muted'>The sampled images with the highest LPIPS; each crop is the "
-           "region with the largest squared error, original on the left, restored on the right, at 1:1 pixels "
-           "(shown at 256 px wide).</p>"]
     ranked = sorted(crops.to_pylist(), key=lambda c: worst_first(by_key.get(c["key"], {})))
-    for crop in ranked:
-        row = by_key.get(crop["key"], {})
-        left, top, width, height = crop["crop_box"]
-        caption = (f"<code>{_e(crop['key'])}</code> &middot; LPIPS {_fmt(row.get('lpips'))} &middot; "
-                   f"PSNR {_fmt(row.get('psnr'))} dB &middot; {_fmt(row.get('bpp'))} bpp &middot; "
-                   f"{row.get('width')}x{row.get('height')} px, crop {width}x{height} at ({left}, {top})")
-        out.append(f"<div class='worst'><div>{caption}</div><div class='pair'>"
-                   f"<figure>{_img(crop['original_png'], 'original')}<figcaption>original</figcaption></figure>"
-                   f"<figure>{_img(crop['restored_png'], 'restored')}<figcaption>restored</figcaption></figure>"
-                   f"</div></div>")
-    return "\n".join(out)
+    return [{"key": crop["key"], "box": crop["crop_box"], "original": crop["original_png"],
+             "restored": crop["restored_png"], **{name: by_key.get(crop["key"], {}).get(name)
+                                                  for name in ("lpips", "psnr", "bpp", "width", "height")}}
+            for crop in ranked]
 
 
-def _integrity(summary: dict[str, Any], metrics: pa.Table) -> str:
+def _integrity_counts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     m = summary["measures"]
     counts = [("compress errors (images that were never archived)", m["compress_errors"]),
               ("corrupt records (checksum or format)", m["corrupt_records"]),
               ("records whose model is not available", m["model_missing"]),
               ("records that failed to decode", m["decode_failures"]),
-              ("unreadable archive files", m["unreadable_files"])]
+              ("records whose restore killed its worker every time (out of memory?)", m.get("worker_deaths", 0)),
+              ("unreadable archive files", m["unreadable_files"]),
+              ("rows those files held (per their footers)", m["unreadable_rows"])]
     if summary["kind"] == "audit":
         counts += [("originals missing", m["missing_originals"]), ("originals changed since archiving",
                                                                    m["changed_originals"]),
                    ("originals unreadable", m["unreadable_originals"]),
                    ("originals without a stored checksum", m["originals_without_checksum"])]
-    audit = summary["kind"] == "audit"
-    problems = [r for r in metrics.to_pylist()
-                if r["record_status"] != "ok" or (audit and r["original_status"] not in (None, "ok"))]
-    rows = [(_e(r["key"] or "-"), _e(r["record_status"]), *([_e(r["original_status"] or "-")] if audit else []),
-             _e(r["error"] or ""),
-             f"<code>{_e(posixpath.basename(r['archive_file'] or ''))}</code> row {r['archive_row']}")
-            for r in problems[:PROBLEM_ROWS_SHOWN]]
-    out = "<h2>Integrity</h2>" + _table(["finding", "count"], [(k, str(v)) for k, v in counts])
-    if rows:
-        more = len(problems) - len(rows)
-        out += (f"<p>{_count(len(problems), 'row')} with a finding" + (f"; the first {len(rows)} shown, all in "
-                "metrics.parquet" if more > 0 else "") + ":</p>")
-        out += _table(["key", "record", *(["original"] if audit else []), "reason", "archive file"], rows, raw=True)
-    return out
-
-
-def _about(summary: dict[str, Any]) -> str:
-    files = summary.get("files", {})
-    links = "".join(f"<li><code>{_e(url)}</code></li>" for url in files.values())
-    if summary["kind"] == "audit":
-        items = (
-            "<li><b>LPIPS</b> (AlexNet, real ImageNet weights): perceptual distance to the original; 0 is identical, "
-            "lower is better; below about 0.1 differences are hard to see.</li>"
-            "<li><b>PSNR</b>: over all RGB values, peak 255; higher is better. <b>MS-SSIM</b>: 1 is identical; not "
-            "defined for images with a side of 160 px or less.</li>"
-            "<li><b>bpp</b>: bits of the stored record (all headers included) per pixel.</li>"
-            "<li><b>Originals</b> are fetched from each row's source_uri and their SHA-256 compared with the one "
-            "stored at compression; a changed or missing original is reported and not scored.</li>"
-            "<li>The sample is stratified over the archive's files and seeded: the same seed over the same files "
-            "scores the same images.</li>")
-    else:
-        items = (
-            "<li>Every row of every archive file was read, and every record decoded with the fast end-to-end "
-            "decoder: its checksum, format, model and entropy-coded data were all checked. Images are not "
-            "compared with their originals here; an audit does that for a sample.</li>"
-            "<li><b>Compress errors</b> are inputs that were never archived (bad images, with their reason): "
-            "they count in the error rate, not as integrity failures.</li>")
-    return (f"<h2>How to read this</h2><ul class='muted'>{items}</ul>"
-            f"<p class='muted'>Files of this run:</p><ul>{links}</ul>")
+    return counts
 
 
 # Plots --------------------------------------------------------------------------------
@@ -295,16 +289,16 @@ def _trend_plot(history: list[dict[str, Any]]) -> bytes:
 
     figure, left = plt.subplots(figsize=(9, 3.2))
     x = np.arange(len(history))
-    lpips = [s["measures"].get("lpips.median") for s in history]
-    psnr = [s["measures"].get("psnr.p5") for s in history]
-    left.plot(x, [v if v is not None else np.nan for v in lpips], "o-", color="#c44e52", label="median LPIPS")
+    lpips = [_number(s["measures"].get("lpips.median")) for s in history]
+    psnr = [_number(s["measures"].get("psnr.p5")) for s in history]
+    left.plot(x, lpips, "o-", color="#c44e52", label="median LPIPS")
     left.set_ylabel("median LPIPS", color="#c44e52")
     right = left.twinx()
-    right.plot(x, [v if v is not None else np.nan for v in psnr], "s-", color="#4c72b0", label="p5 PSNR")
+    right.plot(x, psnr, "s-", color="#4c72b0", label="p5 PSNR")
     right.set_ylabel("5th-percentile PSNR (dB)", color="#4c72b0")
-    left.set_xticks(x, [s["time"][:16].replace("T", "\n") for s in history], fontsize=7)
+    left.set_xticks(x, [str(s.get("time"))[:16].replace("T", "\n") for s in history], fontsize=7)
     for i, s in enumerate(history):
-        if s["verdict"] == "FAIL":
+        if s.get("verdict") == "FAIL":
             left.axvspan(i - 0.4, i + 0.4, color="#fce8e6", zorder=0)
     left.set_title("audits under this report prefix (red band: FAIL)", fontsize=10)
     figure.tight_layout()
@@ -323,28 +317,8 @@ def _png(figure) -> bytes:
 # Small helpers ------------------------------------------------------------------------
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def _table(columns: list[str] | None, rows: list[tuple], raw: bool = False, raw_last: bool = False,
-           align_numbers: bool = True) -> str:
-    """Rows as an HTML table; cells are escaped unless ``raw`` (or ``raw_last``: the last cell);
-    numbers are right-aligned (``align_numbers``) for columns of values to compare."""
-    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>" if columns else ""
-    body = []
-    for row in rows:
-        cells = []
-        for i, value in enumerate(row):
-            text = str(value) if raw or (raw_last and i == len(row) - 1) else _e(str(value))
-            cls = " class='num'" if align_numbers and _numeric(value) else ""
-            cells.append(f"<td{cls}>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table>{head}{''.join(body)}</table>"
 
 
 def _numeric(value: Any) -> bool:
@@ -365,5 +339,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+def _number(value: Any) -> float:
+    """A plotted value: a number, or NaN for none (or for whatever else an earlier summary holds)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
+def _thousands(value: Any) -> str:
+    """A count with thousands separators; anything else (an earlier summary may hold anything) as text."""
+    return f"{value:,}" if isinstance(value, int) else _fmt(value)

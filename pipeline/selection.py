@@ -13,6 +13,7 @@ same files gives the same sample (a rerun of an audit scores the same images).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.archive import SCHEMA, list_data_files
+from pipeline.archive import SCHEMA, list_data_files, read_data_file
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # The archive columns the decode/audit stages need; never "gammas" or other bulk.
@@ -139,8 +140,7 @@ def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: frozenset[str
     for path, rows in zip(batch["path"].to_pylist(), batch["rows"].to_pylist()):
         fs, stripped = filesystem(path, storage)
         try:
-            table = with_retries(lambda: pq.read_table(stripped, columns=columns, filesystem=fs), storage,
-                                 f"read {path}")
+            table = with_retries(lambda: read_data_file(stripped, fs, columns), storage, f"read {path}")
         except Exception as error:  # noqa: BLE001 - reported as a row, like any other finding
             tables.append(_unreadable_file_row(path, f"unreadable archive file: {type(error).__name__}: {error}",
                                                columns))
@@ -155,9 +155,31 @@ def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: frozenset[str
     return pa.concat_tables(tables)
 
 
+def split_file_rows(table: pa.Table) -> tuple[pa.Table, dict[str, str]]:
+    """Split the rows that stand for unreadable data files off a stage's output.
+
+    A file whose footer reads but whose pages do not (a failed page checksum, a damaged
+    page) is found only when a task reads it, and comes back as one row keyed ``#file``;
+    whatever stage it passed through, it is a file finding, not a record's. Returns the
+    other rows, and each such file's path with its error.
+    """
+    stands_for_file = pc.fill_null(pc.and_(pc.equal(table["key"], UNREADABLE_FILE_KEY),
+                                           pc.equal(table["archive_row"], -1)), False)
+    failed = table.filter(stands_for_file)
+    return table.filter(pc.invert(stands_for_file)), dict(zip(failed["archive_file"].to_pylist(),
+                                                             failed["error"].to_pylist()))
+
+
+def with_read_failures(files: list[ArchiveFile], failures: dict[str, str]) -> list[ArchiveFile]:
+    """The files, those that failed when read marked unreadable with their error; their row
+    count stays the footer's: the rows the archive lost."""
+    return [dataclasses.replace(f, error=failures[f.path]) if f.error is None and f.path in failures else f
+            for f in files]
+
+
 def _unreadable_file_row(path: str, error: str, columns: list[str]) -> pa.Table:
     """One row standing for a data file whose rows cannot be read (key ``#file``, row -1)."""
-    schema = SCHEMA.select(columns)
+    schema = pa.schema([SCHEMA.field(name) for name in columns])
     values = {name: [None] for name in columns} | {"key": [UNREADABLE_FILE_KEY], "error": [error]}
     table = pa.Table.from_pydict(values, schema=schema)
     return table.append_column("archive_file", pa.array([path])).append_column("archive_row", pa.array([-1]))

@@ -25,8 +25,8 @@ METRICS = ("psnr", "ms_ssim", "lpips", "dists", "bpp")
 STATISTICS = ("mean", "median", "p5", "p95", "min", "max")
 COUNT_MEASURES = (
     "sampled", "scored", "error_rate", "compress_errors", "corrupt_records", "decode_failures", "model_missing",
-    "worker_deaths",
-    "unreadable_files", "integrity_failures", "missing_originals", "changed_originals", "unreadable_originals",
+    "worker_deaths", "unreadable_files", "unreadable_rows", "integrity_failures", "missing_originals",
+    "changed_originals", "unreadable_originals",
     "originals_without_checksum", "damaged_model_files",
 )
 MEASURES = tuple(f"{m}.{s}" for m in METRICS for s in STATISTICS) + COUNT_MEASURES

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -45,3 +47,25 @@ def photo_folder(root: Path, broken: bool = True) -> dict[str, str | None]:
             "bad/too-large.png": "image too large",
         }
     return expected
+
+
+def damage_a_page(path: Path, column: str = "key") -> None:
+    """Flip one byte inside a page of ``column`` (row group 0) of a Parquet file, choosing a
+    byte whose flip a reader that skips page checksums does not notice: the file still
+    reads, with different values. Only page checksums can tell."""
+    data = path.read_bytes()
+    chunk = next(c for c in (pq.read_metadata(path).row_group(0).column(i)
+                             for i in range(pq.read_metadata(path).num_columns)) if c.path_in_schema == column)
+    start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+    original = pq.read_table(pa.BufferReader(data), columns=[column])
+    for position in reversed(range(start, start + chunk.total_compressed_size)):  # a page's data, not its header
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01
+        try:
+            silent = not pq.read_table(pa.BufferReader(bytes(damaged)), columns=[column]).equals(original)
+        except Exception:  # noqa: BLE001 - a flip the decompressor catches anyway: try the next byte
+            continue
+        if silent:
+            path.write_bytes(bytes(damaged))
+            return
+    raise AssertionError(f"no byte of {column}'s pages in {path} changes its values silently")

@@ -231,3 +231,107 @@ def test_audit_on_s3(s3_server, ray_local, tiny_model, tmp_path):
     assert "PASS" in page and page.count("data:image/png;base64,") == 3
     keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket_name, Prefix="audits/")["Contents"]}
     assert {"audits/s3/metrics.parquet", "audits/s3/report.html", "audits/latest.json"} <= keys
+
+
+def _one_file_archive(root: Path) -> Path:
+    """A data file written by the archive writer (no Ray): three rows, one an error row."""
+    from datetime import datetime, timezone
+
+    from pipeline.archive import SCHEMA, data_file_bytes
+
+    rows = [{"key": f"photos/{name}.jpg", "source_uri": f"file:///in/{name}.jpg", "record": bytes(60) if name else None,
+             "error": None if name else "corrupt or truncated image", "created_at": datetime.now(timezone.utc),
+             "job_id": "j"} for name in ("a", "b", "")]
+    root.mkdir(parents=True)
+    path = root / "part-0.parquet"
+    path.write_bytes(data_file_bytes(pa.Table.from_pylist(rows, schema=SCHEMA)))
+    return path
+
+
+@pytest.mark.parametrize("column", ["key", "record"])
+def test_a_damaged_page_is_an_unreadable_file_when_read(tmp_path, column):
+    """Page checksums are written and verified: a flipped byte inside a page that the
+    decompressor does not notice (the footer intact) is an unreadable file, never data."""
+    from archives import damage_a_page
+    from pipeline.archive import read_columns
+    from pipeline.selection import ROW_COLUMNS, UNREADABLE_FILE_KEY, _read_file_rows
+    from pipeline.storage import StorageConfig
+
+    path = _one_file_archive(tmp_path / "archive")
+    damage_a_page(path, column)
+    storage = StorageConfig(retries=1)
+    rows = _read_file_rows(pa.table({"path": [str(path)], "rows": pa.array([None], pa.list_(pa.int64()))}),
+                           storage, None, ROW_COLUMNS).to_pylist()
+    assert [(r["key"], r["archive_row"]) for r in rows] == [(UNREADABLE_FILE_KEY, -1)]
+    assert "unreadable archive file" in rows[0]["error"] and "checksum" in rows[0]["error"].lower()
+    with pytest.raises(OSError, match="(?i)checksum"):
+        read_columns(str(tmp_path / "archive"), storage, ["key", column])
+
+
+def test_verify_counts_a_file_with_a_damaged_page_with_the_rows_it_held(archive, tmp_path):
+    """--verify-all: a file whose footer is intact but whose record page fails its checksum
+    is an unreadable file, an integrity failure per row its footer counts, exit status 1."""
+    from archives import damage_a_page
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(archive, damaged)
+    path = sorted(damaged.glob("part-*.parquet"))[0]
+    held = pq.read_metadata(path).num_rows
+    damage_a_page(path, "record")
+    code, verify = _audit(tmp_path, "--archive", str(damaged), "--report", str(tmp_path / "v"), "--verify-all",
+                          config="thresholds: {integrity_failures: {max: 0}}\n")
+    m = verify["measures"]
+    assert code == 1 and verify["verdict"] == "FAIL"
+    assert m["unreadable_files"] == 1 and m["unreadable_rows"] == held and m["integrity_failures"] == held
+    assert sum(verify["record_statuses"].values()) == 10 - held  # no '#file' row counted as a record
+    problems = pq.read_table(next((tmp_path / "v").glob("*/metrics.parquet"))).to_pylist()
+    [row] = [r for r in problems if r["record_status"] == "unreadable_file"]
+    assert row["key"] is None and row["archive_file"].endswith(path.name) and "checksum" in row["error"]
+
+
+def test_nothing_in_a_key_an_error_or_an_earlier_summary_becomes_markup(tmp_path):
+    """The report is rendered with autoescaping: a hostile key, error text and earlier
+    summary.json (anyone who can write under the report prefix controls it) reach the page
+    as text; the only tags are the report's own and the only image sources its data URIs."""
+    from pipeline.audit import CROP_SCHEMA, METRICS_SCHEMA
+    from pipeline.report import write_report
+    from pipeline.storage import StorageConfig
+    from pipeline.thresholds import COUNT_MEASURES, MEASURES
+
+    key, error, hostile = "<script>alert(1)</script>.png", '"><img src=x onerror=alert(2)>', "<svg onload=alert(3)>"
+    measures = {m: 0.5 for m in MEASURES} | {m: 1 for m in COUNT_MEASURES}
+    summary = {"kind": "audit", "audit_id": "now", "time": "2025-02-01T00:00:00", "archive": "file:///a",
+               "report": str(tmp_path), "verdict": "FAIL", "archive_rows": 2, "archive_files": 1, "measures": measures,
+               "checks": [{"measure": "integrity_failures", "bound": "<= 0", "value": 1, "status": "fail"}],
+               "seconds": 1.0, "models": {}, "config": {"sample": "100%", "seed": 0, "mode": "corrdiff",
+                                                         "lpips_net": "alex"}}
+    earlier = {**summary, "audit_id": f"<b>{hostile}</b>", "time": f"2025-01-01T00:00:00{hostile}",
+               "verdict": "'><script>alert(4)</script>", "archive_rows": hostile,
+               "measures": {m: hostile for m in MEASURES},
+               "checks": [{"measure": hostile, "bound": hostile, "value": hostile, "status": hostile}]}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps(earlier))
+    metrics = pa.Table.from_pylist([{"key": key, "archive_file": f"file:///a/{hostile}.parquet", "archive_row": 0,
+                                     "record_status": "corrupt", "original_status": "ok", "error": error}],
+                                   schema=METRICS_SCHEMA)
+    write_report(str(tmp_path), StorageConfig(), summary, metrics, CROP_SCHEMA.empty_table())
+
+    class Tags(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: set[str] = set()
+            self.attributes: set[str] = set()
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.attributes |= {name for name, _ in attrs}
+
+    tags = Tags()
+    tags.feed((tmp_path / "now" / "report.html").read_text())
+    assert tags.tags <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "code", "div", "table",
+                         "tr", "th", "td", "span", "ul", "li", "b", "img", "figure", "figcaption"}
+    assert tags.attributes <= {"lang", "charset", "class", "alt", "src"}
+    page = _page(tmp_path / "now" / "report.html")
+    assert all(s.startswith("data:image/png;base64,") for s in page.sources)
+    text = " ".join(page.text)
+    assert key in text and error in text and hostile in text  # shown, as text

@@ -126,6 +126,54 @@ def test_truncated_record_is_an_error(codec, encoded):
         codec.decode([encoded[2].record[:10]])
 
 
+def _forged(codec: CorrDiffCodec, height: int, width: int, z: bytes, y: bytes) -> bytes:
+    """A record of this codec's model with any strings and a valid checksum (not a bit flip: a forgery)."""
+    return Record(model_id=codec.model_id, height=height, width=width, pad_bottom=(-height) % 64,
+                  pad_right=(-width) % 64, seed=0, gammas=(0.5,), z_string=z, y_string=y).to_bytes()
+
+
+@pytest.mark.parametrize("z, y", [(b"\0" * 8, b"\0" * 6), (b"\0" * 8, b"\0" * 4), (b"\0" * 8, b"\0" * 800_000)])
+def test_strings_impossible_for_the_image_size_are_refused(codec, z, y):
+    """Not whole 32-bit words, shorter than the coder's final state, or longer than any
+    coding of 640 x 640 px could be: refused before the entropy decoder runs (an empty
+    string, which crashed it, is in the next test: it runs in a process of its own)."""
+    with pytest.raises(RecordError, match="impossible for"):
+        codec.decode([_forged(codec, 640, 640, z, y)], mode="e2e")
+
+
+def test_forged_strings_never_crash_the_decoder(codec, tmp_path):
+    """Short, well-formed strings that claim a large image made compressai's rANS decoder
+    read past their end and kill the process (a segfault). A forged record now decodes to
+    whatever it decodes to, or is refused, in a process that survives."""
+    weights = tmp_path / "tiny.safetensors"
+    codec.save_pretrained(weights)
+    (tmp_path / "empty.cdar").write_bytes(_forged(codec, 640, 640, b"", b""))
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        height, width = (int(v) for v in rng.integers(1, 900, 2))
+        strings = [rng.bytes(4 * int(n)) for n in rng.integers(2, 6, 2)]
+        (tmp_path / f"{i}.cdar").write_bytes(_forged(codec, height, width, *strings))
+    script = textwrap.dedent(f"""
+        import pathlib
+        from corrdiff import CorrDiffCodec, RecordError
+        codec = CorrDiffCodec.from_pretrained({str(weights)!r}, device="cpu")
+        for path in sorted(pathlib.Path({str(tmp_path)!r}).glob("*.cdar")):
+            try:
+                codec.decode([path.read_bytes()], mode="e2e")
+            except RecordError:
+                pass
+        print("survived")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("survived"), out.stderr[-2000:]
+
+
+def test_an_image_too_large_for_a_record_is_refused_before_encoding(codec):
+    strip = np.zeros((1, 2_200_000, 3), np.uint8)  # 2.2 Mpx, but 141 Mpx once padded to 64 rows
+    with pytest.raises(RecordError, match="exceeds the record limit"):
+        codec.encode([strip])
+
+
 def test_record_from_another_model_names_both_ids(codec, other_codec, encoded):
     with pytest.raises(ModelMismatchError) as error:
         other_codec.decode([encoded[0].record])

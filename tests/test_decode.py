@@ -147,3 +147,25 @@ def test_restore_from_s3_to_s3(s3_server, ray_local, tiny_model):
         body = s3_server.client.get_object(Bucket=name, Key=f"restored/{key}.png")["Body"].read()
         restored = Image.open(io.BytesIO(body))
         assert restored.format == "PNG" and restored.size == Image.open(io.BytesIO(data)).size
+
+
+def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
+    """A data file whose footer reads but whose key page fails its checksum: its keys are
+    unknown, so an asked-for key that no readable file holds is ``unreadable_file`` with
+    the file named (it may be there), never ``not_in_archive``; no ``#file`` key leaks out."""
+    from archives import damage_a_page
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(archive, damaged)
+    path = sorted(damaged.glob("part-*.parquet"))[0]
+    held = pq.read_table(path, columns=["key"])["key"].to_pylist()
+    damage_a_page(path, "key")
+    summary = run_decode(DecodeConfig(archive=str(damaged), output=str(tmp_path / "out"), keys=(held[0], "nope.jpg"),
+                                      device="cpu", run_id="r"))
+    assert summary["statuses"] == {"unreadable_file": 3}  # the file, and each asked-for key
+    manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_restore" / "r.parquet").to_pylist()}
+    assert set(manifest) == {None, held[0], "nope.jpg"}
+    assert manifest[None]["archive_file"].endswith(path.name) and "checksum" in manifest[None]["error"]
+    for key in (held[0], "nope.jpg"):
+        assert manifest[key]["status"] == "unreadable_file" and path.name in manifest[key]["error"]
+        assert manifest[key]["archive_file"].endswith(path.name)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corrdiff.record import MIN_RECORD_BYTES, Record, RecordError
+from corrdiff.record import MAX_PADDED_PIXELS, MIN_RECORD_BYTES, Record, RecordError
 
 float16s = st.floats(width=16, allow_nan=False, allow_infinity=False)
 
@@ -75,3 +75,37 @@ def test_unknown_version_is_named():
     raw[-4:] = zlib.crc32(bytes(raw[:-4])).to_bytes(4, "little")
     with pytest.raises(RecordError, match="version 9"):
         Record.from_bytes(bytes(raw))
+
+
+def _forged(height: int, width: int, z_length: int | None = None, z_string: bytes = b"",
+            y_string: bytes = b"") -> bytes:
+    """Record bytes with any header and a valid checksum: what a forger (not a bit flip) writes."""
+    import struct
+    import zlib
+
+    body = struct.pack("<4sB16sIIBBBI", b"CDAR", 1, bytes(16), height, width, (-height) % 64, (-width) % 64, 1, 0)
+    body += struct.pack("<e", 0.5)
+    body += struct.pack("<I", len(z_string) if z_length is None else z_length) + z_string
+    body += struct.pack("<I", len(y_string)) + y_string
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("height, width", [(100_000, 100_000), (1, 100_000_000), (2**32 - 1, 2**32 - 1),
+                                           (11_586, 11_586)])
+def test_a_header_claiming_a_huge_image_is_refused_before_any_allocation(height, width):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(RecordError, match="exceeds the record limit"):
+        Record.from_bytes(_forged(height, width))
+    assert time.perf_counter() - started < 0.1
+
+
+def test_the_largest_allowed_image_parses():
+    side = int(MAX_PADDED_PIXELS**0.5) // 64 * 64  # 11584 x 11584, padded to itself
+    assert Record.from_bytes(_forged(side, side)).padded_size == (side, side)
+
+
+def test_a_string_length_beyond_the_record_is_refused():
+    with pytest.raises(RecordError, match="truncated"):
+        Record.from_bytes(_forged(64, 64, z_length=2**32 - 1))
