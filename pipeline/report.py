@@ -237,7 +237,7 @@ def _integrity_counts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
               ("corrupt records (checksum or format)", m["corrupt_records"]),
               ("records whose model is not available", m["model_missing"]),
               ("records that failed to decode", m["decode_failures"]),
-              ("records whose restore killed its worker every time (out of memory?)", m.get("worker_deaths", 0)),
+              ("records whose restore killed its worker every time (out of memory?)", m["worker_deaths"]),
               ("unreadable archive files", m["unreadable_files"]),
               ("rows those files held (per their footers)", m["unreadable_rows"])]
     if summary["kind"] == "audit":
