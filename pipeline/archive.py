@@ -15,6 +15,7 @@ an error text silently changed on disk would otherwise be read as if it were tru
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -94,9 +95,14 @@ class ArchiveDatasink(Datasink[WrittenFile]):
         table = pa.concat_tables([t.select(SCHEMA.names).cast(SCHEMA) for t in tables]).replace_schema_metadata(
             self.schema.metadata)
         data = data_file_bytes(table)
-        name = f"part-{self.job_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        # Named by the keys it holds: a write task that Ray retries after its rename (its
+        # worker died before reporting) writes the same keys under the same name, replacing
+        # its own file instead of adding a second copy of every row.
+        keys = hashlib.sha256("\0".join(sorted(table.column("key").to_pylist())).encode()).hexdigest()[:16]
+        name = f"part-{self.job_id}-{keys}.parquet"
         fs, root = filesystem(self.url, self.storage)
-        final, temp = posixpath.join(root, name), posixpath.join(root, TEMP_PREFIX + name)
+        final = posixpath.join(root, name)
+        temp = posixpath.join(root, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")  # one per attempt
         with_retries(lambda: fs.pipe_file(temp, data), self.storage, f"write {temp}")
         with_retries(lambda: fs.mv(temp, final), self.storage, f"rename {temp}")
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)

@@ -28,6 +28,7 @@ from corrdiff import weights
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
 from pipeline.sources import Skipped, SourceConfig, read_source
 from pipeline.resources import ResourceSettings, plan_resources
@@ -108,30 +109,37 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
     model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
-    stored = store_model(config.output, config.storage, model_id, model_bytes)
-    print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
-    metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
-    resumes = 0
-    while True:
-        try:
-            skipped = _compress_missing(config, model_id, job_id, metadata)
-            break
-        except LOST_WORKER_ERRORS as error:
-            if resumes == config.resources.lost_actor_resumes:
-                raise
-            resumes += 1
-            print(f"job {job_id}: lost a worker ({type(error).__name__}: {_first_line(error)}); "
-                  f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
-    summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
-                        skipped=skipped)
-    summary["resumed_after_lost_workers"] = resumes
-    write_summary(config.output, config.storage, summary)
+    with archive_lease(config.output, config.storage, job_id):
+        stored = store_model(config.output, config.storage, model_id, model_bytes)
+        print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
+        metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
+        skipped, resumes = _compress_resuming(config, model_id, job_id, metadata)
+        summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
+                            skipped=skipped)
+        summary["resumed_after_lost_workers"] = resumes
+        write_summary(config.output, config.storage, summary)
     return summary
 
 
 # What a run resumes after: a worker process or node lost, not an input's fault.
 LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
                       ray.exceptions.WorkerCrashedError)
+
+
+def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
+                       metadata: dict[str, str]) -> tuple[Skipped, int]:
+    """Passes of :func:`_compress_missing` until one completes (at most
+    ``lost_actor_resumes`` more after a lost worker); what was skipped, and how many resumes."""
+    resumes = 0
+    while True:
+        try:
+            return _compress_missing(config, model_id, job_id, metadata), resumes
+        except LOST_WORKER_ERRORS as error:
+            if resumes == config.resources.lost_actor_resumes:
+                raise
+            resumes += 1
+            print(f"job {job_id}: lost a worker ({type(error).__name__}: {_first_line(error)}); "
+                  f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
 
 
 def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
