@@ -7,9 +7,9 @@ which may be the other run's files in flight. So a run first takes ``ARCHIVE/_le
 :data:`RENEW_EVERY_S` seconds while it runs, and deletes it at the end. A second run finds
 a live lease and stops with :class:`ArchiveBusyError`, naming the holder.
 
-A run that dies (kill -9, a lost driver node) leaves its lease behind; after
-:data:`STALE_AFTER_S` seconds without renewal the lease is stale and the next run takes it
-over, with a warning. The takeover (delete, then exclusive create) is not atomic: two runs
+A run that dies (kill -9, a lost driver node) leaves its lease behind. The next run takes
+it over, with a warning, at once if the holder ran on the same host and its process is
+gone (a killed local run), else after :data:`STALE_AFTER_S` seconds without renewal. The takeover (delete, then exclusive create) is not atomic: two runs
 that both find the same stale lease within a moment of each other are told apart only by
 the exclusive create that follows, which one of them wins.
 """
@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+import psutil
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.storage import StorageConfig, filesystem
@@ -76,16 +77,23 @@ def _take(fs: fsspec.AbstractFileSystem, path: str, lease: dict[str, Any], stale
         except FileExistsError:
             holder = _holder(fs, path)
             age = time.time() - float(holder.get("renewed_at", 0.0) or 0.0)
-            if holder and age < stale_after_s:
+            if holder and age < stale_after_s and not _died_here(holder):
                 raise ArchiveBusyError(
                     f"the archive is being written by job {holder.get('job_id')!r} (host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, lease renewed {age:.0f} s ago); wait for it to finish, or, if it "
                     f"died, rerun after its lease goes stale ({stale_after_s:.0f} s without renewal) or delete "
                     f"{fs.unstrip_protocol(path)}") from None
-            logger.warning("taking over the stale lease of job %r (not renewed for %.0f s)",
-                           holder.get("job_id"), age)
+            logger.warning("taking over the lease of job %r (not renewed for %.0f s%s)", holder.get("job_id"),
+                           age, ", and its process on this host is gone" if _died_here(holder) else "")
             fs.rm(path)
     raise ArchiveBusyError(f"another run took the archive's lease first ({fs.unstrip_protocol(path)})")
+
+
+def _died_here(holder: dict[str, Any]) -> bool:
+    """Whether the holder ran on this host and its process is gone (a killed local run: its
+    lease need not wait to go stale). A reused pid only makes this say "alive": safe."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not psutil.pid_exists(pid)
 
 
 def _renew(fs: fsspec.AbstractFileSystem, path: str, lease: dict[str, Any], stop: threading.Event,

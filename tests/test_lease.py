@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -52,6 +56,25 @@ def test_a_dead_runs_lease_goes_stale_and_is_taken_over(archive):
             pass
     with archive_lease(url, storage, "new", stale_after_s=600):
         assert _lease_content(url, storage)["job_id"] == "new"
+
+
+def test_the_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(tmp_path):
+    """kill -9 of a local job leaves its lease; the rerun need not wait for it to go stale."""
+    url = str(tmp_path / "archive")
+    holder = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    fs, root = filesystem(url, StorageConfig())
+    fs.makedirs(root, exist_ok=True)
+    dead = {"job_id": "killed", "token": "x", "host": socket.gethostname(), "pid": int(holder.stdout),
+            "renewed_at": time.time()}
+    fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(dead).encode())
+    with archive_lease(url, StorageConfig(), "rerun"):
+        assert _lease_content(url, StorageConfig())["job_id"] == "rerun"
+    alive = {**dead, "pid": os.getpid()}  # this very process: alive, so the lease holds
+    fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(alive).encode())
+    with pytest.raises(ArchiveBusyError):
+        with archive_lease(url, StorageConfig(), "rerun"):
+            pass
 
 
 def test_the_lease_is_renewed_while_the_run_goes_on(tmp_path):
