@@ -1,10 +1,12 @@
 """The compress pipeline's processing stages, as Ray Data batch UDFs.
 
 Each stage follows one contract (NeMo Curator's): it declares its resources and batch
-size, loads anything heavy once (``setup``, called by the actor's constructor), and maps
-a batch of rows to a batch of rows. Failures are per row: a bad image becomes a row with
-an ``error`` reason and flows on to the archive; an exception never escapes a UDF, because
-Ray Data would drop the whole block with it.
+size, loads anything heavy once (``setup``, called by its constructor), and maps a batch
+of rows to a batch of rows. Failures are per row: a bad image becomes a row with an
+``error`` reason and flows on to the archive; an exception never escapes a UDF, because
+Ray Data would drop the whole block with it. Model stages run in a child process of their
+actor (``pipeline.isolation``), and say with ``lost`` what a row becomes when processing
+it killed that process.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from PIL import Image
 
 from corrdiff import CorrDiffCodec
 from corrdiff.metrics import lpips_backbone_path, psnr
-from pipeline.archive import SCHEMA, file_metadata, list_data_files
+from pipeline.archive import SCHEMA, file_metadata, list_data_files, read_columns
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.images import decode_image
@@ -312,27 +312,55 @@ def test_parquet_input(ray_local, tiny_model, tmp_path):
     assert rows["missing"]["error"] == "missing image bytes" and summary["ok"] == 3
 
 
-def test_killed_job_resumes_without_loss_or_duplicates(tiny_model, tmp_path):
-    """A real kill -9 of the whole job (driver and its local cluster), then the same command."""
-    expected = _photo_folder(tmp_path / "in")
-    archive = tmp_path / "archive"
-    command = [sys.executable, str(ROOT / "jobs" / "compress.py"), "--input", str(tmp_path / "in"),
-               "--output", str(archive), "--model", str(tiny_model), "--device", "cpu"]
+@pytest.mark.parametrize("store,seed", [("local", 0), ("s3", 1)])
+def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, tmp_path, request):
+    """Fault injection on a real job: at a seeded random point a model worker process is
+    killed (as the out-of-memory killer would), and a little later the whole job (driver and
+    its local cluster) gets kill -9; then the same command again. Every key is in the archive
+    once, and the one worker death cost no image."""
+    rng = np.random.default_rng(seed)
+    expected = list(_photo_folder(tmp_path / "in"))
+    noise = rng.integers(0, 256, (4, 1000, 1000, 3), dtype=np.uint8)  # slow to encode: the kills land mid-run
+    for i, image in enumerate(noise):
+        Image.fromarray(image).save(tmp_path / "in" / f"noise-{i}.png")
+        expected.append(f"noise-{i}.png")
+    settings = "resources: {rows_per_file: 1, actor_batch_size: 1, task_batch_size: 1}\nmax_pixels: 1000000\n"
+    if store == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        bucket = s3.make_bucket({f"in/{p.relative_to(tmp_path / 'in')}": p.read_bytes()
+                                 for p in (tmp_path / "in").rglob("*") if p.is_file()})
+        source, archive = f"{bucket}/in", f"{bucket}/archive"
+        settings += "storage: " + json.dumps({"endpoint_url": s3.storage.endpoint_url, "region": s3.storage.region,
+                                              "retry_wait": 0.05}) + "\n"
+        storage = s3.storage
+    else:
+        source, archive, storage = str(tmp_path / "in"), str(tmp_path / "archive"), StorageConfig()
     config = tmp_path / "one-row-files.yaml"
-    config.write_text("resources: {rows_per_file: 1, actor_batch_size: 1, task_batch_size: 1}\nmax_pixels: 300000\n")
-    job = subprocess.Popen([*command, "--config", str(config)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and job.poll() is None and len(list(archive.glob("part-*.parquet"))) < 2:
-        time.sleep(0.2)
-    if job.poll() is None:
-        os.killpg(job.pid, signal.SIGKILL)
+    config.write_text(settings)
+    command = [sys.executable, str(ROOT / "jobs" / "compress.py"), "--input", source, "--output", archive,
+               "--model", str(tiny_model), "--device", "cpu", "--config", str(config)]
+    files = lambda: len(list_data_files(archive, storage))  # noqa: E731
+    worker_kill_at, job_kill_at = sorted(rng.choice(np.arange(1, 6), size=2, replace=False))
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, killed = time.time() + 300, []
+    while time.time() < deadline and job.poll() is None and len(killed) < 2:
+        written = files()
+        if not killed and written >= worker_kill_at:
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "pipeline.isolation" in (p.info["cmdline"] or [])]
+            if workers:
+                workers[0].kill()
+                killed.append(("worker", written))
+        elif killed and written >= job_kill_at:
+            os.killpg(job.pid, signal.SIGKILL)
+            killed.append(("job", written))
+        time.sleep(0.1)
     job.wait()
-    before = len(list(archive.glob("part-*.parquet")))
-    rerun = subprocess.run([*command, "--config", str(config)], check=True, capture_output=True, text=True,
-                           timeout=300)
-    keys = _archive(str(archive)).column("key").to_pylist()
-    assert sorted(keys) == sorted(expected), f"{before} files existed after the kill"
+    assert [what for what, _ in killed] == ["worker", "job"] and killed[-1][1] < len(expected), \
+        f"the kills did not land mid-run: {killed}"
+    rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=400)
+    rows = read_columns(archive, storage, ["key", "error"]).to_pylist()
+    assert sorted(row["key"] for row in rows) == sorted(expected), f"kills at {killed}"
+    assert not [row for row in rows if (row["error"] or "").startswith("worker died")]
     # What an operator reads in the job's log: the summary, no known-harmless warnings, and
     # no per-operator progress lines (stdout is not a terminal here).
     output = rerun.stdout + rerun.stderr
