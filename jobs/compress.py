@@ -90,6 +90,9 @@ def format_summary(summary: dict) -> str:
             for extension, entry in skipped["by_extension"].items()))
     if summary["error_reasons"]:
         lines.append("error reasons  " + json.dumps(summary["error_reasons"]))
+    if summary["retryable_errors"]:
+        lines.append(f"retryable      {summary['retryable_errors']} error rows failed for a passing reason "
+                     "(storage, memory): run the same command again to retry them")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data._internal.execution.interfaces import TaskContext
 
+from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 ARCHIVE_SCHEMA_VERSION = "1"
@@ -115,8 +116,8 @@ def data_file_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str]) -> pa.Table:
-    """Columns of one data file, every page's checksum verified: a damaged page raises
+def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str] | None) -> pa.Table:
+    """Columns (None: all) of one data file, every page's checksum verified: a damaged page raises
     (``OSError``) instead of being read as data. Files written before page checksums
     existed have none to verify and read as before."""
     return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
@@ -151,8 +152,10 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
 
 
 def done_keys(url: str, storage: StorageConfig) -> set[str]:
-    """Keys already in the archive: the resume point of a rerun."""
-    return set(read_columns(url, storage, ["key"]).column("key").to_pylist())
+    """Keys already in the archive, the resume point of a rerun: every key with a row,
+    except those whose only rows are retryable errors (pipeline.errors), tried again."""
+    table = read_columns(url, storage, ["key", "error"])
+    return {key for key, error in zip(table["key"].to_pylist(), table["error"].to_pylist()) if not is_retryable(error)}
 
 
 def file_metadata(path: str, storage: StorageConfig) -> dict[str, str]:

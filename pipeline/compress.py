@@ -34,6 +34,7 @@ from pipeline.sources import Skipped, SourceConfig, read_source
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
+from pipeline.supersede import finish_rewrites, supersede_retried
 from pipeline.summary import summarize, write_summary
 
 
@@ -113,10 +114,13 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         stored = store_model(config.output, config.storage, model_id, model_bytes)
         print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
         metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
+        finish_rewrites(config.output, config.storage)
         skipped, resumes = _compress_resuming(config, model_id, job_id, metadata)
+        superseded = supersede_retried(config.output, config.storage)
         summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
                             skipped=skipped)
         summary["resumed_after_lost_workers"] = resumes
+        summary["superseded_retryable_rows"] = superseded.rows
         write_summary(config.output, config.storage, summary)
     return summary
 

@@ -37,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 import psutil
 
+from pipeline.errors import retryable
+
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.02  # how often the actor checks its child's liveness and memory while it works
@@ -116,7 +118,9 @@ class IsolatedStage:
                 return self._run(row)
             except WorkerDied as death:
                 deaths, last = deaths + 1, death
-        reason = f"worker died: {last} (tried {deaths} time(s) alone)"
+        # Retryable: a death says more about the worker's memory than about the image, and
+        # a rerun (with a higher cap, or on a larger node) may well get through.
+        reason = retryable("worker died", f"{last} (tried {deaths} time(s) alone)")
         logger.error("%s: %s; recorded as an error row", self.stage.__name__, reason)
         return self.stage.lost(row, reason, self.settings)
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipeline.archive import SCHEMA
+from pipeline.errors import is_out_of_memory, retryable
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.models import ModelSources
 
@@ -120,7 +121,8 @@ class EncodeStage:
             try:
                 (encoded,) = self.codec.encode_detailed([pixels], seed=self.seed, steps=self.steps)
             except Exception as error:  # noqa: BLE001 - one failing image must not fail its batch
-                errors[i] = f"encode failed: {type(error).__name__}: {error}"
+                detail = f"{type(error).__name__}: {error}"
+                errors[i] = retryable("encode failed", detail) if is_out_of_memory(error) else f"encode failed: {detail}"
                 continue
             out["encode_seconds"][i] = time.perf_counter() - started
             out["record"][i] = encoded.record

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.archive import list_data_files, read_columns
+from pipeline.errors import is_retryable
 from pipeline.models import archive_store
 from pipeline.sources import Skipped
 from pipeline.storage import StorageConfig, filesystem
@@ -37,6 +38,7 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, ski
         "unique_keys": pc.count_distinct(keys).as_py(),
         "ok": int(pc.sum(ok_mask).as_py() or 0),
         "errors": len(error_texts),
+        "retryable_errors": sum(is_retryable(e) for e in error_texts),  # a rerun tries these keys again
         "error_reasons": dict(Counter(_reason(e) for e in error_texts).most_common(TOP_REASONS)),
         "input_bytes": input_bytes,
         "archive_bytes": archive_bytes,

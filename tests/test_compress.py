@@ -191,12 +191,12 @@ def test_rerun_after_a_crash_writes_only_the_missing_keys(ray_local, tiny_model,
     assert summary["processed_this_job"] == len(expected) - 3
 
 
-def test_an_image_that_kills_its_worker_is_an_error_row_and_the_job_finishes(ray_local, tiny_model, tmp_path):
+def test_an_image_that_kills_its_worker_is_an_error_row_and_a_rerun_retries_it(ray_local, tiny_model, tmp_path):
     """A 2.25 Mpx image needs ~1.6 GB more than the worker's model (tiny model, measured),
     over a 1.4 GiB memory cap; the photos need ~0.25 GB. The huge image's worker is killed
-    at the cap each time it is tried; it becomes an error row that says so, and every
-    photo around it is archived (before pipeline.isolation, Ray restarted the actor and
-    retried the batch forever)."""
+    at the cap each time it is tried; it becomes a retryable error row, and every photo
+    around it is archived (before pipeline.isolation, Ray restarted the actor and retried
+    the batch forever). A rerun with a higher cap archives it, and its error row is gone."""
     expected = _photo_folder(tmp_path / "in", broken=False)
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "in" / "huge.png")
@@ -205,10 +205,18 @@ def test_an_image_that_kills_its_worker_is_an_error_row_and_the_job_finishes(ray
     summary = run_compress(config)
     rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
     assert sorted(rows) == sorted([*expected, "huge.png"])
-    assert rows["huge.png"]["error"] == "worker died: it crossed its memory cap of 1.4 GiB (tried 2 time(s) alone)"
+    assert rows["huge.png"]["error"] == \
+        "worker died (retryable): it crossed its memory cap of 1.4 GiB (tried 2 time(s) alone)"
     assert rows["huge.png"]["record"] is None and rows["huge.png"]["source_sha256"] is not None
     assert all(rows[key]["record"] is not None for key in expected)
-    assert summary["error_reasons"] == {"worker died": 1}
+    assert summary["error_reasons"] == {"worker died (retryable)": 1} and summary["retryable_errors"] == 1
+
+    rerun = run_compress(replace(config, resources=replace(config.resources, worker_memory_gb=None)))
+    rows = _archive(str(tmp_path / "archive")).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted([*expected, "huge.png"])  # one row per key
+    assert {r["key"]: r for r in rows}["huge.png"]["record"] is not None
+    assert rerun["processed_this_job"] == 1 and rerun["superseded_retryable_rows"] == 1
+    assert rerun["errors"] == rerun["retryable_errors"] == 0
 
 
 def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model, tmp_path):

@@ -74,8 +74,8 @@ def test_a_row_that_kills_its_worker_becomes_an_error_row_and_the_rest_is_kept(t
     assert [row["key"] for row in out] == ["a", "oom-killed", "b", "segfault", "c"]
     status = {row["key"]: row["status"] for row in out}
     assert status["a"] == status["b"] == status["c"] == "ok"
-    assert status["oom-killed"] == "worker died: killed by SIGKILL (out of memory?) (tried 2 time(s) alone)"
-    assert status["segfault"].startswith("worker died: killed by SIGSEGV (a crash in native code)")
+    assert status["oom-killed"] == "worker died (retryable): killed by SIGKILL (out of memory?) (tried 2 time(s) alone)"
+    assert status["segfault"].startswith("worker died (retryable): killed by SIGSEGV (a crash in native code)")
     # The worker was replaced, and the replacement goes on serving batches.
     assert first_child not in {row["pid"] for row in out}
     assert stage(_batch("d")).column("status").to_pylist() == ["ok"]
@@ -97,7 +97,7 @@ def test_the_memory_cap_kills_the_worker_before_the_node_runs_out(tmp_path):
     stage = _stage(tmp_path, memory_bytes=baseline + 300 * MiB)
     started = time.perf_counter()
     out = stage(_batch("hog", "f")).to_pylist()
-    assert out[0]["status"].startswith("worker died: it crossed its memory cap of")
+    assert out[0]["status"].startswith("worker died (retryable): it crossed its memory cap of")
     assert out[1]["status"] == "ok"
     assert time.perf_counter() - started < 4 * 5, "the hog was not killed at the cap but waited out"
 

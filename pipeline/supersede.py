@@ -1,0 +1,113 @@
+"""Retrying what failed for a passing reason, with one row per key at the end.
+
+A rerun processes again the keys whose only rows are retryable errors (pipeline.errors):
+``done_keys`` leaves them out. Its new row is then the key's second row, so, still under
+the archive's lease, :func:`supersede_retried` rewrites every data file holding a
+retryable error row of a key that has a newer row, without that row. Only retryable error
+rows are ever dropped: a record, or a final error, is never removed by this.
+
+A rewrite must survive a kill at any point without losing or doubling a row. Each one is
+journaled first (``_rewrites/<id>.json``: the old file, and the new one or none), then the
+new file is written (hidden name, then renamed), then the old one deleted, then the
+journal. :func:`finish_rewrites`, run by the next compress run before anything else,
+completes a journaled rewrite whose new file exists (deletes the old one) and forgets one
+whose new file never appeared (the old one is still whole). Between the rename and the
+delete a reader can see both files: an audit in that moment may count a key twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+from fsspec import AbstractFileSystem
+
+from pipeline.archive import TEMP_PREFIX, data_file_bytes, list_data_files, read_data_file
+from pipeline.errors import is_retryable
+from pipeline.storage import StorageConfig, filesystem, with_retries
+
+REWRITES_DIR = "_rewrites"
+MAX_JOURNAL_BYTES = 64 * 1024  # a journal entry is a few hundred bytes; anything more is not ours
+
+
+@dataclass(frozen=True)
+class Superseded:
+    rows: int  # retryable error rows removed
+    files: int  # data files rewritten (or deleted, when nothing else was in them)
+
+
+def supersede_retried(url: str, storage: StorageConfig) -> Superseded:
+    """Drop the retryable error rows of keys that have a newer row (see the module)."""
+    fs, root = filesystem(url, storage)
+    files = list_data_files(url, storage)
+    columns = {path: read_data_file(path, fs, ["key", "error", "created_at"]) for path in files}
+    newest: dict[str, object] = {}
+    retried: dict[str, list[tuple[str, int, object]]] = defaultdict(list)
+    for path, table in columns.items():
+        for row, (key, error, created) in enumerate(zip(*(table[c].to_pylist() for c in table.column_names))):
+            if key not in newest or created > newest[key]:
+                newest[key] = created
+            if is_retryable(error):
+                retried[key].append((path, row, created))
+    drop: dict[str, set[int]] = defaultdict(set)
+    for key, rows in retried.items():
+        for path, row, created in rows:
+            if created < newest[key]:
+                drop[path].add(row)
+    for path, rows in sorted(drop.items()):
+        _rewrite_without(fs, root, path, rows, storage)
+    return Superseded(rows=sum(len(rows) for rows in drop.values()), files=len(drop))
+
+
+def finish_rewrites(url: str, storage: StorageConfig) -> int:
+    """Complete or forget the rewrites a killed run left journaled; how many there were."""
+    fs, root = filesystem(url, storage)
+    journal_dir = posixpath.join(root, REWRITES_DIR)
+    if not fs.exists(journal_dir):
+        return 0
+    entries = sorted(p for p in fs.ls(journal_dir, detail=False) if p.endswith(".json"))
+    for entry in entries:
+        with fs.open(entry, "rb") as handle:
+            plan = json.loads(handle.read(MAX_JOURNAL_BYTES))
+        old, new = _inside(root, plan.get("old")), _inside(root, plan.get("new"))
+        # Delete the old file only if the plan was to drop it whole, or its successor is in place.
+        if old and fs.exists(old) and (plan.get("new") is None or (new and fs.exists(new))):
+            fs.rm(old)
+        fs.rm(entry)
+    return len(entries)
+
+
+def _rewrite_without(fs: AbstractFileSystem, root: str, path: str, rows: set[int], storage: StorageConfig) -> None:
+    table = read_data_file(path, fs, None)
+    keep = pa.array([i not in rows for i in range(table.num_rows)])
+    remaining = table.filter(keep)
+    new = None
+    if remaining.num_rows:
+        job = (table.schema.metadata or {}).get(b"corrdiff.job_id", b"unknown").decode()
+        keys = hashlib.sha256("\0".join(sorted(remaining["key"].to_pylist())).encode()).hexdigest()[:16]
+        new = posixpath.join(root, f"part-{job}-{keys}.parquet")
+    entry = posixpath.join(root, REWRITES_DIR, f"{uuid.uuid4().hex}.json")
+    fs.makedirs(posixpath.dirname(entry), exist_ok=True)
+    fs.pipe_file(entry, json.dumps({"old": path, "new": new}).encode())
+    if new is not None:
+        temp = posixpath.join(root, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{posixpath.basename(new)}")
+        data = data_file_bytes(remaining)
+        with_retries(lambda: fs.pipe_file(temp, data), storage, f"write {temp}")
+        with_retries(lambda: fs.mv(temp, new), storage, f"rename {temp}")
+    fs.rm(path)
+    fs.rm(entry)
+
+
+def _inside(root: str, path: object) -> str | None:
+    """A journaled path, only if it names a data file directly inside the archive (a
+    journal is read back from storage: it must not be able to delete anything else)."""
+    if not isinstance(path, str) or posixpath.dirname(path) != root.rstrip("/"):
+        return None
+    name = posixpath.basename(path)
+    return path if name.startswith("part-") and name.endswith(".parquet") else None
+
