@@ -50,7 +50,7 @@ from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
-from pipeline.selection import all_rows, archive_files, read_selected, split_file_rows, with_read_failures
+from pipeline.selection import ArchiveFile, all_rows, archive_files, read_selected, split_file_rows, with_read_failures
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
@@ -248,7 +248,7 @@ def fold_aside(keys: Iterable[str]) -> frozenset[str]:
     return frozenset(k for group in groups.values() for k in sorted(group)[1:])
 
 
-def _planned_aside(files: list, storage: StorageConfig, keys: frozenset[str] | None) -> frozenset[str]:
+def _planned_aside(files: list[ArchiveFile], storage: StorageConfig, keys: frozenset[str] | None) -> frozenset[str]:
     """:func:`fold_aside` over the selected keys of a run, read from the key (and error) columns alone.
 
     Two passes keep the driver's memory at 8 bytes a key: first a 64-bit hash of each
