@@ -11,6 +11,11 @@ The perceptual term is any :class:`corrdiff.metrics.FeatureMetric` (LPIPS-alex, 
 DISTS). The original does not change while its sampler runs, so its features are computed
 once per image (:meth:`GammaFitter.bind`), not at each Adam step of each sampler step:
 that halves the backbone passes of the fit.
+
+An image with a side below the metric's :attr:`~corrdiff.metrics.FeatureMetric.min_side`
+(LPIPS-alex: 31 px) cannot be seen by it: the backbone's kernels and pools are larger than
+the image. Such an image keeps the closed-form MSE gamma at every step, as in the default
+mode; scoring its padded tensor instead would steer gamma by pixels the decoder crops away.
 """
 
 from __future__ import annotations
@@ -83,32 +88,41 @@ class OriginalFit:
     """:meth:`GammaFitter.bind`: (x0_theta, x_e) -> the transmitted gamma per image (B,).
 
     The perceptual term sees each image's own pixels only: like the MSE term, it must not
-    be steered by the replicated padding (which is bottom/right)."""
+    be steered by the replicated padding (which is bottom/right). An image smaller than the
+    metric's ``min_side`` is not refined (module docstring): its gamma is the closed form."""
 
     def __init__(self, fitter: GammaFitter, x: Tensor, mask: Tensor) -> None:
         self.fitter, self.x, self.mask = fitter, x, mask
         valid = mask[:, 0] > 0
         self.sizes = [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
-        self.references: list[list[Tensor]] = []
-        if fitter.refines:
+        min_side = fitter.perceptual.min_side if fitter.refines else None
+        # Per image: whether the perceptual metric can see it (and so whether it is refined).
+        self.visible = [min_side is not None and min(h, w) >= min_side for h, w in self.sizes]
+        self.references: dict[int, list[Tensor]] = {}
+        if any(self.visible):
             with torch.no_grad():
-                self.references = [fitter.perceptual.features(x[i:i + 1, :, :h, :w])
-                                   for i, (h, w) in enumerate(self.sizes)]
+                self.references = {i: fitter.perceptual.features(x[i:i + 1, :, :h, :w])
+                                   for i, (h, w) in enumerate(self.sizes) if self.visible[i]}
 
     def __call__(self, x0_theta: Tensor, x_e: Tensor) -> Tensor:
         gamma = closed_form_gamma(self.x, x0_theta, x_e, self.mask).float()
-        if self.fitter.refines:
-            gamma = self._refine(gamma, x0_theta.detach(), x_e.detach())
+        if any(self.visible):
+            refined = self._refine(gamma, x0_theta.detach(), x_e.detach())
+            visible = torch.tensor(self.visible, device=gamma.device)
+            gamma = torch.where(visible, refined, gamma)  # the unseen keep the closed form exactly
         return quantize_gamma(gamma)
 
     def objective(self, gamma: Tensor, x0_theta: Tensor, x_e: Tensor) -> Tensor:
-        """M(gamma) per image: masked MSE plus the weighted perceptual term."""
+        """M(gamma) per image: masked MSE plus the weighted perceptual term (zero for an
+        image the metric cannot see)."""
         x0 = correct(x0_theta, x_e, gamma)
         loss = masked_mse(x0, self.x, self.mask)
-        if self.fitter.refines:
+        if self.references:
             metric = self.fitter.perceptual
-            perceptual = torch.cat([metric.distance(metric.features(x0[i:i + 1, :, :h, :w]), reference)
-                                    for i, ((h, w), reference) in enumerate(zip(self.sizes, self.references))])
+            perceptual = torch.cat([
+                metric.distance(metric.features(x0[i:i + 1, :, :h, :w]), self.references[i]) if i in self.references
+                else torch.zeros(1, dtype=loss.dtype, device=loss.device)
+                for i, (h, w) in enumerate(self.sizes)])
             loss = loss + self.fitter.perceptual_weight * perceptual
         return loss
 

@@ -8,33 +8,49 @@
 Every selected key gets a manifest row: restored (with its path), or why not (an error row
 of the archive, a corrupt record, a model found nowhere, a failed write, a key that is not in the
 archive). Files are written under names from ``pipeline.keys``: never outside the output.
+
+No key's file replaces another key's. Each PNG carries its key (an iTXt chunk
+``corrdiff-key``) and is created exclusively; where a file is already there, the key it
+holds decides: the same key (a rerun) is overwritten, another key's file (or one with no
+key) is left alone and this key goes to its ``alternative_path``, and if that too holds
+another key's file the row is ``write_failed``. Before writing, the driver reads the
+selected keys once more and gives the alternative path at once to every key but the
+first (in code-point order) of each group whose paths fold together (``keys.fold``), so
+that one run's files are distinct names on case- and normalisation-insensitive file
+systems too, even when the run writes to a case-sensitive one; the manifest row names the
+file each key was written to.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import struct
 import posixpath
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import fsspec
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from corrdiff import check_decode_mode
 
 from pipeline.compress import new_job_id
-from pipeline.keys import is_safe_join, key_to_path
+from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
-from pipeline.selection import all_rows, archive_files, read_selected, split_file_rows, with_read_failures
+from pipeline.selection import ArchiveFile, all_rows, archive_files, read_selected, split_file_rows, with_read_failures
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
@@ -111,24 +127,25 @@ def _restored_rows(batch: pa.Table, restored: list[Restored], seconds: list[floa
     })
 
 
-def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig, mode: str) -> pa.Table:
-    """CPU task: PNG-encode and write each restored image; emit manifest rows (no pixels)."""
+KEY_CHUNK = b"corrdiff-key"  # the iTXt keyword under which each restored PNG names its key
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig, mode: str,
+              aside: frozenset[str] = frozenset()) -> pa.Table:
+    """CPU task: PNG-encode and write each restored image; emit manifest rows (no pixels).
+
+    ``aside``: keys that go straight to their ``alternative_path`` (:func:`fold_aside`)."""
     fs, root = filesystem(output, storage)
     rows = []
     for i, key in enumerate(batch["key"]):
         status, error = batch["status"][i], batch["error"][i]
         pixels = np.asarray(batch["pixels"][i], dtype=np.uint8)
-        relative, height, width = key_to_path(key), None, None
+        relative, height, width = None, None, None
         if status == OK:
             height, width = int(pixels.shape[0]), int(pixels.shape[1])
             try:
-                if not is_safe_join(root, relative):
-                    raise ValueError(f"refusing to write outside {output}: {relative!r}")
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="PNG")
-                target = posixpath.join(root, relative)
-                with_retries(lambda: fs.makedirs(posixpath.dirname(target), exist_ok=True), storage, f"mkdir {target}")
-                with_retries(lambda: fs.pipe_file(target, buffer.getvalue()), storage, f"write {target}")
+                relative = _place(fs, root, key, _png_with_key(pixels, key), storage, key in aside)
             except Exception as write_error:  # noqa: BLE001 - reported in the manifest
                 status, error = WRITE_FAILED, f"write failed: {type(write_error).__name__}: {write_error}"
         rows.append({"key": key, "path": relative if status == OK else None, "status": status, "error": error,
@@ -136,6 +153,123 @@ def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig,
                      "archive_file": batch["archive_file"][i], "archive_row": int(batch["archive_row"][i]),
                      "seconds": float(batch["seconds"][i])})
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def _png_with_key(pixels: np.ndarray, key: str) -> bytes:
+    """The PNG of ``pixels`` with ``key`` in an uncompressed iTXt chunk before the image data,
+    as UTF-8 (a lone surrogate, which a key read from a listing may hold, as its
+    surrogatepass bytes: the chunk then is not strict UTF-8, but it is the exact key)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(KEY_CHUNK, key.encode("utf-8", "surrogatepass"))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _place(fs: fsspec.AbstractFileSystem, root: str, key: str, data: bytes, storage: StorageConfig,
+           aside: bool) -> str:
+    """Write ``data`` for ``key`` without replacing another key's file; return the path used.
+
+    Tried in turn: the key's path (unless ``aside``), then its alternative path. Each is
+    created exclusively; if something is there, only a file holding this same key (a rerun)
+    is overwritten. Raises ``FileExistsError`` when every name holds another key's file."""
+    names = [alternative_path(key)] if aside else [key_to_path(key), alternative_path(key)]
+    for relative in names:
+        if not is_safe_join(root, relative):
+            raise ValueError(f"refusing to write outside {root}: {relative!r}")
+        target = posixpath.join(root, relative)
+        with_retries(lambda: fs.makedirs(posixpath.dirname(target), exist_ok=True), storage, f"mkdir {target}")
+        try:
+            with_retries(lambda: _create(fs, target, data), storage, f"write {target}")
+            return relative
+        except (FileExistsError, IsADirectoryError):
+            if _stored_key(fs, target, storage) == key.encode("utf-8", "surrogatepass"):
+                with_retries(lambda: fs.pipe_file(target, data), storage, f"rewrite {target}")
+                return relative
+    raise FileExistsError(f"{' and '.join(names)} hold other keys' files (or files without a key); nothing replaced")
+
+
+def _create(fs: fsspec.AbstractFileSystem, target: str, data: bytes) -> None:
+    """Create ``target`` holding ``data``; ``FileExistsError`` if something is there.
+
+    Local files: ``open(..., "xb")`` (O_EXCL), atomic, also against a name that differs
+    only in case or normalisation on a file system that folds names. Elsewhere fsspec's
+    ``pipe_file(mode="create")``: for s3fs a conditional PUT (``If-None-Match: *``),
+    atomic on AWS S3 and on stores that honour the header; other backends check, then
+    write. The check before it makes stores that ignore the header (some S3 gateways)
+    check-then-write too: two writers racing for one name in the moment between the check
+    and the PUT could still both write there. The write is one PUT, so a reader never sees
+    half a file."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        with fs.open(target, "xb") as handle:
+            handle.write(data)
+        return
+    if fs.exists(target):
+        raise FileExistsError(target)
+    fs.pipe_file(target, data, mode="create")  # s3fs raises FileExistsError for the 412 of an existing object
+
+
+def _stored_key(fs: fsspec.AbstractFileSystem, target: str, storage: StorageConfig) -> bytes | None:
+    """The key bytes in an existing PNG's ``corrdiff-key`` chunk, or None: not a PNG, no
+    such chunk before the image data, a folder, gone, or unreadable. Reads the chunk
+    headers only up to the first image data, not the whole file."""
+    try:
+        with with_retries(lambda: fs.open(target, "rb", block_size=1 << 16), storage, f"open {target}") as handle:
+            if handle.read(8) != _PNG_SIGNATURE:
+                return None
+            while True:
+                header = handle.read(8)
+                if len(header) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                if kind != b"iTXt" or length > 1 << 24:
+                    handle.seek(length + 4, 1)
+                    continue
+                body = handle.read(length)
+                handle.seek(4, 1)  # the CRC
+                keyword, _, rest = body.partition(b"\0")
+                if keyword == KEY_CHUNK and rest[:2] == b"\0\0":  # uncompressed
+                    _language, _, rest = rest[2:].partition(b"\0")
+                    _translated, _, value = rest.partition(b"\0")
+                    return value
+    except Exception:  # noqa: BLE001 - whatever is there, it names no key
+        return None
+
+
+def fold_aside(keys: Iterable[str]) -> frozenset[str]:
+    """Of keys whose paths fold together (``keys.fold``), all but the first in code-point
+    order: the keys to write under their alternative path, so that one restore's names stay
+    distinct where names are compared case- or normalisation-insensitively."""
+    groups: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        groups[fold(key_to_path(key))].add(key)
+    return frozenset(k for group in groups.values() for k in sorted(group)[1:])
+
+
+def _planned_aside(files: list[ArchiveFile], storage: StorageConfig, keys: frozenset[str] | None) -> frozenset[str]:
+    """:func:`fold_aside` over the selected keys of a run, read from the key (and error) columns alone.
+
+    Two passes keep the driver's memory at 8 bytes a key: first a 64-bit hash of each
+    key's folded path, then the keys whose hash is shared, which are grouped exactly."""
+    def hashes(batch: pa.Table) -> np.ndarray:
+        return np.array([int.from_bytes(hashlib.blake2b(fold(key_to_path(k)).encode("utf-8", "surrogatepass"),
+                                                        digest_size=8).digest(), "little")
+                         for k in batch["key"].to_pylist()], dtype=np.uint64)
+
+    def selected_keys() -> Iterable[pa.Table]:
+        dataset = read_selected(all_rows(files), storage, keys=keys, columns=["key", "error"])
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield split_file_rows(batch)[0]
+
+    seen = [hashes(batch) for batch in selected_keys()]
+    values, counts = np.unique(np.concatenate(seen) if seen else np.zeros(0, np.uint64), return_counts=True)
+    shared = set(values[counts > 1].tolist())
+    if not shared:
+        return frozenset()
+    return fold_aside(k for batch in selected_keys() for k, h in zip(batch["key"].to_pylist(), hashes(batch).tolist())
+                      if h in shared)
 
 
 def run_decode(config: DecodeConfig) -> dict[str, Any]:
@@ -150,13 +284,14 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"no archive data files under {config.archive}")
     plan = plan_resources(config.resources, ray.cluster_resources())
     keys = frozenset(config.keys) if config.keys is not None else None
+    aside = _planned_aside(files, config.storage, keys)
     dataset = read_selected(all_rows(files), config.storage, keys=keys)
     dataset = plan.model_stage(dataset, DecodeStage, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": config.mode,
     }, batch_format="pyarrow")
     dataset = dataset.map_batches(write_png, fn_kwargs={"output": config.output, "storage": config.storage,
-                                                        "mode": config.mode},
+                                                        "mode": config.mode, "aside": aside},
                                   batch_size=plan.actor.batch_size, batch_format="numpy", num_cpus=plan.tasks.num_cpus)
     manifest = _write_manifest(dataset, files, keys, config, run_id)
     summary = _summarize(manifest, config, run_id, time.time() - started)

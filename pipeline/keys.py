@@ -16,9 +16,23 @@ and makes every other key safe by percent-encoding, segment by segment:
   another's shortened name, and telling two long segments apart would take a SHA-256
   collision.
 
+- a folder segment (any but the last) whose :func:`fold` ends with the suffix (``.png``)
+  has its last character escaped (``foo.png/bar`` -> ``foo.pn%67/bar.png``): otherwise the
+  folder ``foo.png`` of that key and the file ``foo.png`` of the key ``foo`` would be the
+  same name, and one of the two could not be written. File names always end with the
+  suffix and folder names never do, even case-folded, so no key's file can be another
+  key's folder.
+
 Because ``%`` itself is always escaped, the mapping is injective (no two keys share a
 path) and, below the length limit, :func:`path_to_key` inverts it. No result can contain
 ``..``, an absolute path, or a separator other than the key's own ``/``.
+
+Injective is not enough where names are compared case- or normalisation-insensitively
+(macOS, Windows, some S3 gateways): ``A.jpg`` and ``a.jpg``, or ``é`` composed (NFC) and
+decomposed (NFD), are distinct keys whose paths name one file there. :func:`fold` is that
+comparison; a restore gives every key but one of a group whose paths fold together its
+:func:`alternative_path`, and checks at write time which key an existing file holds
+(``pipeline.decode``).
 """
 
 from __future__ import annotations
@@ -38,6 +52,8 @@ def key_to_path(key: str, suffix: str = ".png") -> str:
     if not isinstance(key, str):
         raise TypeError(f"key must be a string, got {type(key).__name__}")
     segments = [_encode_segment(s) for s in key.split("/")]
+    folded_suffix = fold(suffix)
+    segments[:-1] = [s[:-1] + _escape(s[-1]) if fold(s).endswith(folded_suffix) else s for s in segments[:-1]]
     segments[-1] += suffix
     path = "/".join(segments)
     if path.startswith("/") or ".." in path.split("/") or posixpath.normpath(path) != path:
@@ -45,8 +61,32 @@ def key_to_path(key: str, suffix: str = ".png") -> str:
     return path
 
 
+def alternative_path(key: str, suffix: str = ".png") -> str:
+    """The path for ``key`` when :func:`key_to_path`'s name is taken by another key (its
+    paths fold together, or a file there holds another key): the same folder, and the file
+    name with ``~`` and the first 32 hex digits (128 bits) of the SHA-256 of the whole key
+    before the suffix (``a.jpg`` -> ``a.jpg~<32 hex>.png``).
+
+    A bare ``~`` is otherwise written only by shortening, followed by 64 hex digits, so no
+    key's own path folds onto an alternative one, and two keys' alternatives are one name
+    only if the first 128 bits of their hashes agree. 32 digits, not 64, keep a shortened
+    name (200 bytes) with its suffix under the 255-byte limit of file names.
+    """
+    primary = key_to_path(key, suffix)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{primary[: len(primary) - len(suffix)]}~{digest}{suffix}"
+
+
+def fold(path: str) -> str:
+    """``path`` as case- and normalisation-insensitive file systems compare names: Unicode
+    canonical caseless matching (NFD, case fold, then NFC). Two paths with one fold may name
+    one file on macOS, Windows or an S3 gateway backed by either."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", path).casefold())
+
+
 def path_to_key(path: str, suffix: str = ".png") -> str:
-    """Inverse of :func:`key_to_path` (for keys whose segments were not shortened)."""
+    """Inverse of :func:`key_to_path` (for keys whose segments were not shortened; an
+    :func:`alternative_path` is not inverted: the restore manifest names each key's file)."""
     if not path.endswith(suffix):
         raise ValueError(f"{path!r} does not end with {suffix!r}")
     segments = path[: len(path) - len(suffix)].split("/")

@@ -233,3 +233,25 @@ def test_tampered_weights_are_refused(codec, tmp_path):
 def test_unknown_model_name_lists_what_exists():
     with pytest.raises(FileNotFoundError, match="bundled models: corrdiff-photo"):
         CorrDiffCodec.from_pretrained("no-such-model", device="cpu")
+
+
+@pytest.mark.parametrize("metric", ["lpips-alex", "lpips-vgg"])
+def test_perceptual_mode_encodes_images_smaller_than_the_metric_sees(codec, images, encoded, metric):
+    """Perceptual mode takes every image the default mode takes. Below the metric's
+    ``min_side`` (1x1, 37x5) gamma stays the closed form, so the record is the default
+    mode's byte for byte; a 64x64 image is still refined. Every record decodes to the
+    reconstruction its encoder saw."""
+    from corrdiff.gamma import perceptual_fitter
+    from corrdiff.metrics import lpips_backbone_path, perceptual_metric
+
+    if not lpips_backbone_path(metric.removeprefix("lpips-")).exists():  # type: ignore[arg-type]
+        pytest.skip("LPIPS weights not installed (scripts/install_lpips_weights.py)")
+    lpips = perceptual_metric(metric)
+    perceptual = CorrDiffCodec(codec.model, device="cpu", gamma_fitter=perceptual_fitter(lpips, 3, 0.1))
+    chosen = [0, 1, 3]  # 1x1, 37x5, 64x64 (the fixture's 333x500 would only cost time)
+    assert [min(images[i].shape[:2]) < lpips.min_side for i in chosen] == [True, True, False]
+    refined = perceptual.encode_detailed([images[i] for i in chosen])
+    for i, enc in zip(chosen, refined):
+        assert np.array_equal(codec.decode([enc.record])[0], enc.reconstruction)
+    assert [enc.record for enc in refined[:2]] == [encoded[0].record, encoded[1].record]
+    assert refined[2].gammas != encoded[3].gammas

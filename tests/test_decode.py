@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from PIL import Image
 
 from corrdiff import CorrDiffCodec
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
-from pipeline.decode import DecodeConfig, run_decode
-from pipeline.keys import key_to_path
+from pipeline.decode import DecodeConfig, fold_aside, run_decode, write_png
+from pipeline.keys import alternative_path, fold, key_to_path
 from pipeline.resources import ResourceSettings
 from pipeline.sources import SourceConfig
 
@@ -169,3 +170,129 @@ def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
     for key in (held[0], "nope.jpg"):
         assert manifest[key]["status"] == "unreadable_file" and path.name in manifest[key]["error"]
         assert manifest[key]["archive_file"].endswith(path.name)
+
+
+def _pngs(out: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(out)): np.asarray(Image.open(p)) for p in out.rglob("*.png")}
+
+
+def test_keys_that_fold_together_or_clash_as_file_and_folder_each_keep_their_own_file(ray_local, tiny_model,
+                                                                                      tmp_path):
+    """Keys one case- or normalisation-insensitive file system (macOS, Windows) would give one
+    name (``A.jpg``/``a.jpg``, NFC/NFD ``é``), and ``foo`` beside ``foo.png/bar``: every key's
+    manifest path holds that key's pixels, and no two paths are one name, or a file and a
+    folder, once folded, although this file system folds nothing. A rerun writes the same
+    paths again and no others."""
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    keys = ["A.jpg", "a.jpg", unicodedata.normalize("NFC", "café.jpg"), unicodedata.normalize("NFD", "café.jpg"),
+            "foo", "foo.png/bar"]
+    (tmp_path / "table").mkdir()
+    pq.write_table(pa.table({"key": keys, "image": [photos[i % len(photos)].read_bytes() for i in range(len(keys))]}),
+                   tmp_path / "table" / "t.parquet")
+    _compress(str(tmp_path / "table"), str(tmp_path / "archive"), tiny_model, kind="parquet")
+    codec = CorrDiffCodec.from_pretrained(tiny_model, device="cpu")
+    records = {k: codec.decode([r["record"]])[0] for k, r in _rows(tmp_path / "archive").items()}
+    out = tmp_path / "out"
+    paths = {}
+    for run in ("first", "again"):
+        summary = run_decode(DecodeConfig(archive=str(tmp_path / "archive"), output=str(out), device="cpu",
+                                          run_id=run))
+        assert summary["statuses"] == {"ok": len(keys)}
+        manifest = {r["key"]: r["path"] for r in pq.read_table(out / "_restore" / f"{run}.parquet").to_pylist()}
+        assert set(manifest) == set(keys)
+        paths.setdefault("first", manifest)
+        assert manifest == paths["first"]  # the rerun overwrote each key's own file
+        for key, path in manifest.items():
+            np.testing.assert_array_equal(np.asarray(Image.open(out / path)), records[key])
+        folded = [fold(p) for p in manifest.values()]
+        assert len(set(folded)) == len(keys)
+        assert not any(b.startswith(a + "/") for a in folded for b in folded)
+        assert sorted(_pngs(out)) == sorted(manifest.values())
+    assert paths["first"]["A.jpg"] == "A.jpg.png" and paths["first"]["a.jpg"] == alternative_path("a.jpg")
+    assert paths["first"]["foo"] == "foo.png" and paths["first"]["foo.png/bar"] == "foo.pn%67/bar.png"
+
+
+def _folding_filesystem(root: Path):
+    """A local file system that, below ``root``, compares names as macOS and Windows do: it
+    stores every name folded (``keys.fold``), so ``A.jpg.png`` and ``a.jpg.png`` are one file."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Folding(LocalFileSystem):
+        cachable = False
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = super()._strip_protocol(path)
+            inside = path.removeprefix(str(root))
+            return str(root) + fold(inside) if inside != path else path
+
+    return Folding()
+
+
+def _batch(keys: list[str], pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {"key": np.array(keys, dtype=object), "status": np.array(["ok"] * len(keys), dtype=object),
+            "error": np.array([None] * len(keys), dtype=object), "pixels": pixels,
+            "model_id": np.array(["m"] * len(keys), dtype=object),
+            "archive_file": np.array(["f"] * len(keys), dtype=object), "archive_row": np.arange(len(keys)),
+            "seconds": np.zeros(len(keys))}
+
+
+def test_on_a_folding_file_system_no_key_replaces_another_keys_file(tmp_path, monkeypatch):
+    """Write time, with no plan from the driver (keys from different runs): a file already at a
+    key's name is read for the key it holds, not judged by its name. Another key's file, or a
+    file without a key, is left as it is and the key goes to its alternative path; the same
+    key's file (a rerun) is overwritten; with both names taken the key is ``write_failed``."""
+    import pipeline.decode
+
+    from pipeline.storage import StorageConfig
+
+    out = tmp_path / "out"
+    fs = _folding_filesystem(out)
+    monkeypatch.setattr(pipeline.decode, "filesystem", lambda output, storage: (fs, str(out)))
+
+    def restore(keys: list[str], seed: int) -> dict[str, dict]:
+        pixels = [np.full((3, 2, 3), seed * 10 + i, np.uint8) for i in range(len(keys))]
+        table = write_png(_batch(keys, pixels), str(out), StorageConfig(), "corrdiff")
+        return {r["key"]: r for r in table.to_pylist()}
+
+    def pixels_at(path: str) -> int:
+        with fs.open(str(out / path), "rb") as handle:
+            return int(np.asarray(Image.open(handle))[0, 0, 0])
+
+    nfc, nfd = unicodedata.normalize("NFC", "é.jpg"), unicodedata.normalize("NFD", "é.jpg")
+    first = restore(["A.jpg", nfc], seed=1)
+    assert [first[k]["path"] for k in ("A.jpg", nfc)] == ["A.jpg.png", key_to_path(nfc)]
+    second = restore(["a.jpg", nfd], seed=2)  # each name is the other key's file here
+    assert [second[k]["path"] for k in ("a.jpg", nfd)] == [alternative_path("a.jpg"), alternative_path(nfd)]
+    assert (pixels_at("A.jpg.png"), pixels_at(key_to_path(nfc))) == (10, 11)  # untouched
+    assert (pixels_at(second["a.jpg"]["path"]), pixels_at(second[nfd]["path"])) == (20, 21)
+    again = restore(["a.jpg", "A.jpg"], seed=3)  # reruns: each overwrites its own file only
+    assert [again[k]["path"] for k in ("a.jpg", "A.jpg")] == [alternative_path("a.jpg"), "A.jpg.png"]
+    assert (pixels_at(alternative_path("a.jpg")), pixels_at("A.jpg.png")) == (30, 31)
+
+    (out / "b.jpg.png").write_bytes(b"someone's file")  # no key: never replaced either
+    assert restore(["b.jpg"], seed=4)["b.jpg"]["path"] == alternative_path("b.jpg")
+    (out / fold(alternative_path("c.jpg"))).write_bytes(b"x")
+    (out / "c.jpg.png").write_bytes(b"y")
+    failed = restore(["c.jpg"], seed=5)["c.jpg"]
+    assert failed["status"] == "write_failed" and failed["path"] is None and "nothing replaced" in failed["error"]
+    assert (out / "b.jpg.png").read_bytes() == b"someone's file" and (out / "c.jpg.png").read_bytes() == b"y"
+
+
+def test_fold_aside_keeps_one_key_of_each_folding_group_on_its_own_path():
+    nfc, nfd = unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é")
+    assert fold_aside(["A.jpg", "a.jpg", "b.jpg", nfc, nfd, "x/Y", "X/y", "x/y"]) == {"a.jpg", nfc, "x/Y", "x/y"}
+
+
+def test_an_object_without_the_key_is_never_replaced_on_s3(s3_server):
+    """On S3 the same: an object at a key's name that does not hold that key stays, and the key
+    goes to its alternative path; a rerun finds its own object and rewrites it."""
+    bucket = s3_server.make_bucket({"out/b.jpg.png": b"someone's object"})
+    pixels = [np.zeros((2, 2, 3), np.uint8)]
+    for _ in range(2):
+        [row] = write_png(_batch(["b.jpg"], pixels), f"{bucket}/out", s3_server.storage, "corrdiff").to_pylist()
+        assert row["status"] == "ok" and row["path"] == alternative_path("b.jpg")
+    name = bucket.removeprefix("s3://")
+    assert s3_server.client.get_object(Bucket=name, Key="out/b.jpg.png")["Body"].read() == b"someone's object"
+    body = s3_server.client.get_object(Bucket=name, Key=f"out/{alternative_path('b.jpg')}")["Body"].read()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), pixels[0])

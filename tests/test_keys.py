@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.keys import MAX_SEGMENT_BYTES, is_safe_join, key_to_path, path_to_key
+from pipeline.keys import MAX_SEGMENT_BYTES, alternative_path, fold, is_safe_join, key_to_path, path_to_key
 
 
 @pytest.mark.parametrize("key, path", [
@@ -24,6 +24,9 @@ from pipeline.keys import MAX_SEGMENT_BYTES, is_safe_join, key_to_path, path_to_
     ("line\nbreak\x00nul", "line%0Abreak%00nul.png"),
     ("100%", "100%25.png"),
     ("", "%.png"),
+    ("foo.png/bar", "foo.pn%67/bar.png"),  # never the folder of the file of key "foo"
+    ("x.PNG/y.Png/z.png", "x.PN%47/y.Pn%67/z.png.png"),
+    ("a.pn%67/b", "a.pn%2567/b.png"),
 ])
 def test_paths(key, path):
     assert key_to_path(key) == path
@@ -77,3 +80,35 @@ def test_shortened_names_carry_the_whole_sha256_of_the_segment():
 
     segment = "z" * 300
     assert key_to_path(segment).endswith("~" + hashlib.sha256(segment.encode()).hexdigest() + ".png")
+
+
+_FOLDING = "aA.pngPNG/%~\u00e9e\u0301\u00c9"  # case and NFC/NFD pairs, the suffix, separators
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.text(alphabet=_FOLDING, max_size=8), min_size=2, max_size=2, unique=True))
+def test_no_keys_file_is_another_keys_folder_even_folded(pair):
+    """``foo`` -> ``foo.png`` and ``foo.png/bar`` must not need ``foo.png`` as a file and a
+    folder; nor may any case or normalisation variant of it (macOS, Windows)."""
+    a, b = (fold(key_to_path(k)) for k in pair)
+    assert not b.startswith(a + "/") and not a.startswith(b + "/")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=_FOLDING, max_size=8), min_size=2, max_size=2, unique=True))
+def test_alternative_paths_fold_onto_no_other_name(pair):
+    a, b = pair
+    names = [fold(key_to_path(a)), fold(key_to_path(b)), fold(alternative_path(a)), fold(alternative_path(b))]
+    assert len(set(names[1:])) == 3 and len(set(names[:1] + names[2:])) == 3
+    assert posixpath.dirname(alternative_path(a)) == posixpath.dirname(key_to_path(a))
+
+
+def test_keys_that_differ_in_case_or_normalisation_fold_together():
+    assert fold(key_to_path("A.jpg")) == fold(key_to_path("a.jpg"))
+    assert fold(key_to_path("caf\u00e9")) == fold(key_to_path("cafe\u0301"))
+    assert fold(alternative_path("A.jpg")) != fold(alternative_path("a.jpg"))
+
+
+def test_an_alternative_name_fits_a_file_name_even_for_a_shortened_segment():
+    path = alternative_path("d/" + "\u00e9" * 300)
+    assert len(path.split("/")[-1].encode()) <= 255 and path.startswith("d/") and path.endswith(".png")
