@@ -34,6 +34,12 @@ from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 ARCHIVE_SCHEMA_VERSION = "1"
+# How keys are formed (pipeline/sources.py), written into every data file as
+# "corrdiff.key_scheme". 2: tar members are "<shard path>.tar/<member>". Before it (files
+# without the entry): "<shard path without .tar>/<member>", under which the shards a.tar
+# (member b/x.jpg) and a/b.tar (member x.jpg) gave one key. Keys of the other kinds are
+# the same in both. A resume must not mix them: see :func:`done_keys`.
+KEY_SCHEME = "2"
 
 SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -78,7 +84,8 @@ class ArchiveDatasink(Datasink[WrittenFile]):
                  rows_per_file: int) -> None:
         self.url, self.storage, self.job_id = url.rstrip("/"), storage, job_id
         self.rows_per_file = rows_per_file
-        self.schema = SCHEMA.with_metadata({**metadata, "corrdiff.archive_schema": ARCHIVE_SCHEMA_VERSION})
+        self.schema = SCHEMA.with_metadata({**metadata, "corrdiff.archive_schema": ARCHIVE_SCHEMA_VERSION,
+                                            "corrdiff.key_scheme": KEY_SCHEME})
 
     @property
     def min_rows_per_write(self) -> int:
@@ -153,9 +160,39 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
 
 def done_keys(url: str, storage: StorageConfig) -> set[str]:
     """Keys already in the archive, the resume point of a rerun: every key with a row,
-    except those whose only rows are retryable errors (pipeline.errors), tried again."""
-    table = read_columns(url, storage, ["key", "error"])
-    return {key for key, error in zip(table["key"].to_pylist(), table["error"].to_pylist()) if not is_retryable(error)}
+    except those whose only rows are retryable errors (pipeline.errors), tried again.
+
+    Refused (``ValueError``) if a data file's keys were formed otherwise than this version
+    forms them (:data:`KEY_SCHEME`): a rerun would archive its images a second time under
+    new keys, and say nothing.
+    """
+    fs, _ = filesystem(url, storage)
+    keys: set[str] = set()
+    for path in list_data_files(url, storage):
+        table = read_data_file(path, fs, ["key", "error"])
+        _check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
+        keys.update(key for key, error in zip(table["key"].to_pylist(), table["error"].to_pylist())
+                    if not is_retryable(error))
+    return keys
+
+
+def _check_key_scheme(metadata: dict[bytes, bytes], path: str) -> None:
+    """Refuse to resume over a data file whose keys this version would form differently."""
+    scheme = metadata.get(b"corrdiff.key_scheme", b"").decode() or None
+    try:
+        kind = (json.loads(metadata.get(b"corrdiff.config", b"{}")).get("input") or {}).get("kind")
+    except (ValueError, AttributeError):
+        kind = None  # not written by this project: nothing says its keys would change
+    if scheme is None and kind == "tar":
+        raise ValueError(
+            f"{path} was written before key scheme {KEY_SCHEME}: its tar members are keyed "
+            "'<shard without .tar>/<member>', which this version writes as '<shard>.tar/<member>'; "
+            "resuming would archive every member again under its new key. Finish this archive with "
+            "the version that started it, or write a new archive (docs/archive.md#keys-and-resume)"
+        )
+    if scheme is not None and scheme != KEY_SCHEME:
+        raise ValueError(f"{path} has key scheme {scheme}, this version writes {KEY_SCHEME}: resume it "
+                         "with the version that wrote it")
 
 
 def file_metadata(path: str, storage: StorageConfig) -> dict[str, str]:

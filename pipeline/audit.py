@@ -3,7 +3,8 @@
 Audit (a seeded sample, scored)::
 
     footers (driver) -> sample rows, stratified by file -> read them (tasks)
-        -> fetch_originals (CPU tasks): fetch each source_uri, check its SHA-256, decode it
+        -> fetch_originals (CPU tasks): fetch each archived image's original (a file, a tar
+           member, a Parquet cell: pipeline/originals.py), check its SHA-256, decode it
         -> AuditStage (actors): decode the record, score PSNR / MS-SSIM / LPIPS / bpp
            (and DISTS with ``dists: true``)
         -> the worst images again through AuditStage with crops (a second, tiny pass)
@@ -43,13 +44,15 @@ from pipeline.compress import new_job_id
 from pipeline.decode import DecodeStage
 from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
+from pipeline.originals import Original, read_originals
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RecordDecoder
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
                                 read_selected, sample_rows, sample_size, split_file_rows, with_read_failures)
+from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
 from pipeline.stages import EMPTY_PIXELS, ragged_column
-from pipeline.storage import StorageConfig, read_bytes
+from pipeline.storage import StorageConfig
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
 
 # Original statuses: what fetching source_uri and hashing it found.
@@ -89,6 +92,9 @@ class AuditConfig:
     worst: int = 6  # images shown side by side with their originals
     crop: int = 256  # side of those crops, px
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # The largest original read (a file, tar member or Parquet cell), as input.max_image_bytes
+    # at compression: an original that grew past it since is unreadable, never held whole.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     thresholds: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     storage: StorageConfig = field(default_factory=StorageConfig)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
@@ -96,6 +102,8 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         check_decode_mode(self.mode)
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
         sample_size(self.sample, total=1)  # the sampler's own validation, before any work
         thresholds = parse_thresholds(self.thresholds)  # a typo in a threshold fails before any work
         unscored = [t.measure for t in thresholds if t.measure.startswith("dists.") and not self.dists]
@@ -126,14 +134,21 @@ class AuditConfig:
         return data
 
 
-def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int) -> pa.Table:
-    """CPU task: each row's original, fetched from its source_uri, checked against the
-    archived SHA-256 and decoded, with its status. Fetching and image decoding run here, in
-    tasks, so that object-store latency never idles the model actors (and their GPUs)."""
+def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int) -> pa.Table:
+    """CPU task: each row's original, fetched where its source_uri says (pipeline/originals.py:
+    the shards and Parquet files of a batch each read once), checked against the archived
+    SHA-256 and decoded, with its status. Fetching and image decoding run here, in tasks, so
+    that object-store latency never idles the model actors (and their GPUs).
+
+    Error rows (``error`` set: no record, nothing to score) and rows standing for unreadable
+    data files are not fetched: their original status is null."""
+    rows = batch.select(["key", "archive_file", "archive_row", "source_uri", "source_sha256", "error"]).to_pylist()
+    wanted = [row for row in rows if row["error"] is None and not _stands_for_file(row)]
+    fetched = iter(read_originals(wanted, storage, max_image_bytes))
     pixels, statuses, errors = [], [], []
-    for row in batch.select(["key", "archive_row", "source_uri", "source_sha256"]).to_pylist():
-        original, status, error = (None, None, None) if _stands_for_file(row) else \
-            _original(row["source_uri"], row["source_sha256"], storage, max_pixels)
+    for row in rows:
+        original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
+            _original(next(fetched), row["source_uri"], row["source_sha256"], max_pixels)
         pixels.append(original if original is not None else EMPTY_PIXELS)
         statuses.append(status)
         errors.append(error)
@@ -147,23 +162,21 @@ def _stands_for_file(row: dict[str, Any]) -> bool:
     return row["key"] == UNREADABLE_FILE_KEY and row["archive_row"] == -1
 
 
-def _original(uri: str, sha256: str | None, storage: StorageConfig,
+def _original(fetched: Original, uri: str, sha256: str | None,
               max_pixels: int) -> tuple[np.ndarray | None, str, str | None]:
     """The original's pixels if it is there and unchanged, its status, and why not."""
-    try:
-        data = read_bytes(uri, storage)
-    except FileNotFoundError:
+    if isinstance(fetched, FileNotFoundError):
         return None, ORIGINAL_MISSING, f"original missing: {uri}"
-    except Exception as error:  # noqa: BLE001 - recorded, the audit goes on
-        return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(error).__name__}: {error}"
+    if isinstance(fetched, Exception):
+        return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(fetched).__name__}: {fetched}"
     if sha256 is None:
         status = ORIGINAL_NO_CHECKSUM
-    elif hashlib.sha256(data).hexdigest() != sha256:
+    elif hashlib.sha256(fetched).hexdigest() != sha256:
         return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
     else:
         status = ORIGINAL_OK
     try:
-        return decode_image(data, max_pixels), status, None
+        return decode_image(fetched, max_pixels), status, None
     except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
         return None, status, f"original does not decode: {error}"
 
@@ -334,7 +347,8 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
         return schema.empty_table()
     dataset = read_selected(selections, config.storage)
     dataset = dataset.map_batches(
-        fetch_originals, fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels},
+        fetch_originals, fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels,
+                                    "max_image_bytes": config.max_image_bytes},
         batch_size=plan.tasks.batch_size, batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
     )
     dataset = plan.model_stage(dataset, AuditStage, {

@@ -10,18 +10,27 @@ depends only on where the image sits inside the source, never on the bucket, the
 point or the time of the run, and it is unique within the source:
 - files: the path relative to the folder/prefix, with '/' separators ("sub/a.jpg");
 - manifest: the manifest's key column if it has one, else the URI as written;
-- tar: "<shard path relative to the prefix, without .tar>/<member name>"
-  ("train/shard-000001/000001.jpg");
+- tar: "<shard path relative to the prefix>/<member name>", the shard's ".tar" kept
+  ("train/shard-000001.tar/000001.jpg"): the shard ends at the key's first segment ending
+  in ".tar" (case-insensitive), so shards a.tar (member b/x.jpg) and a/b.tar (member x.jpg)
+  keep two keys. That needs no shard under a folder whose name ends in ".tar": such a
+  listing is refused. (Archives written before KEY_SCHEME 2, pipeline/archive.py, keyed
+  members "<shard path without .tar>/<member>"; a rerun over one is refused.)
 - parquet: the value of the key column (the input must keep it unique across its files:
   checking that would take a pass over all the data before the first image).
 `source_uri` says where the bytes were read, for people and audits: the full URL
 ("s3://bucket/prefix/sub/a.jpg", "/abs/path/a.jpg"), for a tar member
-"<shard url>#<member name>", for a Parquet row "<file url>#<key>".
+"<shard url>#<member name>", for a Parquet row "<file url>#<key>" (:func:`split_tar_uri`,
+:func:`split_parquet_uri` take them apart again).
+
+Listed objects are read by the filesystem and path the listing produced, never by
+re-parsing their URL: fsspec reads "::" in a URL as a chain of filesystems, so a file named
+"a::b.png" would be read as "a". Only a manifest's URIs, written by a person, are fsspec URLs.
 
 Failures are rows, not crashes: an image that cannot be read is a row with data null and
 error set, so that a job over millions of objects finishes and says what it missed. A
 corrupt or truncated tar shard yields the members read before the damage, then one row
-keyed "<shard key prefix>/#shard" with error "corrupt tar shard: <reason>"; Parquet files
+keyed "<shard key>/#shard" with error "corrupt tar shard: <reason>"; Parquet files
 likewise end with "<file path without .parquet>/#file" and "corrupt parquet file: <reason>".
 An image larger than ``SourceConfig.max_image_bytes`` is an error row "image file too large:
 ..." whose bytes are never read: the size is known first (the object's size, the tar
@@ -58,7 +67,8 @@ if TYPE_CHECKING:
 
 SourceKind = Literal["files", "tar", "parquet", "manifest"]
 
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string())])
+# path: where the listing's filesystem finds the object; null for a manifest's URIs (read as written)
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("path", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [("key", pa.string()), ("source_uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
 )
@@ -133,10 +143,12 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Listing:
-    """The driver's listing: the items to read (key, source_uri), and the files it skipped."""
+    """The driver's listing: the items to read (key, source_uri, path), the files it skipped,
+    and the filesystem whose paths they are (None for a manifest: each URI names its own)."""
 
     items: pa.Table
     skipped: Skipped
+    filesystem: fsspec.AbstractFileSystem | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,7 @@ def list_items(source: SourceConfig, storage: StorageConfig) -> Listing:
     if source.kind not in listers:
         raise ValueError(f"unknown source kind {source.kind!r}; expected one of {', '.join(listers)}")
     listing = listers[source.kind](source, storage)
-    return Listing(listing.items.sort_by("key"), listing.skipped)
+    return Listing(listing.items.sort_by("key"), listing.skipped, listing.filesystem)
 
 
 def read_source(
@@ -211,10 +223,11 @@ def read_source(
         todo = _without_done(listing.items, done_keys)
         if todo.num_rows == 0:
             return SourceRead(ray.data.from_arrow(OUTPUT_SCHEMA.empty_table()), listing.skipped)
-        fetch = partial(_fetch_batch, storage=storage, max_bytes=source.max_image_bytes)
+        fetch = partial(_fetch_batch, fs=listing.filesystem, storage=storage, max_bytes=source.max_image_bytes)
         dataset = _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
         return SourceRead(dataset, listing.skipped)
-    common = {"source": source, "storage": storage, "done": frozenset(done_keys), "rows_per_block": rows_per_block}
+    common = {"fs": listing.filesystem, "source": source, "storage": storage, "done": frozenset(done_keys),
+              "rows_per_block": rows_per_block}
     if source.kind == "tar":
         tally = _MemberTally.remote()
         tables_of = partial(_tar_tables, tally=tally, **common)
@@ -233,16 +246,26 @@ def _list_files(source: SourceConfig, storage: StorageConfig) -> Listing:
 
 
 def _list_tar(source: SourceConfig, storage: StorageConfig) -> Listing:
-    return _find(source, storage, (".tar",), "tar shards")
+    """The shards; refused if one lies under a folder named "*.tar", where its members' keys
+    could not say where the shard ends (see the module docstring)."""
+    listing = _find(source, storage, (".tar",), "tar shards")
+    nested = [key for key in listing.items["key"].to_pylist()
+              if any(segment.lower().endswith(".tar") for segment in key.split("/")[:-1])]
+    if nested:
+        raise ValueError(
+            f"tar shards under a folder whose name ends in .tar: {_few(nested)}; a member's key "
+            "<shard>.tar/<member> must show where the shard ends: rename the folder"
+        )
+    return listing
 
 
 def _list_parquet(source: SourceConfig, storage: StorageConfig) -> Listing:
     listing = _find(source, storage, (".parquet",), "Parquet files")
     # One footer read catches a wrong column name before the job starts; a later file
     # that differs is reported by its task as a '#file' error row.
-    first_uri = listing.items["source_uri"][0].as_py()
-    fs, path = filesystem(first_uri, storage)
-    schema = with_retries(lambda: pq.read_schema(path, filesystem=fs), storage, f"read the schema of {first_uri}")
+    first_uri, path = listing.items["source_uri"][0].as_py(), listing.items["path"][0].as_py()
+    schema = with_retries(lambda: pq.read_schema(path, filesystem=listing.filesystem), storage,
+                          f"read the schema of {first_uri}")
     _check_parquet_schema(schema, source, first_uri)
     return listing
 
@@ -267,7 +290,7 @@ def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...
             + (f"; skipped {sum(skipped.counts.values())} other files{counted}" if skipped.counts else "")
         )
     keys = [_relative(path, root) for path in paths]
-    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths]), skipped)
+    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths], paths), skipped, fs)
 
 
 def _relative(path: str, root: str) -> str:
@@ -292,7 +315,7 @@ def _list_manifest(source: SourceConfig, storage: StorageConfig) -> Listing:
     else:
         raise ValueError(f"manifest {source.url} must end with one of {', '.join(_MANIFEST_FORMATS)}")
     _check_manifest(keys, uris, source.url)
-    return Listing(_listing(keys, uris), Skipped())  # every URI listed is read, whatever its name
+    return Listing(_listing(keys, uris, [None] * len(uris)), Skipped())  # every URI listed is read, whatever its name
 
 
 def _manifest_table(data: bytes, suffix: str, source: SourceConfig) -> pa.Table:
@@ -335,8 +358,9 @@ def _few(values: list[str], shown: int = 5) -> str:
     return ", ".join(repr(v) for v in values[:shown]) + more
 
 
-def _listing(keys: list[str], uris: list[str]) -> pa.Table:
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string())], schema=LISTING_SCHEMA)
+def _listing(keys: list[str], uris: list[str], paths: list[str | None]) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string()), pa.array(paths, pa.string())],
+                                schema=LISTING_SCHEMA)
 
 
 def _without_done(listing: pa.Table, done_keys: Iterable[str]) -> pa.Table:
@@ -359,33 +383,57 @@ def _blocks(listing: pa.Table, rows_per_block: int) -> ray.data.Dataset:
 # Fetching whole objects (files, manifest) ------------------------------------------------
 
 
-def _fetch_batch(batch: pa.Table, storage: StorageConfig, max_bytes: int) -> pa.Table:
+def _fetch_batch(batch: pa.Table, fs: fsspec.AbstractFileSystem | None, storage: StorageConfig,
+                 max_bytes: int) -> pa.Table:
     """Every object of a block, read concurrently; a failed read becomes an error row."""
     uris = batch["source_uri"].to_pylist()
+    fetch = partial(_fetch_one, fs=fs, storage=storage, max_bytes=max_bytes)
     with ThreadPoolExecutor(max_workers=max(1, min(_FETCH_THREADS, len(uris)))) as pool:
-        fetched = list(pool.map(partial(_fetch_one, storage=storage, max_bytes=max_bytes), uris))
+        fetched = list(pool.map(fetch, uris, batch["path"].to_pylist()))
     return _output_table(
         batch["key"].to_pylist(), uris, [data for data, _ in fetched], [error for _, error in fetched]
     )
 
 
-def _fetch_one(uri: str, storage: StorageConfig, max_bytes: int) -> tuple[bytes | None, str | None]:
-    """One object's bytes, its size checked before they are read; or the reason why not."""
+def _fetch_one(uri: str, path: str | None, fs: fsspec.AbstractFileSystem | None, storage: StorageConfig,
+               max_bytes: int) -> tuple[bytes | None, str | None]:
+    """One object's bytes, its size checked before they are read; or the reason why not.
+
+    A listed object is read at its ``path`` on the listing's ``fs``; a manifest's URI
+    (``path`` None) is resolved as the fsspec URL its author wrote.
+    """
     try:
-        fs, path = filesystem(uri, storage)
-        size = with_retries(lambda: fs.size(path), storage, f"stat {uri}")
-        if size is not None and size > max_bytes:
-            return None, _too_large(size, max_bytes)
-        # Bounded even when the size is unknown or the object grew since it was measured.
-        data = with_retries(lambda: fs.cat_file(path, start=0, end=max_bytes + 1), storage, f"read {uri}")
-        return (None, _too_large(len(data), max_bytes)) if len(data) > max_bytes else (data, None)
+        if path is None:
+            fs, path = filesystem(uri, storage)
+        return read_capped(fs, path, uri, storage, max_bytes), None
+    except ImageTooLarge as error:
+        return None, str(error)
     except Exception as error:  # one unreadable object must not drop its block
         return None, f"read failed: {_reason(error)}"
 
 
+class ImageTooLarge(ValueError):
+    """An image whose encoded bytes are over ``max_image_bytes`` (they are not read)."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        super().__init__(f"image file too large: {size:,} bytes, over max_image_bytes ({max_bytes:,})")
+
+
+def read_capped(fs: fsspec.AbstractFileSystem, path: str, uri: str, storage: StorageConfig, max_bytes: int) -> bytes:
+    """One object's bytes, its size checked before they are read (:class:`ImageTooLarge`)."""
+    size = with_retries(lambda: fs.size(path), storage, f"stat {uri}")
+    if size is not None and size > max_bytes:
+        raise ImageTooLarge(size, max_bytes)
+    # Bounded even when the size is unknown or the object grew since it was measured.
+    data = with_retries(lambda: fs.cat_file(path, start=0, end=max_bytes + 1), storage, f"read {uri}")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(len(data), max_bytes)
+    return data
+
+
 def _too_large(size: int, max_bytes: int) -> str:
     """The error of an image whose encoded bytes are over the cap (they are not read)."""
-    return f"image file too large: {size:,} bytes, over max_image_bytes ({max_bytes:,})"
+    return str(ImageTooLarge(size, max_bytes))
 
 
 def _reason(error: BaseException) -> str:
@@ -429,11 +477,11 @@ def _rows_table(rows: list[Row]) -> pa.Table:
 # Expanding shards and files (tar, parquet) -------------------------------------------------
 
 
-def _expand(batch: pa.Table, tables_of: Callable[[str, str], Iterator[pa.Table]]) -> Iterator[pa.Table]:
-    """The output tables of each listed shard or file (key, uri) in a block, as they stream."""
+def _expand(batch: pa.Table, tables_of: Callable[[str, str, str], Iterator[pa.Table]]) -> Iterator[pa.Table]:
+    """The output tables of each listed shard or file (key, uri, path) in a block, as they stream."""
     empty = True
-    for key, uri in zip(batch["key"].to_pylist(), batch["source_uri"].to_pylist()):
-        for table in tables_of(key, uri):
+    for key, uri, path in zip(batch["key"].to_pylist(), batch["source_uri"].to_pylist(), batch["path"].to_pylist()):
+        for table in tables_of(key, uri, path):
             empty = False
             yield table
     if empty:  # all done already: an empty table keeps the dataset's schema known downstream
@@ -444,34 +492,34 @@ def _expand(batch: pa.Table, tables_of: Callable[[str, str], Iterator[pa.Table]]
 
 
 def _tar_tables(
-    shard_key: str, shard_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
-    rows_per_block: int, tally: ActorHandle,
+    shard_key: str, shard_uri: str, shard_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
+    storage: StorageConfig, done: frozenset[str], rows_per_block: int, tally: ActorHandle,
 ) -> Iterator[pa.Table]:
     """One shard's rows in tables; then its skipped members, reported to the tally."""
     skipped = Skipped()
-    yield from _in_tables(_tar_rows(shard_key, shard_uri, source, storage, done, skipped), rows_per_block)
+    rows = _tar_rows(shard_key, shard_uri, shard_path, fs, source, storage, done, skipped)
+    yield from _in_tables(rows, rows_per_block)
     ray.get(tally.record.remote(shard_key, skipped))  # waited for: the task must not end first
 
 
 def _tar_rows(
-    shard_key: str, shard_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
-    skipped: Skipped,
+    shard_key: str, shard_uri: str, shard_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
+    storage: StorageConfig, done: frozenset[str], skipped: Skipped,
 ) -> Iterator[Row]:
-    """The image members of one shard, streamed; damage ends the shard with a '#shard' row.
-    Members that are not images are added to ``skipped`` (named "<shard key prefix>/<member>")."""
-    prefix = shard_key[: -len(".tar")]
+    """The image members of one shard (at ``shard_path`` on ``fs``), streamed; damage ends the
+    shard with a '#shard' row. Members that are not images are added to ``skipped`` (named
+    like their keys, "<shard key>/<member>")."""
     try:
-        fs, path = filesystem(shard_uri, storage)
-        with with_retries(lambda: fs.open(path, "rb"), storage, f"open {shard_uri}") as handle:
-            end = yield from _tar_members(handle, prefix, shard_uri, source, storage, done, skipped)
+        with with_retries(lambda: fs.open(shard_path, "rb"), storage, f"open {shard_uri}") as handle:
+            end = yield from _tar_members(handle, shard_key, shard_uri, source, storage, done, skipped)
             _check_end_of_archive(handle, end, storage, shard_uri)
     except Exception as error:  # corrupt, truncated or unreadable: record it, keep the rest
-        yield f"{prefix}/{SHARD_ERROR_SUFFIX}", shard_uri, None, f"corrupt tar shard: {_reason(error)}"
+        yield f"{shard_key}/{SHARD_ERROR_SUFFIX}", shard_uri, None, f"corrupt tar shard: {_reason(error)}"
 
 
 def _tar_members(
     handle: IO[bytes],
-    prefix: str,
+    shard_key: str,
     shard_uri: str,
     source: SourceConfig,
     storage: StorageConfig,
@@ -492,9 +540,9 @@ def _tar_members(
             if not member.isfile():
                 continue
             if not member.name.lower().endswith(extensions):
-                skipped.add(f"{prefix}/{member.name}")
+                skipped.add(f"{shard_key}/{member.name}")
                 continue
-            base, uri = f"{prefix}/{member.name}", f"{shard_uri}#{member.name}"
+            base, uri = f"{shard_key}/{member.name}", f"{shard_uri}#{member.name}"
             copies[base] = copy = copies.get(base, 0) + 1
             key = base if copy == 1 else f"{base}#{copy}"
             if key in done:
@@ -534,14 +582,14 @@ class _RetryingReader:
 
 
 def _parquet_tables(
-    file_key: str, file_uri: str, source: SourceConfig, storage: StorageConfig, done: frozenset[str],
-    rows_per_block: int,
+    file_key: str, file_uri: str, file_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
+    storage: StorageConfig, done: frozenset[str], rows_per_block: int,
 ) -> Iterator[pa.Table]:
-    """One file, a row group at a time (the memory bound); damage ends it with a '#file' row."""
+    """One file (at ``file_path`` on ``fs``), a row group at a time (the memory bound); damage
+    ends it with a '#file' row."""
     columns = [source.key_column, source.image_column]
     try:
-        fs, path = filesystem(file_uri, storage)
-        with with_retries(lambda: fs.open(path, "rb"), storage, f"open {file_uri}") as handle:
+        with with_retries(lambda: fs.open(file_path, "rb"), storage, f"open {file_uri}") as handle:
             parquet = with_retries(lambda: pq.ParquetFile(handle), storage, f"read the footer of {file_uri}")
             _check_parquet_schema(parquet.schema_arrow, source, file_uri)
             for index in range(parquet.num_row_groups):
@@ -593,3 +641,29 @@ def _check_parquet_schema(schema: pa.Schema, source: SourceConfig, uri: str) -> 
 
 def _lower(extensions: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(extension.lower() for extension in extensions)
+
+
+# Taking source URIs apart again (audits) --------------------------------------------------
+
+
+def split_tar_uri(uri: str, key: str) -> tuple[str, str]:
+    """(shard URL, member name) of a tar member's ``source_uri`` "<shard url>#<member>".
+
+    Either URL or name may hold '#' or ".tar#"; the key, which ends with "/<member>" (in
+    either key scheme), tells which ".tar#" is the boundary.
+    """
+    lowered = uri.lower()
+    start = lowered.find(".tar#")
+    while start != -1:
+        member = uri[start + len(".tar#"):]
+        if member and key.endswith(f"/{member}"):
+            return uri[: start + len(".tar")], member
+        start = lowered.find(".tar#", start + 1)
+    raise ValueError(f"source_uri {uri!r} does not name a member of a tar shard for key {key!r}")
+
+
+def split_parquet_uri(uri: str, key: str) -> str:
+    """The file URL of a Parquet row's ``source_uri`` "<file url>#<key>"."""
+    if not uri.endswith(f"#{key}"):
+        raise ValueError(f"source_uri {uri!r} does not name the row of key {key!r} in a Parquet file")
+    return uri[: -len(key) - 1]

@@ -113,12 +113,28 @@ class StorageConfig:
 
 
 def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem serving a URL and the path within it (protocol stripped)."""
+    """The filesystem serving a URL a person wrote, and the path within it (protocol stripped).
+
+    The URL is an fsspec URL: ``simplecache::s3://...`` is a chain of filesystems. Never
+    use this on a URL built from a listed path: an object named ``a::b.png`` would be read
+    as another object (:func:`literal_filesystem`).
+    """
     return fsspec.core.url_to_fs(url, **storage.fsspec_options(url))
 
 
+def literal_filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a URL that names one object of one filesystem, as a
+    listing produced it (``fs.unstrip_protocol(path)`` or a local path): ``::`` in it is
+    part of a name, never a chain, so ``/in/a::b.png`` is that file, not ``/in/a``."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    options = {**cls._get_kwargs_from_urls(url), **storage.fsspec_options(url)}
+    return fsspec.filesystem(protocol, **options), cls._strip_protocol(url)
+
+
 def read_bytes(url: str, storage: StorageConfig) -> bytes:
-    """A whole object's bytes, retried on transient errors."""
+    """A whole object's bytes (its URL as a person wrote it: :func:`filesystem`), retried on
+    transient errors."""
     fs, path = filesystem(url, storage)
     return with_retries(lambda: fs.cat_file(path), storage, f"read {url}")
 

@@ -4,7 +4,9 @@ failing thresholds, damaged records and files, missing and changed originals, th
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import tarfile
 import json
 import shutil
 import sys
@@ -35,9 +37,9 @@ pytestmark = pytest.mark.skipif(not lpips_backbone_path("alex").exists(),
 LOOSE = "thresholds:\n  lpips.median: {max: 5.0}\n  psnr.p5: {min: 0}\n  integrity_failures: {max: 0}\n"
 
 
-def _compress(source: str, output: str, model: Path, storage=None) -> None:
+def _compress(source: str, output: str, model: Path, storage=None, **input) -> None:
     extra = {"storage": storage} if storage is not None else {}
-    run_compress(CompressConfig(input=SourceConfig(url=source), output=output, **extra,
+    run_compress(CompressConfig(input=SourceConfig(url=source, **input), output=output, **extra,
                                 codec=CodecSettings(model=str(model), device="cpu"),
                                 resources=ResourceSettings(rows_per_file=4), max_pixels=300_000))
 
@@ -231,6 +233,81 @@ def test_audit_on_s3(s3_server, ray_local, tiny_model, tmp_path):
     assert "PASS" in page and page.count("data:image/png;base64,") == 3
     keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket_name, Prefix="audits/")["Contents"]}
     assert {"audits/s3/metrics.parquet", "audits/s3/report.html", "audits/latest.json"} <= keys
+
+
+def _metrics(report: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in pq.read_table(next(report.glob("*/metrics.parquet"))).to_pylist()}
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_originals_in_tar_shards_are_read_scored_and_checked(ray_local, tiny_model, tmp_path):
+    """Each sampled member is read from its shard (one pass per shard), checked and scored; a
+    member changed since is 'changed'; an error row is not fetched at all. The shards a.tar
+    (b/x.jpg) and a/b.tar (x.jpg) keep two keys, each with its own original."""
+    photos = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.jpg"))[:3]]
+    _tar(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1]})
+    _tar(tmp_path / "in" / "a" / "b.tar", {"x.jpg": photos[2], "bad.jpg": b"not an image"})
+    _compress(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model, kind="tar")
+    _tar(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1] + b"\0"})
+
+    _, summary = _audit(tmp_path, "--archive", str(tmp_path / "archive"), "--report", str(tmp_path / "r"),
+                        "--sample", "100%")
+
+    rows = _metrics(tmp_path / "r")
+    assert sorted(rows) == ["a.tar/b/x.jpg", "a.tar/b/y.jpg", "a/b.tar/bad.jpg", "a/b.tar/x.jpg"]
+    for key in ("a.tar/b/x.jpg", "a/b.tar/x.jpg"):
+        assert rows[key]["original_status"] == "ok" and rows[key]["psnr"] == rows[key]["archived_psnr"] is not None
+    assert rows["a.tar/b/y.jpg"]["original_status"] == "changed" and rows["a.tar/b/y.jpg"]["psnr"] is None
+    assert rows["a/b.tar/bad.jpg"]["record_status"] == "compress_error"
+    assert rows["a/b.tar/bad.jpg"]["original_status"] is None  # an error row's original is never fetched
+    m = summary["measures"]
+    assert m["scored"] == 2 and m["changed_originals"] == 1 and m["missing_originals"] == 0
+
+
+def test_originals_in_parquet_files_are_read_by_key_and_scored(ray_local, tiny_model, tmp_path):
+    """A Parquet row's original is found by the key column the compress job was given (the
+    archive's metadata says which); keys holding '#' and '::' included; error rows not fetched."""
+    photos = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.jpg"))[:3]]
+    keys = ["one", "two#2", "three::3", "missing"]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": keys, "jpeg": [*photos, None]}), tmp_path / "in" / "t.parquet", row_group_size=2)
+    _compress(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model, kind="parquet", key_column="id",
+              image_column="jpeg")
+
+    _, summary = _audit(tmp_path, "--archive", str(tmp_path / "archive"), "--report", str(tmp_path / "r"),
+                        "--sample", "100%")
+
+    rows = _metrics(tmp_path / "r")
+    assert sorted(rows) == sorted(keys)
+    for key in keys[:3]:
+        assert rows[key]["original_status"] == "ok" and rows[key]["psnr"] == rows[key]["archived_psnr"] is not None
+    assert rows["missing"]["record_status"] == "compress_error" and rows["missing"]["original_status"] is None
+    assert summary["measures"]["scored"] == 3 and summary["measures"]["missing_originals"] == 0
+
+
+def test_a_file_named_with_double_colons_is_archived_and_audited_as_itself(ray_local, tiny_model, tmp_path):
+    """fsspec would read "a::b.jpg" as "a" (a chained URL): both the compress job and the
+    audit read the file the listing found."""
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a::b.jpg").write_bytes(photos[0].read_bytes())
+    (tmp_path / "in" / "a").write_bytes(photos[1].read_bytes())  # what the chained parse resolves to
+    _compress(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model)
+
+    [archived] = pq.read_table(next((tmp_path / "archive").glob("*.parquet"))).to_pylist()
+    assert archived["key"] == "a::b.jpg"
+    assert archived["source_sha256"] == hashlib.sha256(photos[0].read_bytes()).hexdigest()
+    _, summary = _audit(tmp_path, "--archive", str(tmp_path / "archive"), "--report", str(tmp_path / "r"),
+                        "--sample", "100%")
+    assert _metrics(tmp_path / "r")["a::b.jpg"]["original_status"] == "ok" and summary["measures"]["scored"] == 1
 
 
 def _one_file_archive(root: Path) -> Path:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from corrdiff import CorrDiffCodec
 from corrdiff.metrics import lpips_backbone_path, psnr
-from pipeline.archive import SCHEMA, file_metadata, list_data_files, read_columns
+from pipeline.archive import KEY_SCHEME, SCHEMA, file_metadata, list_data_files, read_columns
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.images import decode_image
@@ -298,10 +298,36 @@ def test_tar_shards(ray_local, tiny_model, tmp_path):
     summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
                                    input={"kind": "tar"}))
     keys = sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist())
-    assert keys == ["000000/000000.jpg", "000000/000001.jpg", "000001/000002.jpg", "000001/000003.jpg"]
+    assert keys == ["000000.tar/000000.jpg", "000000.tar/000001.jpg", "000001.tar/000002.jpg", "000001.tar/000003.jpg"]
     assert summary["ok"] == 3 and summary["errors"] == 1
     assert summary["skipped_this_job"] == {"count": 1, "by_extension": {
-        ".json": {"count": 1, "examples": ["000000/000000.json"]}}}
+        ".json": {"count": 1, "examples": ["000000.tar/000000.json"]}}}
+    assert {file_metadata(path, StorageConfig())["corrdiff.key_scheme"]
+            for path in list_data_files(str(tmp_path / "archive"), StorageConfig())} == {KEY_SCHEME}
+
+
+@pytest.mark.parametrize("kind, scheme, refused", [
+    ("tar", None, True), ("tar", KEY_SCHEME, False), ("files", None, False), ("files", "3", True),
+])
+def test_a_resume_over_keys_of_another_scheme_is_refused(tmp_path, kind, scheme, refused):
+    """An archive of tar shards written before key scheme 2 keys members "<shard without
+    .tar>/<member>": resuming it now would archive every member again under a new key."""
+    from datetime import datetime, timezone
+
+    from pipeline.archive import data_file_bytes, done_keys, job_metadata
+
+    metadata = job_metadata("tiny", "0" * 32, {"input": {"url": "/in", "kind": kind}}, "old") | (
+        {"corrdiff.key_scheme": scheme} if scheme else {})
+    row = {"key": "shard/0.jpg", "source_uri": "/in/shard.tar#0.jpg", "created_at": datetime.now(timezone.utc),
+           "job_id": "old"}
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "part-old.parquet").write_bytes(
+        data_file_bytes(pa.Table.from_pylist([row], schema=SCHEMA).replace_schema_metadata(metadata)))
+    if refused:
+        with pytest.raises(ValueError, match="key scheme"):
+            done_keys(str(tmp_path / "archive"), StorageConfig())
+    else:
+        assert done_keys(str(tmp_path / "archive"), StorageConfig()) == {"shard/0.jpg"}
 
 
 def test_parquet_input(ray_local, tiny_model, tmp_path):

@@ -20,10 +20,11 @@ from PIL import Image
 
 from pipeline import storage as storage_module
 from pipeline.sources import (OUTPUT_SCHEMA, Skipped, SourceConfig, SourceRead, _fetch_one, _parquet_tables,
-                              _tar_rows, list_items, read_source)
+                              _tar_rows, list_items, read_source, split_parquet_uri, split_tar_uri)
 from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
 
 LOCAL = StorageConfig(retry_wait=0.01)
+LOCAL_FS = fsspec.filesystem("file")
 
 
 def png(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
@@ -276,12 +277,12 @@ def test_an_object_over_the_cap_is_an_error_row_and_is_never_read(monkeypatch):
     fs.pipe_file("/caps/small.png", small)
     cap = len(big) - 1
     try:
-        assert _fetch_one("memory:///caps/big.png", LOCAL, cap) == (None, too_large(len(big), cap))
+        assert _fetch_one("memory:///caps/big.png", None, None, LOCAL, cap) == (None, too_large(len(big), cap))
         assert reads == []
-        assert _fetch_one("memory:///caps/small.png", LOCAL, cap) == (small, None)
+        assert _fetch_one("memory:///caps/small.png", None, None, LOCAL, cap) == (small, None)
         # An object that grew after it was measured is still read no further than the cap.
         monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: 10)
-        assert _fetch_one("memory:///caps/big.png", LOCAL, cap) == (None, too_large(cap + 1, cap))
+        assert _fetch_one("memory:///caps/big.png", None, None, LOCAL, cap) == (None, too_large(cap + 1, cap))
         assert reads[-1] == ("/caps/big.png", cap + 1)
     finally:
         fs.rm("/caps", recursive=True)
@@ -299,13 +300,15 @@ def test_a_tar_member_over_the_cap_is_an_error_row_and_its_bytes_are_skipped(tmp
     source = SourceConfig(url=str(tmp_path), kind="tar", max_image_bytes=cap)
     skipped = Skipped()
 
-    rows = list(_tar_rows("s.tar", str(tmp_path / "s.tar"), source, LOCAL, frozenset(), skipped))
+    shard = str(tmp_path / "s.tar")
+    rows = list(_tar_rows("s.tar", shard, shard, LOCAL_FS, source, LOCAL, frozenset(), skipped))
 
     assert [(key, data, error) for key, _, data, error in rows] == [
-        ("s/000000.png", png(0), None), ("s/000001.png", None, too_large(len(big), cap)), ("s/000002.png", png(2), None),
+        ("s.tar/000000.png", png(0), None), ("s.tar/000001.png", None, too_large(len(big), cap)),
+        ("s.tar/000002.png", png(2), None),
     ]
     assert extracted == ["000000.png", "000002.png"]
-    assert skipped.report() == {"count": 1, "by_extension": {".json": {"count": 1, "examples": ["s/000001.json"]}}}
+    assert skipped.report() == {"count": 1, "by_extension": {".json": {"count": 1, "examples": ["s.tar/000001.json"]}}}
 
 
 def test_a_parquet_cell_over_the_cap_is_an_error_row(tmp_path):
@@ -314,7 +317,8 @@ def test_a_parquet_cell_over_the_cap_is_an_error_row(tmp_path):
     cap = len(big) - 1
     source = SourceConfig(url=str(tmp_path), kind="parquet", key_column="id", image_column="bytes", max_image_bytes=cap)
 
-    tables = list(_parquet_tables("a.parquet", str(tmp_path / "a.parquet"), source, LOCAL, frozenset(), 64))
+    file = str(tmp_path / "a.parquet")
+    tables = list(_parquet_tables("a.parquet", file, file, LOCAL_FS, source, LOCAL, frozenset(), 64))
 
     rows = {row["key"]: (row["data"], row["error"]) for table in tables for row in table.to_pylist()}
     assert rows == {"a": (png(1), None), "b": (None, too_large(len(big), cap)), "c": (None, "missing image bytes")}
@@ -385,27 +389,25 @@ def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
         url, storage = str(tmp_path), LOCAL
     else:
         url, storage = s3_server.make_bucket(shards), s3_server.storage
-    shard_0_done = "train/shard-0/000003.png"
+    shard_0_done = "train/shard-0.tar/000003.png"
 
     rows = collect(read_source(SourceConfig(url=url, kind="tar"), storage, done_keys={shard_0_done}, rows_per_block=3))
 
-    intact_keys = {f"train/shard-0/{name}" for name in samples} - {shard_0_done}
-    cut_keys = {f"train/shard-1/{name}" for name in samples if layout[name][1] <= half}
+    intact_keys = {f"train/shard-0.tar/{name}" for name in samples} - {shard_0_done}
+    cut_keys = {f"train/shard-1.tar/{name}" for name in samples if layout[name][1] <= half}
     assert 0 < len(cut_keys) < len(samples)
-    expected = intact_keys | cut_keys | {
-        "train/shard-1/#shard", "train/shard-2/000000.jpg", "train/shard-2/000001.png", "train/shard-2/#shard",
-        "train/shard-3/#shard",
-    }
+    damaged = {"train/shard-1.tar/#shard", "train/shard-2.tar/#shard", "train/shard-3.tar/#shard"}
+    expected = intact_keys | cut_keys | damaged | {"train/shard-2.tar/000000.jpg", "train/shard-2.tar/000001.png"}
     assert set(rows) == expected
-    for key in expected - {"train/shard-1/#shard", "train/shard-2/#shard", "train/shard-3/#shard"}:
+    for key in expected - damaged:
         shard, name = key.rsplit("/", 1)
         assert rows[key]["data"] == samples[name] and rows[key]["error"] is None
-        assert rows[key]["source_uri"] == f"{url}/{shard}.tar#{name}"
+        assert rows[key]["source_uri"] == f"{url}/{shard}#{name}"
     for shard in ("shard-1", "shard-2", "shard-3"):
-        row = rows[f"train/{shard}/#shard"]
+        row = rows[f"train/{shard}.tar/#shard"]
         assert row["data"] is None and row["error"].startswith("corrupt tar shard: ")
         assert row["source_uri"] == f"{url}/train/{shard}.tar"
-    assert "end-of-archive" in rows["train/shard-2/#shard"]["error"]
+    assert "end-of-archive" in rows["train/shard-2.tar/#shard"]["error"]
 
 
 def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local):
@@ -418,12 +420,65 @@ def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local)
 
     read = read_source(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
 
-    assert sorted(collect(read)) == ["a/0.jpg", "b/1.png"]
+    assert sorted(collect(read)) == ["a.tar/0.jpg", "b.tar/1.png"]
     assert read.skipped().report() == {"count": 4, "by_extension": {
-        ".json": {"count": 2, "examples": ["a/0.json", "b/1.json"]},
-        ".cls": {"count": 1, "examples": ["a/0.cls"]},
+        ".json": {"count": 2, "examples": ["a.tar/0.json", "b.tar/1.json"]},
+        ".cls": {"count": 1, "examples": ["a.tar/0.cls"]},
         ".md": {"count": 1, "examples": ["README.md"]},
     }}
+
+
+def test_tar_member_keys_show_where_the_shard_ends(tmp_path, ray_local):
+    """a.tar holding b/x.png and a/b.tar holding x.png were both "a/b/x.png": one image lost
+    to the other. The shard's ".tar" stays in the key; a resume skips exactly what is done."""
+    write_files(tmp_path, {"a.tar": tar_bytes({"b/x.png": png(1)}), "a/b.tar": tar_bytes({"x.png": png(2)})})
+    source = SourceConfig(url=str(tmp_path), kind="tar")
+
+    rows = collect(read_source(source, LOCAL))
+
+    assert {key: row["data"] for key, row in rows.items()} == {"a.tar/b/x.png": png(1), "a/b.tar/x.png": png(2)}
+    assert rows["a/b.tar/x.png"]["source_uri"] == f"{tmp_path}/a/b.tar#x.png"
+    assert sorted(collect(read_source(source, LOCAL, done_keys={"a.tar/b/x.png"}))) == ["a/b.tar/x.png"]
+
+
+def test_shards_under_a_folder_named_like_a_shard_are_refused(tmp_path):
+    """x.tar/y.tar holding 0.png and x.tar holding y.tar/0.png would share a key again."""
+    write_files(tmp_path, {"x.TAR/y.tar": tar_bytes({"0.png": png(0)}), "z.tar": tar_bytes({"0.png": png(0)})})
+    with pytest.raises(ValueError, match=r"under a folder whose name ends in \.tar: 'x.TAR/y.tar'"):
+        list_items(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
+
+
+def test_names_with_double_colons_are_read_as_themselves(tmp_path, ray_local):
+    """fsspec reads "a::b.png" in a URL as a chain ending in "a": the listing's own filesystem
+    and path are what is read, so each file and shard gives its own bytes, not another's."""
+    write_files(tmp_path, {
+        "files/a::b.png": png(1), "files/a": png(2),
+        "shards/s::1.tar": tar_bytes({"0.png": png(3)}), "shards/s": tar_bytes({"0.png": png(4)}),
+    })
+
+    files = collect(read_source(SourceConfig(url=str(tmp_path / "files")), LOCAL))
+    shards = collect(read_source(SourceConfig(url=str(tmp_path / "shards"), kind="tar"), LOCAL))
+
+    assert {key: (row["data"], row["error"]) for key, row in files.items()} == {"a::b.png": (png(1), None)}
+    assert {key: (row["data"], row["error"]) for key, row in shards.items()} == {"s::1.tar/0.png": (png(3), None)}
+
+
+@pytest.mark.parametrize("uri, key, expected", [
+    ("/in/a.tar#b/x.png", "a.tar/b/x.png", ("/in/a.tar", "b/x.png")),
+    ("/in/a.tar#b/x.png", "a/b/x.png", ("/in/a.tar", "b/x.png")),  # keys of archives before key scheme 2
+    ("s3://b/x.tar#y/s.tar#c.tar#d.png", "x.tar#y/s.tar/c.tar#d.png", ("s3://b/x.tar#y/s.tar", "c.tar#d.png")),
+    ("/in/S.TAR#x.png", "S.TAR/x.png", ("/in/S.TAR", "x.png")),
+])
+def test_a_tar_members_source_uri_is_split_where_its_key_says(uri, key, expected):
+    assert split_tar_uri(uri, key) == expected
+
+
+def test_a_source_uri_that_does_not_match_its_key_is_refused():
+    with pytest.raises(ValueError, match="does not name a member"):
+        split_tar_uri("/in/a.tar#x.png", "a.tar/y.png")
+    assert split_parquet_uri("s3://b/t.parquet#k#1", "k#1") == "s3://b/t.parquet"
+    with pytest.raises(ValueError, match="does not name the row"):
+        split_parquet_uri("s3://b/t.parquet#k", "j")
 
 
 class DroppingFile(AbstractBufferedFile):
@@ -457,10 +512,11 @@ def test_a_connection_dropped_mid_shard_is_retried_in_place(monkeypatch):
     fsspec.register_implementation("dropping", DroppingFileSystem, clobber=True)
 
     source = SourceConfig(url="dropping://", kind="tar", extensions=(".png",))
-    rows = list(_tar_rows("s.tar", "dropping://s.tar", source, LOCAL, frozenset(), Skipped()))
+    rows = list(_tar_rows("s.tar", "dropping://s.tar", "s.tar", DroppingFileSystem(), source, LOCAL, frozenset(),
+                          Skipped()))
 
     assert DroppingFileSystem.dropped
-    assert [(key, data, error) for key, _, data, error in rows] == [(f"s/{n}", d, None) for n, d in members.items()]
+    assert [(key, data, error) for key, _, data, error in rows] == [(f"s.tar/{n}", d, None) for n, d in members.items()]
 
 
 # parquet ----------------------------------------------------------------------------------
