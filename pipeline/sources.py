@@ -60,7 +60,8 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.images import IMAGE_EXTENSIONS  # noqa: F401  (defined beside the decoder, re-exported here)
-from pipeline.storage import StorageConfig, filesystem, read_bytes, with_retries
+from pipeline.errors import retryable
+from pipeline.storage import StorageConfig, filesystem, is_transient, read_bytes, with_retries
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -409,7 +410,7 @@ def _fetch_one(uri: str, path: str | None, fs: fsspec.AbstractFileSystem | None,
     except ImageTooLarge as error:
         return None, str(error)
     except Exception as error:  # one unreadable object must not drop its block
-        return None, f"read failed: {_reason(error)}"
+        return None, _damage("read failed", error)
 
 
 class ImageTooLarge(ValueError):
@@ -434,6 +435,14 @@ def read_capped(fs: fsspec.AbstractFileSystem, path: str, uri: str, storage: Sto
 def _too_large(size: int, max_bytes: int) -> str:
     """The error of an image whose encoded bytes are over the cap (they are not read)."""
     return str(ImageTooLarge(size, max_bytes))
+
+
+def _damage(kind: str, error: BaseException) -> str:
+    """The error text for an input that could not be read: retryable (pipeline.errors) when
+    storage failed for a passing reason and outlived the retries, final otherwise."""
+    if is_transient(error):
+        return retryable("read failed", _reason(error))
+    return f"{kind}: {_reason(error)}"
 
 
 def _reason(error: BaseException) -> str:
@@ -513,8 +522,10 @@ def _tar_rows(
         with with_retries(lambda: fs.open(shard_path, "rb"), storage, f"open {shard_uri}") as handle:
             end = yield from _tar_members(handle, shard_key, shard_uri, source, storage, done, skipped)
             _check_end_of_archive(handle, end, storage, shard_uri)
-    except Exception as error:  # corrupt, truncated or unreadable: record it, keep the rest
-        yield f"{shard_key}/{SHARD_ERROR_SUFFIX}", shard_uri, None, f"corrupt tar shard: {_reason(error)}"
+    except Exception as error:  # corrupt, truncated or unreadable: record it (once), keep the rest
+        key = f"{shard_key}/{SHARD_ERROR_SUFFIX}"
+        if key not in done:
+            yield key, shard_uri, None, _damage("corrupt tar shard", error)
 
 
 def _tar_members(
@@ -598,9 +609,10 @@ def _parquet_tables(
                 )
                 for start in range(0, group.num_rows, rows_per_block):
                     yield _parquet_rows(group.slice(start, rows_per_block), file_uri, source, done)
-    except Exception as error:  # corrupt or unreadable: record it, keep what was read
+    except Exception as error:  # corrupt or unreadable: record it (once), keep what was read
         key = f"{file_key[: -len('.parquet')]}/{FILE_ERROR_SUFFIX}"
-        yield _output_table([key], [file_uri], [None], [f"corrupt parquet file: {_reason(error)}"])
+        if key not in done:
+            yield _output_table([key], [file_uri], [None], [_damage("corrupt parquet file", error)])
 
 
 def _parquet_rows(rows: pa.Table, file_uri: str, source: SourceConfig, done: frozenset[str]) -> pa.Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import socket
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
 
 from pipeline import storage as storage_module
+from pipeline.errors import is_retryable
 from pipeline.sources import (OUTPUT_SCHEMA, Skipped, SourceConfig, SourceRead, _fetch_one, _parquet_tables,
                               _tar_rows, list_items, read_source, split_parquet_uri, split_tar_uri)
 from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
@@ -408,6 +410,8 @@ def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
         assert row["data"] is None and row["error"].startswith("corrupt tar shard: ")
         assert row["source_uri"] == f"{url}/train/{shard}.tar"
     assert "end-of-archive" in rows["train/shard-2.tar/#shard"]["error"]
+    # A rerun over everything archived: the damaged shards' rows are not written again.
+    assert collect(read_source(SourceConfig(url=url, kind="tar"), storage, done_keys=set(rows) | {shard_0_done})) == {}
 
 
 def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local):
@@ -548,6 +552,22 @@ def test_parquet_rows_with_a_null_image_a_corrupt_file_and_resume(where, tmp_pat
     assert rows["img-0"]["source_uri"] == f"{url}/part/a.parquet#img-0"
     assert rows["c/#file"]["source_uri"] == f"{url}/c.parquet"
     assert rows["c/#file"]["data"] is None and rows["c/#file"]["error"].startswith("corrupt parquet file: ")
+    # A rerun over everything archived: the damaged file's row is not written again.
+    assert collect(read_source(source, storage, done_keys=set(rows) | {"img-3"})) == {}
+
+
+def test_storage_that_stays_down_gives_a_retryable_error_row():
+    """A store that refuses connections (a closed port) outlives the retries: the row says
+    so as retryable (pipeline.errors), and a rerun will try it again; a missing object is final."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    storage = StorageConfig(endpoint_url=f"http://127.0.0.1:{closed}", key="k", secret="s", region="us-east-1",
+                            retries=2, retry_wait=0.01)
+    (_, error), = [_fetch_one("s3://bucket/photo.jpg", None, None, storage, max_bytes=1000)]
+    assert error.startswith("read failed (retryable): ") and is_retryable(error)
+    (_, error), = [_fetch_one("/nowhere/photo.jpg", None, None, LOCAL, max_bytes=1000)]
+    assert error == "read failed: not found" and not is_retryable(error)
 
 
 def test_parquet_missing_columns_are_refused_at_listing(tmp_path):
