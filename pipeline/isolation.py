@@ -99,7 +99,7 @@ class IsolatedStage:
 
     def __init__(self, settings: dict[str, Any], limits: WorkerLimits) -> None:
         self.settings, self.limits = settings, limits
-        self.child = _Child(self.stage, settings, limits.memory_cap())
+        self.child = self._start()
 
     def __call__(self, batch: Batch) -> pa.Table:
         try:
@@ -126,8 +126,22 @@ class IsolatedStage:
 
     def _run(self, batch: Batch) -> pa.Table:
         if not self.child.alive():
-            self.child = _Child(self.stage, self.settings, self.limits.memory_cap())
+            self.child = self._start()
         return self.child.call(batch)
+
+    def _start(self) -> _Child:
+        """A new child with the stage loaded. A child that dies while loading (killed from
+        outside, out of memory) is started again, up to ``limits.attempts`` times; a stage
+        that raises while loading (e.g. its model is nowhere) fails at once."""
+        for _ in range(self.limits.attempts):
+            try:
+                return _Child(self.stage, self.settings, self.limits.memory_cap())
+            except WorkerDied as death:
+                last = death
+                logger.warning("%s: its worker process died while loading (%s); starting another",
+                               self.stage.__name__, death)
+        raise StageSetupError(f"{self.stage.__name__} could not start: its worker process died "
+                              f"{self.limits.attempts} time(s) while loading, the last {last}")
 
     def __del__(self) -> None:
         child = getattr(self, "child", None)
@@ -162,9 +176,9 @@ class _Child:
         self.psutil = psutil.Process(self.process.pid)
         try:
             self.connection.send((stage, settings))
-            status, payload = self._reply()
-        except WorkerDied as death:
-            raise StageSetupError(f"{stage.__name__} could not start: {death}") from None
+        except OSError:
+            raise self._died() from None
+        status, payload = self._reply()
         if status != "ready":
             self.stop()
             raise StageSetupError(f"{stage.__name__} could not start:\n{payload}")

@@ -348,14 +348,13 @@ def test_parquet_input(ray_local, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("store,seed", [("local", 0), ("s3", 1)])
 def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, tmp_path, request):
-    """Fault injection on a real job: at a seeded random point a model worker process is
-    killed (as the out-of-memory killer would), and a little later the whole job (driver and
-    its local cluster) gets kill -9; then the same command again. Every key is in the archive
-    once, and the one worker death cost no image."""
+    """Fault injection on a real job: at seeded random moments while it encodes, its model
+    worker process is killed (as the out-of-memory killer would), then the whole job (driver
+    and its local cluster) gets kill -9; then the same command again. Every key is in the
+    archive once, and the worker's death cost no image."""
     rng = np.random.default_rng(seed)
     expected = list(_photo_folder(tmp_path / "in"))
-    noise = rng.integers(0, 256, (4, 1000, 1000, 3), dtype=np.uint8)  # slow to encode: the kills land mid-run
-    for i, image in enumerate(noise):
+    for i, image in enumerate(rng.integers(0, 256, (2, 1000, 1000, 3), dtype=np.uint8)):  # slow to encode
         Image.fromarray(image).save(tmp_path / "in" / f"noise-{i}.png")
         expected.append(f"noise-{i}.png")
     settings = "resources: {rows_per_file: 1, actor_batch_size: 1, task_batch_size: 1}\nmax_pixels: 1000000\n"
@@ -363,31 +362,30 @@ def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, 
         s3 = request.getfixturevalue("s3_server")
         bucket = s3.make_bucket({f"in/{p.relative_to(tmp_path / 'in')}": p.read_bytes()
                                  for p in (tmp_path / "in").rglob("*") if p.is_file()})
-        source, archive = f"{bucket}/in", f"{bucket}/archive"
+        source, archive, storage = f"{bucket}/in", f"{bucket}/archive", s3.storage
         settings += "storage: " + json.dumps({"endpoint_url": s3.storage.endpoint_url, "region": s3.storage.region,
                                               "retry_wait": 0.05}) + "\n"
-        storage = s3.storage
     else:
         source, archive, storage = str(tmp_path / "in"), str(tmp_path / "archive"), StorageConfig()
     config = tmp_path / "one-row-files.yaml"
     config.write_text(settings)
     command = [sys.executable, str(ROOT / "jobs" / "compress.py"), "--input", source, "--output", archive,
                "--model", str(tiny_model), "--device", "cpu", "--config", str(config)]
-    files = lambda: len(list_data_files(archive, storage))  # noqa: E731
-    worker_kill_at, job_kill_at = sorted(rng.choice(np.arange(1, 6), size=2, replace=False))
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, killed = time.time() + 300, []
+    worker_after, job_after = rng.uniform(4, 8), rng.uniform(2, 5)  # seconds into encoding; then after that
+    deadline, worker_started, killed = time.time() + 300, None, []
     while time.time() < deadline and job.poll() is None and len(killed) < 2:
-        written = files()
-        if not killed and written >= worker_kill_at:
+        if worker_started is None:
+            if [p for p in psutil.process_iter(["cmdline"]) if "pipeline.isolation" in (p.info["cmdline"] or [])]:
+                worker_started = time.time()
+        elif not killed and time.time() > worker_started + worker_after:
             workers = [p for p in psutil.process_iter(["cmdline"]) if "pipeline.isolation" in (p.info["cmdline"] or [])]
-            if workers:
-                workers[0].kill()
-                killed.append(("worker", written))
-        elif killed and written >= job_kill_at:
+            workers[0].kill()
+            killed.append(("worker", time.time()))
+        elif killed and time.time() > killed[0][1] + job_after:
             os.killpg(job.pid, signal.SIGKILL)
-            killed.append(("job", written))
-        time.sleep(0.1)
+            killed.append(("job", len(read_columns(archive, storage, ["key"]))))
+        time.sleep(0.05)
     job.wait()
     assert [what for what, _ in killed] == ["worker", "job"] and killed[-1][1] < len(expected), \
         f"the kills did not land mid-run: {killed}"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ MiB = 2**20
 class PoisonStage:
     """Echoes its keys with its process id; some keys are poison to its process."""
 
-    def __init__(self, marker_dir: str, fail_setup: bool = False) -> None:
+    def __init__(self, marker_dir: str, fail_setup: bool = False, load_seconds: float = 0.0) -> None:
         if fail_setup:
             raise FileNotFoundError("no weights at /nowhere/model.safetensors")
+        time.sleep(load_seconds)  # as loading a model takes a while
         self.marker_dir, self.pid = Path(marker_dir), os.getpid()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -105,6 +107,28 @@ def test_the_memory_cap_kills_the_worker_before_the_node_runs_out(tmp_path):
 def test_a_stage_that_cannot_start_says_why(tmp_path):
     with pytest.raises(StageSetupError, match="no weights at /nowhere/model.safetensors"):
         isolated(PoisonStage)({"marker_dir": str(tmp_path), "fail_setup": True}, WorkerLimits())
+
+
+def test_a_worker_killed_while_it_loads_is_started_again(tmp_path):
+    """Killed from outside before it is ready (out of memory while loading weights)."""
+    killer_done = []
+
+    def kill_the_first_child() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline and not killer_done:
+            for process in psutil.Process().children():
+                if "pipeline.isolation" in process.cmdline():
+                    process.kill()
+                    killer_done.append(process.pid)
+                    return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_the_first_child)
+    killer.start()
+    stage = isolated(PoisonStage)({"marker_dir": str(tmp_path), "load_seconds": 1.0}, WorkerLimits())
+    killer.join()
+    assert killer_done and stage.child.process.pid != killer_done[0]
+    assert stage(_batch("a")).column("status").to_pylist() == ["ok"]
 
 
 def test_a_bug_in_the_stage_fails_the_batch_instead_of_hiding(tmp_path):
