@@ -91,7 +91,7 @@ def test_the_device_command_rehearsed_on_the_cpu(tmp_path):
         ["bash", "scripts/device_train.sh", REHEARSAL, "60", "--data", str(PHOTOS), "--threads", "1",
          "--max-file-mib", "1.5", "--checkpoint-seconds", "15", "--time-megapixels", "0.05",
          "--benchmark", "bare", "--bench-megapixels", "0.05", "--bench-photos", "2", "--bench-repeat", "1",
-         "--bench-cpus", "1", "--total-seconds", "100"],
+         "--bench-cpus", "1", "--total-seconds", "150"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     seconds = time.monotonic() - started
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-2000:]
