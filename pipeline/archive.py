@@ -102,18 +102,29 @@ class ArchiveDatasink(Datasink[WrittenFile]):
             return WrittenFile("", 0)
         table = pa.concat_tables([t.select(SCHEMA.names).cast(SCHEMA) for t in tables]).replace_schema_metadata(
             self.schema.metadata)
-        data = data_file_bytes(table)
-        # Named by the keys it holds: a write task that Ray retries after its rename (its
-        # worker died before reporting) writes the same keys under the same name, replacing
-        # its own file instead of adding a second copy of every row.
-        keys = hashlib.sha256("\0".join(sorted(table.column("key").to_pylist())).encode()).hexdigest()[:16]
-        name = f"part-{self.job_id}-{keys}.parquet"
         fs, root = filesystem(self.url, self.storage)
-        final = posixpath.join(root, name)
-        temp = posixpath.join(root, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")  # one per attempt
-        with_retries(lambda: fs.pipe_file(temp, data), self.storage, f"write {temp}")
-        with_retries(lambda: fs.mv(temp, final), self.storage, f"rename {temp}")
+        final = write_data_file(fs, root, self.job_id, table, self.storage)
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
+
+
+def data_file_name(job_id: str, table: pa.Table) -> str:
+    """``part-<job>-<keys hash>.parquet``: named by the keys it holds, so that a write task
+    Ray retries after its rename (its worker died before reporting) writes the same keys
+    under the same name, replacing its own file instead of adding a second copy of every row."""
+    keys = hashlib.sha256("\0".join(sorted(table.column("key").to_pylist())).encode()).hexdigest()[:16]
+    return f"part-{job_id}-{keys}.parquet"
+
+
+def write_data_file(fs: AbstractFileSystem, root: str, job_id: str, table: pa.Table, storage: StorageConfig) -> str:
+    """Write ``table`` as a data file of the archive at ``root`` (:func:`data_file_name`),
+    atomically: a hidden name first, then a rename. Returns its path."""
+    name = data_file_name(job_id, table)
+    final = posixpath.join(root, name)
+    temp = posixpath.join(root, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")  # one per attempt
+    data = data_file_bytes(table)
+    with_retries(lambda: fs.pipe_file(temp, data), storage, f"write {temp}")
+    with_retries(lambda: fs.mv(temp, final), storage, f"rename {temp}")
+    return final
 
 
 def data_file_bytes(table: pa.Table) -> bytes:

@@ -17,7 +17,6 @@ delete a reader can see both files: an audit in that moment may count a key twic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import uuid
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.archive import TEMP_PREFIX, data_file_bytes, list_data_files, read_data_file
+from pipeline.archive import data_file_name, list_data_files, read_data_file, write_data_file
 from pipeline.errors import is_retryable
-from pipeline.storage import StorageConfig, filesystem, with_retries
+from pipeline.storage import StorageConfig, filesystem
 
 REWRITES_DIR = "_rewrites"
 MAX_JOURNAL_BYTES = 64 * 1024  # a journal entry is a few hundred bytes; anything more is not ours
@@ -84,21 +83,14 @@ def finish_rewrites(url: str, storage: StorageConfig) -> int:
 
 def _rewrite_without(fs: AbstractFileSystem, root: str, path: str, rows: set[int], storage: StorageConfig) -> None:
     table = read_data_file(path, fs, None)
-    keep = pa.array([i not in rows for i in range(table.num_rows)])
-    remaining = table.filter(keep)
-    new = None
-    if remaining.num_rows:
-        job = (table.schema.metadata or {}).get(b"corrdiff.job_id", b"unknown").decode()
-        keys = hashlib.sha256("\0".join(sorted(remaining["key"].to_pylist())).encode()).hexdigest()[:16]
-        new = posixpath.join(root, f"part-{job}-{keys}.parquet")
+    remaining = table.filter(pa.array([i not in rows for i in range(table.num_rows)]))
+    job = (table.schema.metadata or {}).get(b"corrdiff.job_id", b"unknown").decode()
     entry = posixpath.join(root, REWRITES_DIR, f"{uuid.uuid4().hex}.json")
     fs.makedirs(posixpath.dirname(entry), exist_ok=True)
+    new = posixpath.join(root, data_file_name(job, remaining)) if remaining.num_rows else None
     fs.pipe_file(entry, json.dumps({"old": path, "new": new}).encode())
     if new is not None:
-        temp = posixpath.join(root, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{posixpath.basename(new)}")
-        data = data_file_bytes(remaining)
-        with_retries(lambda: fs.pipe_file(temp, data), storage, f"write {temp}")
-        with_retries(lambda: fs.mv(temp, new), storage, f"rename {temp}")
+        write_data_file(fs, root, job, remaining, storage)
     fs.rm(path)
     fs.rm(entry)
 
