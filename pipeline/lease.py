@@ -104,7 +104,7 @@ def _renew(fs: fsspec.AbstractFileSystem, path: str, lease: dict[str, Any], stop
                 logger.error("job %s lost the archive's lease to another run; its files so far are kept, but "
                              "the two runs may both archive some keys", lease["job_id"])
                 return
-            fs.pipe_file(path, _encode(lease, time.time()))
+            _overwrite(fs, path, _encode(lease, time.time()))
         except Exception as error:  # noqa: BLE001 - a missed renewal is retried at the next tick
             logger.warning("could not renew the archive's lease: %s", error)
 
@@ -130,6 +130,18 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if "PreconditionFailed" in str(error) or "412" in str(error):
             raise FileExistsError(path) from error
         raise
+
+
+def _overwrite(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace the lease's content so that no reader sees it half-written (which would read
+    as a broken, so stale, lease): a rename on local disks; an S3 PUT is atomic already."""
+    if isinstance(fs, LocalFileSystem):
+        temp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+        return
+    fs.pipe_file(path, data)
 
 
 def _holder(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
