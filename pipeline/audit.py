@@ -346,11 +346,9 @@ def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourceP
     if not selections:
         return schema.empty_table()
     dataset = read_selected(selections, config.storage)
-    dataset = dataset.map_batches(
-        fetch_originals, fn_kwargs={"storage": config.storage, "max_pixels": config.max_pixels,
-                                    "max_image_bytes": config.max_image_bytes},
-        batch_size=plan.tasks.batch_size, batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
-    )
+    dataset = plan.image_stage(dataset, fetch_originals, {
+        "storage": config.storage, "max_pixels": config.max_pixels, "max_image_bytes": config.max_image_bytes,
+    }, batch_format="pyarrow")
     dataset = plan.model_stage(dataset, AuditStage, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": config.mode,

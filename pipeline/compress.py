@@ -156,10 +156,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
     print(f"job {job_id}: {len(skip)} keys already archived, {plan.actors} encode actor(s) x "
           f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
     source = read_source(config.input, config.storage, done_keys=skip)
-    dataset = source.dataset.map_batches(
-        decode_batch, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=plan.tasks.batch_size,
-        batch_format="pyarrow", num_cpus=plan.tasks.num_cpus,
-    )
+    dataset = plan.image_stage(source.dataset, decode_batch, {"max_pixels": config.max_pixels}, batch_format="pyarrow")
     dataset = plan.model_stage(dataset, EncodeStage, {
         "models": ModelSources(config.output, config.storage), "model_id": model_id,
         "device": config.codec.device, "seed": config.codec.seed,

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.isolation import ModelStage, WorkerLimits, isolated
+
+
+TASK_RETRIES = 3  # of a CPU task whose worker died (image_stage)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,21 @@ class ResourcePlan:
     actors: int
     torch_threads: int
     limits: WorkerLimits = WorkerLimits()
+
+    def image_stage(self, dataset: ray.data.Dataset, fn: Callable[..., Any], kwargs: dict[str, Any],
+                    batch_format: str) -> ray.data.Dataset:
+        """``dataset`` mapped by ``fn`` (image decoding, fetching, PNG writing) in CPU tasks.
+
+        ``max_retries``: Ray Data retries a task whose worker died without end, so an image
+        that crashes its decoder in native code would hang the job; a bounded number of
+        retries ends in an error that the compress run resumes from a bounded number of
+        times (pipeline.compress), and then fails with it.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")  # as in model_stage
+            return dataset.map_batches(fn, fn_kwargs=kwargs, batch_size=self.tasks.batch_size,
+                                       batch_format=batch_format, num_cpus=self.tasks.num_cpus,
+                                       max_retries=TASK_RETRIES)
 
     def model_stage(self, dataset: ray.data.Dataset, stage: type[ModelStage], settings: dict[str, Any],
                     batch_format: str) -> ray.data.Dataset:
