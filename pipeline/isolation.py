@@ -175,10 +175,14 @@ class _Child:
         self.connection = Connection(ours.detach())
         self.psutil = psutil.Process(self.process.pid)
         try:
-            self.connection.send((stage, settings))
-        except OSError:
-            raise self._died() from None
-        status, payload = self._reply()
+            try:
+                self.connection.send((stage, settings))
+            except OSError:
+                raise self._died() from None
+            status, payload = self._reply()
+        except WorkerDied:
+            self.connection.close()
+            raise
         if status != "ready":
             self.stop()
             raise StageSetupError(f"{stage.__name__} could not start:\n{payload}")
