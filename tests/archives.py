@@ -69,3 +69,16 @@ def damage_a_page(path: Path, column: str = "key") -> None:
             path.write_bytes(bytes(damaged))
             return
     raise AssertionError(f"no byte of {column}'s pages in {path} changes its values silently")
+
+
+def write_tar_shard(path: Path, members: dict[str, bytes]) -> None:
+    """A tar shard at ``path`` (folders made) holding ``members`` (name -> bytes)."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import tarfile
 import json
 import shutil
 import sys
@@ -25,7 +24,7 @@ from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.resources import ResourceSettings
 from pipeline.sources import SourceConfig
 
-from archives import EXAMPLES, photo_folder
+from archives import EXAMPLES, photo_folder, write_tar_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -239,24 +238,15 @@ def _metrics(report: Path) -> dict[str, dict]:
     return {r["key"]: r for r in pq.read_table(next(report.glob("*/metrics.parquet"))).to_pylist()}
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_originals_in_tar_shards_are_read_scored_and_checked(ray_local, tiny_model, tmp_path):
     """Each sampled member is read from its shard (one pass per shard), checked and scored; a
     member changed since is 'changed'; an error row is not fetched at all. The shards a.tar
     (b/x.jpg) and a/b.tar (x.jpg) keep two keys, each with its own original."""
     photos = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.jpg"))[:3]]
-    _tar(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1]})
-    _tar(tmp_path / "in" / "a" / "b.tar", {"x.jpg": photos[2], "bad.jpg": b"not an image"})
+    write_tar_shard(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1]})
+    write_tar_shard(tmp_path / "in" / "a" / "b.tar", {"x.jpg": photos[2], "bad.jpg": b"not an image"})
     _compress(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model, kind="tar")
-    _tar(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1] + b"\0"})
+    write_tar_shard(tmp_path / "in" / "a.tar", {"b/x.jpg": photos[0], "b/y.jpg": photos[1] + b"\0"})
 
     _, summary = _audit(tmp_path, "--archive", str(tmp_path / "archive"), "--report", str(tmp_path / "r"),
                         "--sample", "100%")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from pipeline.sources import SourceConfig
 from pipeline.storage import StorageConfig
 
 from archives import photo_folder as _photo_folder
+from archives import write_tar_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "photos"
@@ -281,23 +281,13 @@ def test_s3_input_and_output(ray_local, s3_server, tiny_model):
     assert rows["sunset.jpg" if "sunset.jpg" in rows else sorted(rows)[0]]["source_uri"].startswith(bucket)
 
 
-def _tar_shard(path: Path, members: dict[str, bytes]) -> None:
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_tar_shards(ray_local, tiny_model, tmp_path):
     photos = sorted(EXAMPLES.glob("*.jpg"))
     (tmp_path / "shards").mkdir()
-    _tar_shard(tmp_path / "shards" / "000000.tar", {
+    write_tar_shard(tmp_path / "shards" / "000000.tar", {
         "000000.jpg": photos[0].read_bytes(), "000000.json": b"{}", "000001.jpg": photos[1].read_bytes(),
     })
-    _tar_shard(tmp_path / "shards" / "000001.tar", {"000002.jpg": photos[2].read_bytes(), "000003.jpg": b"garbage"})
+    write_tar_shard(tmp_path / "shards" / "000001.tar", {"000002.jpg": photos[2].read_bytes(), "000003.jpg": b"garbage"})
     summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
                                    input={"kind": "tar"}))
     keys = sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist())
