@@ -32,7 +32,7 @@ from corrdiff.config import ModelConfig
 from corrdiff.gamma import GammaFitter
 from corrdiff.latent_codec import LatentBitstreams, pad_amount, pad_to_stride
 from corrdiff.model import CorrDiffModel
-from corrdiff.record import ModelMismatchError, Record, check_padded_size
+from corrdiff.record import ModelMismatchError, Record, RecordError, check_padded_size
 from corrdiff.sampler import corrected_ddim, initial_state
 
 DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
@@ -52,11 +52,15 @@ def check_decode_mode(mode: str) -> None:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """One encoded image: its record and the exact image a corrdiff decode will return."""
+    """One encoded image: its record, the exact image a corrdiff decode will return, and the
+    latent y_hat that the record codes (what :meth:`CorrDiffCodec.verify` checks the record
+    against)."""
 
     record: bytes
     reconstruction: np.ndarray
     gammas: tuple[float, ...]
+    seed: int
+    latent: Tensor
 
     @property
     def bpp(self) -> float:
@@ -140,7 +144,34 @@ class CorrDiffCodec:
             pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
             gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_string=streams.y,
         )
-        return EncodedImage(record.to_bytes(), tensor_to_image(out)[:height, :width], record.gammas)
+        return EncodedImage(record.to_bytes(), tensor_to_image(out)[:height, :width], record.gammas, seed, y_hat)
+
+    @torch.no_grad()
+    def verify(self, encoded: EncodedImage, record: bytes) -> None:
+        """Check that ``record`` (the bytes about to be stored) decodes to what the encoder
+        coded: it parses (checksum, fields, this model), describes the encoded image, and its
+        entropy-coded strings decode to exactly the latent y_hat of ``encoded``. Raises
+        ``RecordError`` saying what differs.
+
+        The latent decides every pixel the decoder produces (the sampler is a deterministic
+        function of it, the seed and the gammas, all checked here), so a record that passes
+        decodes to ``encoded.reconstruction``; checking it costs one entropy decode and no
+        network pass of the sampler. It catches a record damaged between the coder and the
+        archive and an entropy coder that does not invert itself on this platform.
+        """
+        parsed = self.parse(record)
+        height, width = encoded.reconstruction.shape[:2]
+        if (parsed.height, parsed.width) != (height, width):
+            raise RecordError(f"record describes a {parsed.width}x{parsed.height} image, the encoder coded "
+                              f"{width}x{height}")
+        if parsed.gammas != encoded.gammas or parsed.seed != encoded.seed:
+            raise RecordError("record's gammas or seed differ from the encoder's")
+        streams = LatentBitstreams(z=parsed.z_string, y=parsed.y_string)
+        latent = self.model.latent.decompress([streams], parsed.padded_size).to(encoded.latent.device)
+        if latent.shape != encoded.latent.shape or not torch.equal(latent, encoded.latent):
+            differing = int((latent != encoded.latent).sum()) if latent.shape == encoded.latent.shape else latent.numel()
+            raise RecordError(f"record's latent decodes differently from what the encoder coded "
+                              f"({differing} of {encoded.latent.numel()} values differ)")
 
     # ----------------------------------------------------------------- decode
     @torch.no_grad()

@@ -124,14 +124,30 @@ class EncodeStage:
                 detail = f"{type(error).__name__}: {error}"
                 errors[i] = retryable("encode failed", detail) if is_out_of_memory(error) else f"encode failed: {detail}"
                 continue
+            record = encoded.record
+            error = self.verify(encoded, record)
+            if error is not None:
+                errors[i] = error
+                continue
             out["encode_seconds"][i] = time.perf_counter() - started
-            out["record"][i] = encoded.record
+            out["record"][i] = record
             out["record_bytes"][i] = len(encoded.record)
             out["bpp"][i] = encoded.bpp
             out["psnr"][i] = psnr(pixels, encoded.reconstruction)
             out["gammas"][i] = list(encoded.gammas)
             out["steps"][i] = len(encoded.gammas)
         return _archive_rows(batch, out, errors, self.codec.model_id_hex, self.job_id)
+
+    def verify(self, encoded: Any, record: bytes) -> str | None:
+        """Check the record about to be archived against what the encoder coded
+        (``CorrDiffCodec.verify``); None if it holds, else the error row's reason. A record
+        that fails is never archived: its key gets a retryable error row (the fault is the
+        platform's, not the image's), and a rerun encodes it again."""
+        try:
+            self.codec.verify(encoded, record)
+        except Exception as error:  # noqa: BLE001 - a failed check is a row, never a lost batch
+            return retryable("record verification failed", f"{type(error).__name__}: {error}")
+        return None
 
     @classmethod
     def lost(cls, batch: Batch, reason: str, settings: dict[str, Any]) -> pa.Table:
