@@ -79,6 +79,9 @@ def format_summary(summary: dict) -> str:
         f"this run       {summary['processed_this_job']} images in {summary['seconds']} s"
         + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""),
     ]
+    if summary["fallback_share"]:
+        lines.append("codecs         " + ", ".join(f"{codec} {n}" for codec, n in summary["codecs"].items())
+                     + f" (fallback share {summary['fallback_share']:.1%}: images that met the floor only so)")
     for model_id, model in summary["models"].items():
         lines.append(f"model          {model_id}: {model['records']} records, "
                      + (f"weights in {model['file']}" if model["file"] else

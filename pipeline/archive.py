@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from ray.data import Datasink
@@ -33,7 +34,10 @@ from ray.data._internal.execution.interfaces import TaskContext
 from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
-ARCHIVE_SCHEMA_VERSION = "1"
+# 2: the codec column (a record may be a standard codec's file: corrdiff.floor) and the
+# floor's measures. Files of version 1 have no codec column and hold CorrDiff records only:
+# read_data_file gives them one.
+ARCHIVE_SCHEMA_VERSION = "2"
 # How keys are formed (pipeline/sources.py), written into every data file as
 # "corrdiff.key_scheme". 2: tar members are "<shard path>.tar/<member>". Before it (files
 # without the entry): "<shard path without .tar>/<member>", under which the shards a.tar
@@ -49,9 +53,12 @@ SCHEMA = pa.schema([
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("record", pa.binary()),
+    pa.field("codec", pa.string()),
+    pa.field("codec_setting", pa.int16()),
     pa.field("record_bytes", pa.int64()),
     pa.field("bpp", pa.float64()),
     pa.field("psnr", pa.float64()),
+    pa.field("lpips", pa.float64()),
     pa.field("model_id", pa.string()),
     pa.field("format_version", pa.int16()),
     pa.field("gammas", pa.list_(pa.float32())),
@@ -135,10 +142,34 @@ def data_file_bytes(table: pa.Table) -> bytes:
 
 
 def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str] | None) -> pa.Table:
-    """Columns (None: all) of one data file, every page's checksum verified: a damaged page raises
-    (``OSError``) instead of being read as data. Files written before page checksums
-    existed have none to verify and read as before."""
-    return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
+    """Columns (None: all, as stored) of one data file, every page's checksum verified: a
+    damaged page raises (``OSError``) instead of being read as data. Files written before
+    page checksums existed have none to verify and read as before.
+
+    Columns asked for that a file of an older schema version lacks are read as what they
+    mean there (:func:`_as_current`): a version 1 file's records are all CorrDiff's."""
+    if columns is None:
+        return pq.read_table(path, filesystem=fs, page_checksum_verification=True)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        present = set(parquet.schema_arrow.names)
+        missing = [c for c in columns if c not in present]
+        read = [c for c in columns if c in present] + (["error"] if missing and "error" not in columns else [])
+        table = parquet.read(columns=read)
+    return _as_current(table, columns, missing) if missing else table
+
+
+def _as_current(table: pa.Table, columns: list[str], missing: list[str]) -> pa.Table:
+    """A table read from a file of an older schema version, with the columns it lacks:
+    ``codec`` is ``corrdiff`` for every record (error rows: null), as each was; the floor's
+    columns (``lpips``, ``codec_setting``) are null: nothing measured or chose them."""
+    ok = pc.is_null(table["error"])
+    values = {name: table[name] for name in table.column_names}
+    for name in missing:
+        field = SCHEMA.field(name)  # a name that no schema version has raises KeyError
+        values[name] = pc.if_else(ok, pa.scalar("corrdiff"), pa.scalar(None, pa.string())) if name == "codec" \
+            else pa.nulls(table.num_rows, field.type)
+    return pa.table({name: values[name] for name in columns}).replace_schema_metadata(table.schema.metadata)
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from corrdiff import weights
+from corrdiff.floor import Floor
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
 from pipeline.images import DEFAULT_MAX_PIXELS
@@ -59,6 +60,36 @@ class CodecSettings:
 
 
 @dataclass(frozen=True)
+class FloorSettings:
+    """The least quality any archived image may have (corrdiff.floor), and what stores an
+    image that CorrDiff would store below it. Each bound is optional, not both."""
+
+    psnr: float | None = None  # dB, at least
+    lpips: float | None = None  # LPIPS-alex, at most (loads LPIPS in every encode actor)
+    fallback: str = "avif"  # avif, jxl or png (lossless): its smallest record meeting the floor
+    # corrdiff: CorrDiff's record when it meets the floor, else the fallback's. smaller: both
+    # are made, and the smaller record that meets the floor is stored (about eight fallback
+    # encodes more per image), so no image takes more than its fallback alone would.
+    choose: str = "corrdiff"
+
+    def __post_init__(self) -> None:
+        from corrdiff.floor import STANDARD_CODECS
+
+        Floor(self.psnr, self.lpips)  # raises ValueError for bounds that mean nothing
+        if self.fallback not in STANDARD_CODECS:
+            raise ValueError(f"floor.fallback {self.fallback!r} is not one of {', '.join(STANDARD_CODECS)}")
+        if self.choose not in FLOOR_CHOICES:
+            raise ValueError(f"floor.choose {self.choose!r} is not one of {', '.join(FLOOR_CHOICES)}")
+
+    @property
+    def floor(self) -> Floor:
+        return Floor(psnr=self.psnr, lpips=self.lpips)
+
+
+FLOOR_CHOICES = ("corrdiff", "smaller")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     input: SourceConfig
     output: str
@@ -66,6 +97,7 @@ class CompressConfig:
     codec: CodecSettings = field(default_factory=CodecSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    floor: FloorSettings | None = None  # None: every image is stored by CorrDiff, whatever its quality
     job_id: str | None = None
 
     @classmethod
@@ -83,6 +115,7 @@ class CompressConfig:
             codec=CodecSettings(**(data.get("codec") or {})),
             resources=ResourceSettings(**(data.get("resources") or {})),
             max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
+            floor=FloorSettings(**data["floor"]) if data.get("floor") is not None else None,
             job_id=data.get("job_id"),
         )
 
@@ -162,7 +195,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
         "device": config.codec.device, "seed": config.codec.seed,
         "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
-        "torch_threads": plan.torch_threads, "job_id": job_id,
+        "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     }, batch_format="numpy")
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file))

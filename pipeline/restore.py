@@ -1,5 +1,8 @@
 """Turning archive rows back into pixels: the model lookup and the per-record outcome.
 
+Records are CorrDiff's or, where an image met a quality floor only so, a standard codec's
+file (the row's ``codec``, corrdiff.floor), decoded without a model.
+
 Shared by the decode job (which writes the pixels as PNG), the audit (which scores them)
 and the verify pass (which only needs to know that they decode). Each record's outcome is
 one of :data:`STATUSES`; an exception never escapes, because a corrupt record is a finding
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from corrdiff import CorrDiffCodec, ModelNotFoundError
+from corrdiff.floor import CORRDIFF, STANDARD_CODECS, StandardRecordError, decode_standard
 from corrdiff.record import ModelMismatchError, Record, RecordError
 
 from pipeline.models import ModelSources
@@ -58,9 +62,20 @@ class RecordDecoder:
     def codec_for(self, model_id: str) -> CorrDiffCodec:
         return self.fixed if self.fixed is not None else self.library.codec(model_id)
 
-    def restore(self, record: bytes | None, archive_error: str | None, mode: str) -> Restored:
+    def restore(self, record: bytes | None, archive_error: str | None, mode: str,
+                codec: str | None = CORRDIFF) -> Restored:
+        """One archive row's pixels and status; ``codec`` is the row's (None or ``corrdiff``:
+        a CorrDiff record; a standard codec's record decodes the same in every mode, and has
+        no model)."""
         if record is None:
             return Restored(COMPRESS_ERROR, error=archive_error or "the archive row has no record")
+        if codec not in (None, CORRDIFF):
+            if codec not in STANDARD_CODECS:
+                return Restored(CORRUPT, error=f"corrupt record: unknown codec {codec!r}")
+            try:
+                return Restored(OK, pixels=decode_standard(codec, record))
+            except StandardRecordError as error:
+                return Restored(CORRUPT, error=f"corrupt record: {error}")
         try:
             model_id = Record.from_bytes(record).model_id.hex()
         except RecordError as error:

@@ -28,8 +28,8 @@ from pipeline.archive import SCHEMA, list_data_files, read_data_file
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # The archive columns the decode/audit stages need; never "gammas" or other bulk.
-ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "record_bytes", "bpp", "psnr",
-               "model_id", "error"]
+ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "codec", "record_bytes", "bpp",
+               "psnr", "lpips", "model_id", "error"]
 UNREADABLE_FILE_KEY = "#file"  # the key of a row that stands for an unreadable data file
 
 

@@ -14,17 +14,21 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
+from corrdiff.floor import CORRDIFF
 from pipeline.archive import SCHEMA
 from pipeline.errors import is_out_of_memory, retryable
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.models import ModelSources
+
+if TYPE_CHECKING:
+    from pipeline.compress import FloorSettings
 
 Batch = dict[str, np.ndarray]
 
@@ -83,11 +87,12 @@ class EncodeStage:
 
     def __init__(self, models: ModelSources, model_id: str, device: str, seed: int, steps: int | None,
                  gamma_refine_steps: int, gamma_learning_rate: float, gamma_metric: str, torch_threads: int | None,
-                 job_id: str) -> None:
+                 job_id: str, floor: FloorSettings | None = None) -> None:
         self.models, self.model_id, self.device, self.seed, self.steps = models, model_id, device, seed, steps
         self.gamma_refine_steps, self.gamma_learning_rate = gamma_refine_steps, gamma_learning_rate
         self.gamma_metric = gamma_metric
         self.torch_threads, self.job_id = torch_threads, job_id
+        self.floor = floor  # None: every image is stored by CorrDiff, unmeasured but for PSNR
         self.setup()
 
     def setup(self) -> None:
@@ -106,10 +111,13 @@ class EncodeStage:
 
             self.codec.gamma_fitter = perceptual_fitter(perceptual_metric(self.gamma_metric, self.codec.device),
                                                         self.gamma_refine_steps, self.gamma_learning_rate)
+        self.lpips = None
+        if self.floor is not None and self.floor.lpips is not None:  # LPIPS-alex, loaded once per actor
+            from corrdiff.metrics import LPIPS
+
+            self.lpips = LPIPS("alex", device=self.codec.device)
 
     def __call__(self, batch: Batch) -> pa.Table:
-        from corrdiff.metrics import psnr
-
         out = _no_results(len(batch["key"]))
         errors = list(batch["error"])
         for i, pixels in enumerate(batch["pixels"]):
@@ -126,17 +134,39 @@ class EncodeStage:
                 continue
             record = encoded.record
             error = self.verify(encoded, record)
+            if error is None:
+                try:
+                    stored = self.store(pixels, record, encoded.reconstruction)
+                except Exception as store_error:  # noqa: BLE001 - e.g. a fallback encoder that failed
+                    error = f"fallback failed: {type(store_error).__name__}: {store_error}"
             if error is not None:
                 errors[i] = error
                 continue
             out["encode_seconds"][i] = time.perf_counter() - started
-            out["record"][i] = record
-            out["record_bytes"][i] = len(encoded.record)
-            out["bpp"][i] = encoded.bpp
-            out["psnr"][i] = psnr(pixels, encoded.reconstruction)
-            out["gammas"][i] = list(encoded.gammas)
-            out["steps"][i] = len(encoded.gammas)
+            out["record"][i] = stored.data
+            out["codec"][i] = stored.codec
+            out["codec_setting"][i] = stored.setting
+            out["record_bytes"][i] = len(stored.data)
+            out["bpp"][i] = 8 * len(stored.data) / (pixels.shape[0] * pixels.shape[1])
+            out["psnr"][i] = stored.quality.psnr
+            out["lpips"][i] = stored.quality.lpips
+            if stored.codec == CORRDIFF:
+                out["gammas"][i] = list(encoded.gammas)
+                out["steps"][i] = len(encoded.gammas)
         return _archive_rows(batch, out, errors, self.codec.model_id_hex, self.job_id)
+
+    def store(self, pixels: np.ndarray, record: bytes, reconstruction: np.ndarray) -> Any:
+        """What to archive of an image (a ``corrdiff.floor.StoredImage``): its verified CorrDiff
+        record, or, where that misses the floor, the fallback codec's smallest record meeting it."""
+        from corrdiff.floor import FloorMeter, Quality, StoredImage, store_meeting
+        from corrdiff.metrics import psnr
+
+        if self.floor is None:
+            return StoredImage(CORRDIFF, record, None, reconstruction, Quality(psnr(pixels, reconstruction)))
+        meter = FloorMeter(pixels, self.lpips)
+        corrdiff = StoredImage(CORRDIFF, record, None, reconstruction, meter(reconstruction))
+        return store_meeting(pixels, corrdiff, self.floor.floor, self.floor.fallback, meter,
+                             smaller=self.floor.choose == "smaller")
 
     def verify(self, encoded: Any, record: bytes) -> str | None:
         """Check the record about to be archived against what the encoder coded
@@ -156,7 +186,8 @@ class EncodeStage:
         return _archive_rows(batch, _no_results(len(batch["key"])), errors, None, settings["job_id"])
 
 
-RESULT_COLUMNS = ("record", "record_bytes", "bpp", "psnr", "width", "height", "gammas", "steps", "encode_seconds")
+RESULT_COLUMNS = ("record", "codec", "codec_setting", "record_bytes", "bpp", "psnr", "lpips", "width", "height",
+                  "gammas", "steps", "encode_seconds")
 
 
 def _no_results(rows: int) -> dict[str, list[Any]]:
@@ -166,11 +197,12 @@ def _no_results(rows: int) -> dict[str, list[Any]]:
 def _archive_rows(batch: Batch, out: dict[str, list[Any]], errors: list[str | None], model_id: str | None,
                   job_id: str) -> pa.Table:
     """The archive's rows (pipeline.archive.SCHEMA) for a batch: a record where ``errors``
-    has None, else an error row with its reason."""
+    has None, else an error row with its reason. ``model_id`` and ``format_version`` belong
+    to CorrDiff records alone."""
     from corrdiff.record import FORMAT_VERSION
 
     n = len(batch["key"])
-    ok = [e is None for e in errors]
+    ok = [e is None and codec == CORRDIFF for e, codec in zip(errors, out["codec"])]
     return pa.Table.from_pydict({
         "key": list(batch["key"]),
         "source_uri": list(batch["source_uri"]),

@@ -10,6 +10,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from corrdiff.floor import fallback_share
+
 from pipeline.archive import list_data_files, read_columns
 from pipeline.errors import is_retryable
 from pipeline.models import archive_store
@@ -22,7 +24,7 @@ TOP_REASONS = 10
 def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, skipped: Skipped) -> dict[str, Any]:
     """The archive's counts, plus ``skipped_this_job``: the input files and tar members this
     job's extension filter left out (they have no rows, so only the job can say)."""
-    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "model_id", "job_id"])
+    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "model_id", "codec", "job_id"])
     keys = table.column("key")
     errors = table.column("error")
     ok_mask = pc.is_null(errors)
@@ -31,6 +33,7 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, ski
     fs, _ = filesystem(url, storage)
     archive_bytes = sum(fs.size(p) for p in list_data_files(url, storage))
     input_bytes = int(pc.sum(table.column("source_bytes")).as_py() or 0)
+    codecs = Counter(c for c in table.column("codec").to_pylist() if c is not None)
     return {
         "archive": url,
         "job_id": job_id,
@@ -45,6 +48,9 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, ski
         "compression_ratio": round(input_bytes / archive_bytes, 3) if archive_bytes else None,
         "mean_bpp": pc.mean(pc.filter(table.column("bpp"), ok_mask)).as_py(),
         "models": _models(url, storage, table.column("model_id").to_pylist()),
+        # Records by codec: CorrDiff's, and the fallback's where an image met the floor only so.
+        "codecs": dict(sorted(codecs.items())),
+        "fallback_share": fallback_share(codecs),
         "processed_this_job": this_job,
         "skipped_this_job": skipped.report(),
         "seconds": round(seconds, 2),

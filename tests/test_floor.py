@@ -81,3 +81,141 @@ def test_a_record_damaged_before_commit_becomes_a_retryable_error_row(encode_sta
     assert rows[0]["record"] is None
     assert rows[0]["error"].startswith("record verification failed (retryable): RecordError: record's latent")
     assert rows[1]["error"] is None and rows[1]["record"] is not None
+
+
+# The floor and the standard codecs, without Ray ---------------------------------------
+
+
+def photo(name: str = "life.jpg", size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """A real photo, small: the floor's codecs are measured on what archives hold."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pipeline.images import decode_image
+
+    data = (Path(__file__).resolve().parents[1] / "examples" / "photos" / name).read_bytes()
+    return np.asarray(Image.fromarray(decode_image(data, 10**8)).resize(size, Image.LANCZOS))
+
+
+@pytest.mark.parametrize("codec", ["avif", "jxl"])
+def test_the_fallback_is_the_smallest_setting_that_meets_the_floor(codec):
+    from corrdiff.floor import Floor, FloorMeter, decode_standard, encode_standard, smallest_meeting
+    from corrdiff.metrics import psnr
+
+    image, floor = photo(), Floor(psnr=33.0)
+    stored = smallest_meeting(image, codec, FloorMeter(image, None), floor)
+    assert stored.codec == codec and stored.setting is not None
+    restored = decode_standard(codec, stored.data)
+    assert np.array_equal(restored, stored.pixels) and psnr(image, restored) == stored.quality.psnr >= 33.0
+    below = decode_standard(codec, encode_standard(image, codec, stored.setting - 1))
+    assert psnr(image, below) < 33.0  # one setting less misses it: the bisection found the edge
+
+
+def test_a_floor_no_lossy_setting_meets_is_met_losslessly():
+    from corrdiff.floor import Floor, FloorMeter, decode_standard, smallest_meeting
+
+    image = photo()
+    stored = smallest_meeting(image, "avif", FloorMeter(image, None), Floor(psnr=90.0))
+    assert stored.codec == "png" and stored.setting is None
+    assert np.array_equal(decode_standard("png", stored.data), image)
+
+
+def test_an_lpips_floor_on_an_image_too_small_to_measure_is_met_losslessly():
+    from corrdiff.floor import Floor, FloorMeter, Quality
+
+    assert not Floor(lpips=0.5).met_by(Quality(psnr=40.0, lpips=None))
+    assert Floor(psnr=30.0).met_by(Quality(psnr=40.0, lpips=None))
+    assert FloorMeter(photo(size=(20, 20)), None)(photo(size=(20, 20))).lpips is None
+
+
+def test_standard_records_are_untrusted_bytes():
+    from corrdiff.floor import StandardRecordError, decode_standard, encode_standard
+
+    image = photo()
+    png, jxl = encode_standard(image, "png"), encode_standard(image, "jxl", 80)
+    with pytest.raises(StandardRecordError, match="does not decode"):
+        decode_standard("avif", png)  # only the codec's own format is opened
+    with pytest.raises(StandardRecordError, match="declares a 96x64 image"):
+        decode_standard("png", png, max_pixels=1000)
+    with pytest.raises(StandardRecordError, match="declares a 96x64 image"):
+        decode_standard("jxl", jxl, max_pixels=1000)  # from its header, before the plugin decodes it
+    with pytest.raises(StandardRecordError, match="does not decode"):
+        decode_standard("png", png[: len(png) // 2])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "needs a psnr or an lpips"), ({"psnr": -1}, "positive"), ({"psnr": 30, "fallback": "webp"}, "fallback"),
+    ({"psnr": 30, "choose": "best"}, "choose"),
+])
+def test_bad_floor_settings_are_refused(settings, message):
+    from pipeline.compress import CompressConfig
+
+    with pytest.raises(ValueError, match=message):
+        CompressConfig.from_dict({"input": {"url": "in"}, "output": "out", "floor": settings})
+
+
+def _stage(stage, floor) -> object:
+    """The module's EncodeStage (its model loaded once) with another floor."""
+    import copy
+
+    other = copy.copy(stage)
+    other.floor = floor
+    other.lpips = None
+    if floor is not None and floor.lpips is not None:
+        from corrdiff.metrics import LPIPS
+
+        other.lpips = LPIPS("alex")
+    return other
+
+
+def test_a_floor_the_model_cannot_meet_sends_every_image_to_the_fallback(encode_stage):
+    from corrdiff.library import ModelLibrary
+    from corrdiff.metrics import LPIPS, psnr
+    from pipeline.compress import FloorSettings
+
+    images = [photo("life.jpg"), photo("sunset.jpg", (64, 80))]
+    floor = FloorSettings(psnr=30.0, lpips=0.3, fallback="jxl")
+    rows = _stage(encode_stage, floor)(_batch(images)).to_pylist()
+    assert [r["codec"] for r in rows] == ["jxl", "jxl"]
+    assert all(r["model_id"] is None and r["gammas"] is None and r["format_version"] is None for r in rows)
+    library: ModelLibrary = encode_stage.models.library("cpu")
+    restored = library.decode([r["record"] for r in rows], codecs=[r["codec"] for r in rows])
+    lpips = LPIPS("alex")
+    for image, row, pixels in zip(images, rows, restored):
+        assert psnr(image, pixels) == row["psnr"] >= 30.0
+        assert lpips(image, pixels) == pytest.approx(row["lpips"], abs=1e-6) and row["lpips"] <= 0.3
+        assert row["bpp"] == 8 * len(row["record"]) / (image.shape[0] * image.shape[1])
+
+
+def test_a_floor_the_model_meets_keeps_corrdiff_and_smaller_never_exceeds_the_fallback(encode_stage):
+    from corrdiff.floor import Floor, FloorMeter, smallest_meeting
+    from pipeline.compress import FloorSettings
+
+    images = [photo("life.jpg")]
+    kept = _stage(encode_stage, FloorSettings(psnr=1.0))(_batch(images)).to_pylist()
+    assert kept[0]["codec"] == "corrdiff" and kept[0]["model_id"] is not None and kept[0]["lpips"] is None
+    unfloored = _stage(encode_stage, None)(_batch(images)).to_pylist()
+    assert unfloored[0]["record"] == kept[0]["record"] and unfloored[0]["codec"] == "corrdiff"
+    smaller = _stage(encode_stage, FloorSettings(psnr=1.0, fallback="avif", choose="smaller"))(_batch(images))
+    [row] = smaller.to_pylist()
+    fallback = smallest_meeting(images[0], "avif", FloorMeter(images[0], None), Floor(psnr=1.0))
+    assert row["record_bytes"] == min(len(fallback.data), kept[0]["record_bytes"])
+    assert row["codec"] == ("corrdiff" if kept[0]["record_bytes"] <= len(fallback.data) else "avif")
+
+
+def test_files_of_schema_version_1_read_as_all_corrdiff(tmp_path):
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.archive import read_data_file
+
+    old = pa.table({"key": ["a", "b"], "record": [b"CDAR", None], "error": [None, "encode failed: x"]})
+    pq.write_table(old.replace_schema_metadata({"corrdiff.archive_schema": "1"}), tmp_path / "part-old.parquet")
+    fs = fsspec.filesystem("file")
+    table = read_data_file(str(tmp_path / "part-old.parquet"), fs, ["key", "codec", "lpips", "codec_setting"])
+    assert table.column_names == ["key", "codec", "lpips", "codec_setting"]
+    assert table["codec"].to_pylist() == ["corrdiff", None] and table["lpips"].to_pylist() == [None, None]
+    assert table.schema.metadata[b"corrdiff.archive_schema"] == b"1"
+    assert read_data_file(str(tmp_path / "part-old.parquet"), fs, None).column_names == ["key", "record", "error"]
