@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     parser.add_argument("--job-id", help="id recorded in every row (default: time + random suffix)")
+    parser.add_argument("--allow-config-change", action="store_true", default=None,
+                        help="resume an archive whose rows were made with another model, floor, steps or seed")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     return parser.parse_args(argv)
 
@@ -53,6 +55,8 @@ def build_config(args: argparse.Namespace) -> CompressConfig:
         data["output"] = args.output
     if args.job_id is not None:
         data["job_id"] = args.job_id
+    if args.allow_config_change:
+        data["allow_config_change"] = True
     if not data["input"].get("url") or not data.get("output"):
         raise SystemExit("compress: --input and --output are required (or input.url and output in --config)")
     return CompressConfig.from_dict(data)

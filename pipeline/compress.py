@@ -16,6 +16,8 @@ restore by itself (pipeline/models.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ import ray
 from corrdiff import weights
 from corrdiff.floor import Floor
 from corrdiff.metrics import PERCEPTUAL_METRICS
-from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
+from pipeline.archive import (ArchiveDatasink, clean_incomplete, done_keys, file_metadata, job_metadata,
+                              list_data_files)
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
@@ -98,6 +101,9 @@ class CompressConfig:
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     max_pixels: int = DEFAULT_MAX_PIXELS
     floor: FloorSettings | None = None  # None: every image is stored by CorrDiff, whatever its quality
+    # Resume an archive whose rows were made with another fingerprint (content_fingerprint):
+    # without it such a run is refused before any work.
+    allow_config_change: bool = False
     job_id: str | None = None
 
     @classmethod
@@ -116,6 +122,7 @@ class CompressConfig:
             resources=ResourceSettings(**(data.get("resources") or {})),
             max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
             floor=FloorSettings(**data["floor"]) if data.get("floor") is not None else None,
+            allow_config_change=bool(data.get("allow_config_change", False)),
             job_id=data.get("job_id"),
         )
 
@@ -124,6 +131,57 @@ class CompressConfig:
         data = dataclasses.asdict(self)
         data["storage"] = self.storage.public()
         return data
+
+
+# The codec settings that decide what is stored of an image (with the model and the floor):
+# the record's bytes (seed, steps, the gamma fit) and so which codec the floor chooses.
+DECIDING_CODEC_SETTINGS = ("seed", "steps", "gamma_refine_steps", "gamma_learning_rate", "gamma_metric")
+
+
+def content_fingerprint(config: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """What decides an archive's rows, from a config as recorded (``CompressConfig.to_dict``,
+    or any data file's ``corrdiff.config``) and the model: the model id, the deciding codec
+    settings (absent ones at their defaults, as the run that wrote them used them) and the
+    floor. Device, resources and storage decide nothing stored."""
+    codec = config.get("codec") if isinstance(config.get("codec"), dict) else {}
+    defaults = CodecSettings()
+    return {"model_id": model_id, **{name: codec.get(name, getattr(defaults, name)) for name in DECIDING_CODEC_SETTINGS},
+            "floor": config.get("floor")}
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """A short name for a fingerprint (``corrdiff.fingerprint`` in every data file)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ConfigChangeError(ValueError):
+    """A run whose rows would be made otherwise than the archive's (its fingerprint differs)."""
+
+
+def check_config_change(url: str, storage: StorageConfig, fingerprint: dict[str, Any], allowed: bool) -> None:
+    """Refuse (:class:`ConfigChangeError`) to add rows to an archive none of whose data files
+    were made with ``fingerprint``, unless ``allowed``. Once an archive holds rows of several
+    fingerprints (a run allowed it), a rerun with any of them is a resume, not a change:
+    each row's file keeps the config that made it, so every row still says how it was made."""
+    found: dict[str, tuple[dict[str, Any], str]] = {}
+    for path in list_data_files(url, storage):
+        metadata = file_metadata(path, storage)
+        try:
+            config = json.loads(metadata.get("corrdiff.config", "{}"))
+        except ValueError:
+            config = {}
+        theirs = content_fingerprint(config if isinstance(config, dict) else {}, metadata.get("corrdiff.model_id", ""))
+        found.setdefault(fingerprint_hash(theirs), (theirs, path))
+    if not found or fingerprint_hash(fingerprint) in found or allowed:
+        return
+    theirs, path = next(iter(found.values()))
+    changes = "; ".join(f"{name}: {json.dumps(theirs.get(name), default=str)} -> "
+                        f"{json.dumps(fingerprint.get(name), default=str)}"
+                        for name in fingerprint if theirs.get(name) != fingerprint.get(name))
+    raise ConfigChangeError(
+        f"{url} holds rows made otherwise than this run would make them ({changes}; e.g. {path}): resuming would "
+        "mix them silently. Rerun with --allow-config-change (allow_config_change: true) to add rows made with "
+        "this config (each data file records the config and model that made its rows), or write a new archive")
 
 
 def new_job_id() -> str:
@@ -143,10 +201,13 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
     model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
+    fingerprint = content_fingerprint(config.to_dict(), model_id)
     with archive_lease(config.output, config.storage, job_id):
+        check_config_change(config.output, config.storage, fingerprint, config.allow_config_change)
         stored = store_model(config.output, config.storage, model_id, model_bytes)
         print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
-        metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
+        metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id) | {
+            "corrdiff.fingerprint": fingerprint_hash(fingerprint)}
         finish_rewrites(config.output, config.storage)
         skipped, resumes = _compress_resuming(config, model_id, job_id, metadata)
         superseded = supersede_retried(config.output, config.storage)

@@ -123,6 +123,7 @@ def test_archive_rows_are_honest(ray_local, tiny_model, tmp_path):
         assert row["record_bytes"] == len(row["record"])
         assert row["bpp"] == 8 * len(row["record"]) / (row["width"] * row["height"])
         assert row["model_id"] == codec.model_id_hex and row["steps"] == len(row["gammas"])
+        assert row["codec"] == "corrdiff" and row["lpips"] is None and row["codec_setting"] is None  # no floor
         restored = codec.decode([row["record"]])[0]
         assert psnr(decode_image(original), restored) == row["psnr"]  # the decoder's exact pixels
 
@@ -167,7 +168,7 @@ def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):
     run_compress(_config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model, job_id="job-7"))
     [first, *_] = list_data_files(str(tmp_path / "archive"), StorageConfig())
     metadata = file_metadata(first, StorageConfig())
-    assert metadata["corrdiff.archive_schema"] == "1" and metadata["corrdiff.job_id"] == "job-7"
+    assert metadata["corrdiff.archive_schema"] == "2" and metadata["corrdiff.job_id"] == "job-7"
     assert metadata["corrdiff.model_id"] == CorrDiffCodec.from_pretrained(tiny_model, device="cpu").model_id_hex
     assert json.loads(metadata["corrdiff.config"])["input"]["url"] == str(tmp_path / "in")
 

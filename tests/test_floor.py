@@ -219,3 +219,113 @@ def test_files_of_schema_version_1_read_as_all_corrdiff(tmp_path):
     assert table["codec"].to_pylist() == ["corrdiff", None] and table["lpips"].to_pylist() == [None, None]
     assert table.schema.metadata[b"corrdiff.archive_schema"] == b"1"
     assert read_data_file(str(tmp_path / "part-old.parquet"), fs, None).column_names == ["key", "record", "error"]
+
+
+# One mixed archive, on a real Ray cluster: compressed once, then audited and verified ---
+
+MIXED_FLOOR = 8.0  # dB: the tiny model's records of these photos land on both sides of it
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_local, tiny_model, tmp_path_factory):
+    """Four small real photos under a PSNR floor that CorrDiff (the tiny model) meets for some
+    and misses for others (those go to AVIF), and one input that is not an image."""
+    from PIL import Image
+
+    from pipeline.compress import CodecSettings, CompressConfig, FloorSettings, run_compress
+    from pipeline.resources import ResourceSettings
+    from pipeline.sources import SourceConfig
+
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "in").mkdir()
+    images = {"life.png": photo("life.jpg"), "sunset.png": photo("sunset.jpg", (80, 64)),
+              "seeding.png": photo("seeding.jpg", (64, 64)), "aitzgorri.png": photo("aitzgorri.jpg")}
+    for name, image in images.items():
+        Image.fromarray(image).save(root / "in" / name)
+    (root / "in" / "not-an-image.png").write_bytes(b"plain text " * 20)
+    config = CompressConfig(input=SourceConfig(url=str(root / "in")), output=str(root / "archive"),
+                            codec=CodecSettings(model=str(tiny_model), device="cpu"),
+                            resources=ResourceSettings(rows_per_file=8), max_pixels=300_000,
+                            floor=FloorSettings(psnr=MIXED_FLOOR, fallback="avif"))
+    summary = run_compress(config)
+    return root, images, config, summary
+
+
+def test_a_mixed_archive_says_which_codec_holds_each_image_and_restores_all(mixed, tiny_model):
+    import pyarrow.dataset as pads
+
+    from corrdiff import CorrDiffCodec
+    from corrdiff.metrics import psnr
+    from pipeline.archive import SCHEMA, file_metadata, list_data_files
+    from pipeline.models import archive_models
+    from pipeline.storage import StorageConfig
+
+    root, images, _, summary = mixed
+    rows = {r["key"]: r for r in pads.dataset(str(root / "archive"), format="parquet").to_table().to_pylist()}
+    codec = CorrDiffCodec.from_pretrained(tiny_model, device="cpu")
+    for name, image in images.items():
+        [encoded] = codec.encode_detailed([image])
+        expected = "corrdiff" if psnr(image, encoded.reconstruction) >= MIXED_FLOOR else "avif"
+        assert rows[name]["codec"] == expected, name
+    codecs = [rows[name]["codec"] for name in images]
+    assert set(codecs) == {"corrdiff", "avif"}  # the floor splits them: a mixed archive
+    assert rows["not-an-image.png"]["codec"] is None and rows["not-an-image.png"]["error"]
+    assert summary["codecs"] == {"avif": codecs.count("avif"), "corrdiff": codecs.count("corrdiff")}
+    assert summary["fallback_share"] == codecs.count("avif") / 4
+
+    # The Python API restores every codec; each restored image meets the floor.
+    restored = archive_models(str(root / "archive")).decode([rows[n]["record"] for n in images],
+                                                            codecs=[rows[n]["codec"] for n in images])
+    for (name, image), pixels in zip(images.items(), restored):
+        assert psnr(image, pixels) == rows[name]["psnr"] >= MIXED_FLOOR
+    metadata = file_metadata(list_data_files(str(root / "archive"), StorageConfig())[0], StorageConfig())
+    assert metadata["corrdiff.archive_schema"] == "2" and len(metadata["corrdiff.fingerprint"]) == 16
+    assert pads.dataset(str(root / "archive"), format="parquet").schema.remove_metadata() == SCHEMA.remove_metadata()
+
+
+def test_a_mixed_archive_audits_and_verifies_by_codec(mixed, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.audit import AuditConfig, run_audit, run_verify
+
+    root, images, _, _ = mixed
+    config = AuditConfig(archive=str(root / "archive"), report=str(tmp_path / "report"), sample=5, device="cpu",
+                         worst=1, crop=32, thresholds={"fallback_share": {"max": 0.25}, "integrity_failures": {"max": 0}})
+    summary = run_audit(config)
+    share = summary["measures"]["fallback_share"]
+    assert 0 < share < 1 and summary["verdict"] == ("FAIL" if share > 0.25 else "PASS")
+    assert set(summary["by_codec"]) == {"corrdiff", "avif"}
+    assert sum(c["records"] for c in summary["by_codec"].values()) == len(images)
+    metrics = pq.read_table(tmp_path / "report" / summary["audit_id"] / "metrics.parquet").to_pylist()
+    for row in metrics:
+        if row["record_status"] == "ok":  # restored exactly as measured at compression, at or above the floor
+            assert row["psnr"] == row["archived_psnr"] >= MIXED_FLOOR
+    page = (tmp_path / "report" / summary["audit_id"] / "report.html").read_text()
+    assert "By codec" in page and "fallback share" in page
+
+    verify = run_verify(AuditConfig(archive=str(root / "archive"), report=str(tmp_path / "verify"), device="cpu"))
+    assert verify["verdict"] == "PASS" and verify["record_statuses"] == {"compress_error": 1, "ok": len(images)}
+    assert sum(c["records"] for c in verify["by_codec"].values()) == len(images)
+    assert verify["measures"]["fallback_share"] == share
+
+
+def test_a_rerun_with_another_floor_is_refused_unless_allowed(mixed):
+    from dataclasses import replace
+
+    from pipeline.compress import (ConfigChangeError, FloorSettings, check_config_change, content_fingerprint,
+                                   run_compress)
+    from pipeline.storage import StorageConfig
+
+    root, _, config, _ = mixed
+    changed = replace(config, floor=FloorSettings(psnr=MIXED_FLOOR + 1, fallback="avif"))
+    before = sorted(p.name for p in (root / "archive").iterdir())
+    with pytest.raises(ConfigChangeError, match=r"floor: .*--allow-config-change"):
+        run_compress(changed)
+    assert sorted(p.name for p in (root / "archive").iterdir()) == before  # refused before any work
+    archive, storage = str(root / "archive"), StorageConfig()
+    model_id = next(iter(mixed[3]["models"]))
+    fingerprint = content_fingerprint(changed.to_dict(), model_id)
+    check_config_change(archive, storage, fingerprint, allowed=True)  # told to continue: no refusal
+    check_config_change(archive, storage, content_fingerprint(config.to_dict(), model_id), allowed=False)
+    with pytest.raises(ConfigChangeError, match="model_id"):
+        check_config_change(archive, storage, content_fingerprint(config.to_dict(), "0" * 32), allowed=False)
