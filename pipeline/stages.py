@@ -28,6 +28,8 @@ from pipeline.images import ImageDecodeError, decode_image
 from pipeline.models import ModelSources
 
 if TYPE_CHECKING:
+    from corrdiff.codec import EncodedImage
+    from corrdiff.floor import StoredImage
     from pipeline.compress import FloorSettings
 
 Batch = dict[str, np.ndarray]
@@ -137,8 +139,10 @@ class EncodeStage:
             if error is None:
                 try:
                     stored = self.store(pixels, record, encoded.reconstruction)
-                except Exception as store_error:  # noqa: BLE001 - e.g. a fallback encoder that failed
-                    error = f"fallback failed: {type(store_error).__name__}: {store_error}"
+                except Exception as store_error:  # noqa: BLE001 - a measure or a fallback encoder that failed
+                    detail = f"{type(store_error).__name__}: {store_error}"
+                    error = retryable("quality floor failed", detail) if is_out_of_memory(store_error) \
+                        else f"quality floor failed: {detail}"
             if error is not None:
                 errors[i] = error
                 continue
@@ -155,9 +159,9 @@ class EncodeStage:
                 out["steps"][i] = len(encoded.gammas)
         return _archive_rows(batch, out, errors, self.codec.model_id_hex, self.job_id)
 
-    def store(self, pixels: np.ndarray, record: bytes, reconstruction: np.ndarray) -> Any:
-        """What to archive of an image (a ``corrdiff.floor.StoredImage``): its verified CorrDiff
-        record, or, where that misses the floor, the fallback codec's smallest record meeting it."""
+    def store(self, pixels: np.ndarray, record: bytes, reconstruction: np.ndarray) -> StoredImage:
+        """What to archive of an image: its verified CorrDiff record, or, where that misses the
+        floor, the fallback codec's smallest record meeting it (corrdiff.floor.store_meeting)."""
         from corrdiff.floor import FloorMeter, Quality, StoredImage, store_meeting
         from corrdiff.metrics import psnr
 
@@ -168,7 +172,7 @@ class EncodeStage:
         return store_meeting(pixels, corrdiff, self.floor.floor, self.floor.fallback, meter,
                              smaller=self.floor.choose == "smaller")
 
-    def verify(self, encoded: Any, record: bytes) -> str | None:
+    def verify(self, encoded: EncodedImage, record: bytes) -> str | None:
         """Check the record about to be archived against what the encoder coded
         (``CorrDiffCodec.verify``); None if it holds, else the error row's reason. A record
         that fails is never archived: its key gets a retryable error row (the fault is the
