@@ -67,6 +67,10 @@ def test_folder_to_archive_loses_nothing(ray_local, tiny_model, tmp_path):
             assert rows[key]["error"].startswith(error) and rows[key]["record"] is None
     assert summary["rows"] == summary["unique_keys"] == len(expected)
     assert summary["ok"] == 6 and summary["errors"] == 4
+    records = [r for r in rows.values() if r["error"] is None]  # the rate: all bits over all pixels
+    assert summary["bpp"] == pytest.approx(8 * sum(r["record_bytes"] for r in records)
+                                           / sum(r["width"] * r["height"] for r in records))
+    assert summary["bpp_per_image"]["max"] == max(r["bpp"] for r in records) > summary["bpp"]  # the tiny images
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
 
 
