@@ -79,7 +79,9 @@ def format_summary(summary: dict) -> str:
         + ("" if summary["rows"] == summary["unique_keys"] else f"  WARNING: {summary['rows'] - summary['unique_keys']} duplicate keys"),
         f"bytes          {summary['input_bytes']:,} in -> {summary['archive_bytes']:,} archived"
         + (f" ({summary['compression_ratio']}x)" if summary["compression_ratio"] else ""),
-        f"mean bpp       {summary['mean_bpp']:.4f}" if summary["mean_bpp"] is not None else "mean bpp       -",
+        (f"bpp            {summary['bpp']:.4f} (all bits / all pixels; per image: median "
+         f"{summary['bpp_per_image']['median']:.4f}, 5-95% {summary['bpp_per_image']['p5']:.4f}-"
+         f"{summary['bpp_per_image']['p95']:.4f})") if summary["bpp"] is not None else "bpp            -",
         f"this run       {summary['processed_this_job']} images in {summary['seconds']} s"
         + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""),
     ]

@@ -20,7 +20,7 @@ import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -88,9 +88,10 @@ class ArchiveDatasink(Datasink[WrittenFile]):
     """Writes each write task's rows as one Parquet file, atomically, with archive metadata."""
 
     def __init__(self, url: str, storage: StorageConfig, metadata: dict[str, str], job_id: str,
-                 rows_per_file: int) -> None:
+                 rows_per_file: int, on_written: Callable[[str, pa.Table], None] | None = None) -> None:
         self.url, self.storage, self.job_id = url.rstrip("/"), storage, job_id
         self.rows_per_file = rows_per_file
+        self.on_written = on_written  # told (file name, rows) once a file is committed: pipeline.shards
         self.schema = SCHEMA.with_metadata({**metadata, "corrdiff.archive_schema": ARCHIVE_SCHEMA_VERSION,
                                             "corrdiff.key_scheme": KEY_SCHEME})
 
@@ -111,6 +112,8 @@ class ArchiveDatasink(Datasink[WrittenFile]):
             self.schema.metadata)
         fs, root = filesystem(self.url, self.storage)
         final = write_data_file(fs, root, self.job_id, table, self.storage)
+        if self.on_written is not None:
+            self.on_written(posixpath.basename(final), table)
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
 
 
@@ -200,9 +203,12 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
     return pa.concat_tables([read_data_file(path, fs, columns) for path in files])
 
 
-def done_keys(url: str, storage: StorageConfig) -> set[str]:
+def done_keys(url: str, storage: StorageConfig, only: Callable[[str, str], bool] | None = None) -> set[str]:
     """Keys already in the archive, the resume point of a rerun: every key with a row,
     except those whose only rows are retryable errors (pipeline.errors), tried again.
+    ``only(key, source_uri)``: keep just the keys it accepts (those of the shards a rerun
+    reads, pipeline.shards), so that memory holds those, not the archive's keys; files
+    are read one at a time.
 
     Refused (``ValueError``) if a data file's keys were formed otherwise than this version
     forms them (:data:`KEY_SCHEME`): a rerun would archive its images a second time under
@@ -210,11 +216,13 @@ def done_keys(url: str, storage: StorageConfig) -> set[str]:
     """
     fs, _ = filesystem(url, storage)
     keys: set[str] = set()
+    columns = ["key", "error"] + (["source_uri"] if only is not None else [])
     for path in list_data_files(url, storage):
-        table = read_data_file(path, fs, ["key", "error"])
+        table = read_data_file(path, fs, columns)
         _check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
-        keys.update(key for key, error in zip(table["key"].to_pylist(), table["error"].to_pylist())
-                    if not is_retryable(error))
+        uris = table["source_uri"].to_pylist() if only is not None else [None] * table.num_rows
+        keys.update(key for key, error, uri in zip(table["key"].to_pylist(), table["error"].to_pylist(), uris)
+                    if not is_retryable(error) and (only is None or only(key, uri)))
     return keys
 
 

@@ -34,7 +34,8 @@ from pipeline.archive import (ArchiveDatasink, clean_incomplete, done_keys, file
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
-from pipeline.sources import Skipped, SourceConfig, read_source
+from pipeline.shards import SHARD_KINDS, resume_shards
+from pipeline.sources import Skipped, SourceConfig, list_items, read_source
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
@@ -209,11 +210,13 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id) | {
             "corrdiff.fingerprint": fingerprint_hash(fingerprint)}
         finish_rewrites(config.output, config.storage)
-        skipped, resumes = _compress_resuming(config, model_id, job_id, metadata)
+        (skipped, shards), resumes = _compress_resuming(config, model_id, job_id, metadata)
         superseded = supersede_retried(config.output, config.storage)
         summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
                             skipped=skipped)
         summary["resumed_after_lost_workers"] = resumes
+        if shards is not None:
+            summary["shards"] = shards
         summary["superseded_retryable_rows"] = superseded.rows
         write_summary(config.output, config.storage, summary)
     return summary
@@ -225,7 +228,7 @@ LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError
 
 
 def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
-                       metadata: dict[str, str]) -> tuple[Skipped, int]:
+                       metadata: dict[str, str]) -> tuple[tuple[Skipped, dict[str, int] | None], int]:
     """Passes of :func:`_compress_missing` until one completes (at most
     ``lost_actor_resumes`` more after a lost worker); what was skipped, and how many resumes."""
     resumes = 0
@@ -241,15 +244,28 @@ def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
 
 
 def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
-                      metadata: dict[str, str]) -> Skipped:
+                      metadata: dict[str, str]) -> tuple[Skipped, dict[str, int] | None]:
     """One pass: every input key not yet in the archive -> decode -> encode -> archive files;
-    returns what the input filter skipped (pipeline.sources)."""
+    returns what the input filter skipped (pipeline.sources) and, for tar and Parquet
+    inputs, the shards: finished before (skipped unread), read, and finished by this pass
+    (pipeline.shards)."""
     removed = clean_incomplete(config.output, config.storage)
-    skip = done_keys(config.output, config.storage)
+    listing = list_items(config.input, config.storage)
+    resume = None
+    if config.input.kind in SHARD_KINDS:
+        resume = resume_shards(config.output, config.storage, config.input.kind, listing, job_id)
+        listing, skip = resume.listing, resume.done
+    else:
+        skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    print(f"job {job_id}: {len(skip)} keys already archived, {plan.actors} encode actor(s) x "
+    print(f"job {job_id}: " + (f"{resume.finished_before} shard(s) finished before, skipped unread; "
+                               f"{listing.items.num_rows} to read; " if resume else "")
+          + f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x "
           f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
-    source = read_source(config.input, config.storage, done_keys=skip)
+    if resume is not None and listing.items.num_rows == 0:  # every shard finished: nothing to start
+        return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
+    source = read_source(config.input, config.storage, done_keys=skip, listing=listing,
+                         ledger=resume.ledger if resume else None)
     dataset = plan.image_stage(source.dataset, decode_batch, {"max_pixels": config.max_pixels}, batch_format="pyarrow")
     dataset = plan.model_stage(dataset, EncodeStage, {
         "models": ModelSources(config.output, config.storage), "model_id": model_id,
@@ -259,8 +275,12 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
         "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     }, batch_format="numpy")
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
-                                           config.resources.rows_per_file))
-    return source.skipped()
+                                           config.resources.rows_per_file,
+                                           on_written=resume.progress() if resume else None))
+    shards = None if resume is None else {
+        "finished_before": resume.finished_before, "read": listing.items.num_rows,
+        "finished_this_run": ray.get(resume.ledger.finished.remote())}
+    return source.skipped(), shards
 
 
 def _first_line(error: BaseException) -> str:

@@ -67,6 +67,10 @@ def test_folder_to_archive_loses_nothing(ray_local, tiny_model, tmp_path):
             assert rows[key]["error"].startswith(error) and rows[key]["record"] is None
     assert summary["rows"] == summary["unique_keys"] == len(expected)
     assert summary["ok"] == 6 and summary["errors"] == 4
+    records = [r for r in rows.values() if r["error"] is None]  # the rate: all bits over all pixels
+    assert summary["bpp"] == pytest.approx(8 * sum(r["record_bytes"] for r in records)
+                                           / sum(r["width"] * r["height"] for r in records))
+    assert summary["bpp_per_image"]["max"] == max(r["bpp"] for r in records) > summary["bpp"]  # the tiny images
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
 
 
@@ -298,6 +302,28 @@ def test_tar_shards(ray_local, tiny_model, tmp_path):
         ".json": {"count": 1, "examples": ["000000.tar/000000.json"]}}}
     assert {file_metadata(path, StorageConfig())["corrdiff.key_scheme"]
             for path in list_data_files(str(tmp_path / "archive"), StorageConfig())} == {KEY_SCHEME}
+    # Both shards are finished (a member that is not an image is a final error row): marked.
+    assert summary["shards"] == {"finished_before": 0, "read": 2, "finished_this_run": 2}
+    markers = [json.loads(m.read_text()) for m in (tmp_path / "archive" / "_shards").iterdir()]
+    assert sorted((m["shard"], m["rows"]) for m in markers) == [("000000.tar", 2), ("000001.tar", 2)]
+
+    # A rerun reads only what is not finished: a new shard, never the finished ones. To
+    # show it, 000000.tar is overwritten with zeros of the same size and time: read, it
+    # would give a '#shard' error row.
+    shard = tmp_path / "shards" / "000000.tar"
+    stat = shard.stat()
+    shard.write_bytes(bytes(stat.st_size))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    write_tar_shard(tmp_path / "shards" / "000002.tar", {"000004.jpg": photos[3].read_bytes()})
+    summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "tar"}, job_id="rerun"))
+    assert summary["shards"] == {"finished_before": 2, "read": 1, "finished_this_run": 1}
+    assert sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist()) == [*keys, "000002.tar/000004.jpg"]
+    # Every shard finished: a rerun starts no pipeline at all.
+    summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "tar"}, job_id="third"))
+    assert summary["shards"] == {"finished_before": 3, "read": 0, "finished_this_run": 0}
+    assert summary["rows"] == 5 and summary["processed_this_job"] == 0
 
 
 @pytest.mark.parametrize("kind, scheme, refused", [
@@ -338,6 +364,7 @@ def test_parquet_input(ray_local, tiny_model, tmp_path):
     rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
     assert sorted(rows) == sorted([p.stem for p in photos] + ["missing"])
     assert rows["missing"]["error"] == "missing image bytes" and summary["ok"] == 3
+    assert summary["shards"] == {"finished_before": 0, "read": 1, "finished_this_run": 1}
 
 
 @pytest.mark.parametrize("store,seed", [("local", 0), ("s3", 1)])

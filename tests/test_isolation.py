@@ -139,15 +139,15 @@ def test_a_bug_in_the_stage_fails_the_batch_instead_of_hiding(tmp_path):
 def test_the_worker_dies_with_its_actor(tmp_path):
     """An actor killed outright (SIGKILL, as Ray kills one) leaves no orphaned model process."""
     script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
         from test_isolation import _stage
         from pathlib import Path
         stage = _stage(Path({str(tmp_path)!r}))
         print(stage.child.process.pid, flush=True)
         input()
     """)
-    actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])
+    actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": path})
     child = psutil.Process(int(actor.stdout.readline()))
     actor.kill()
     actor.wait()
