@@ -39,6 +39,7 @@ import ray
 from PIL import Image
 
 from corrdiff import check_decode_mode
+from corrdiff.floor import fallback_share
 
 from pipeline.compress import new_job_id
 from pipeline.decode import DecodeStage
@@ -53,7 +54,6 @@ from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection,
 from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig
-from corrdiff.floor import fallback_share
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
 
 # Original statuses: what fetching source_uri and hashing it found.
@@ -66,7 +66,8 @@ DEFAULT_THRESHOLDS = {"integrity_failures": {"max": 0}}
 
 METRICS_SCHEMA = pa.schema([
     ("key", pa.string()), ("archive_file", pa.string()), ("archive_row", pa.int64()), ("source_uri", pa.string()),
-    ("model_id", pa.string()), ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("record_bytes", pa.int64()),
+    ("model_id", pa.string()), ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("record_bytes", pa.int64()),
     ("bpp", pa.float64()), ("psnr", pa.float64()), ("ms_ssim", pa.float64()), ("lpips", pa.float64()),
     ("dists", pa.float64()), ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
     ("error", pa.string()), ("seconds", pa.float64()),
