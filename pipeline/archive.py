@@ -15,14 +15,16 @@ an error text silently changed on disk would otherwise be read as if it were tru
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
@@ -61,6 +63,10 @@ SCHEMA = pa.schema([
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("job_id", pa.string(), nullable=False),
 ])
+
+# Rows per row group of a data file: a key lookup reads one group (64 records, some MB for
+# photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
+ROW_GROUP_ROWS = 64
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
@@ -131,9 +137,14 @@ def write_data_file(fs: AbstractFileSystem, root: str, job_id: str, table: pa.Ta
 
 
 def data_file_bytes(table: pa.Table) -> bytes:
-    """A data file's bytes: zstd pages, each with its CRC-32 (checked by :func:`read_data_file`)."""
+    """A data file's bytes: rows sorted by key in row groups of :data:`ROW_GROUP_ROWS`, zstd
+    pages, each with its CRC-32 (checked by :func:`read_data_file`). The key column's
+    min/max per row group (Parquet statistics, in the footer) then tell a reader which row
+    group can hold a key (:func:`read_data_file_rows`), so a restore of a few keys reads
+    footers and a few row groups, not the archive."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
+    pq.write_table(table.sort_by("key"), buffer, compression="zstd", write_page_checksum=True,
+                   row_group_size=ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
@@ -142,6 +153,50 @@ def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str] | None)
     (``OSError``) instead of being read as data. Files written before page checksums
     existed have none to verify and read as before."""
     return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
+
+
+def read_data_file_rows(path: str, fs: AbstractFileSystem, columns: list[str] | None,
+                        rows: Sequence[int] | None = None,
+                        keys: Sequence[str] | None = None) -> tuple[pa.Table, pa.Array]:
+    """Some rows of one data file, and their positions in it, reading only the row groups
+    that can hold them: ``rows`` (sorted positions; None: all) and, where ``keys`` (sorted)
+    is given, only row groups whose key range (footer statistics) holds one of them. The
+    caller still filters by key: a range says "may hold". Page checksums verified, as
+    :func:`read_data_file`. Files written before sorted row groups (one row group, any
+    order) are read whole, as before."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        metadata = parquet.metadata
+        key_column = metadata.schema.names.index("key")
+        wanted = np.asarray(rows if rows is not None else [], dtype=np.int64)
+        groups, positions, start = [], [], 0
+        for index in range(metadata.num_row_groups):
+            count = metadata.row_group(index).num_rows
+            span = np.arange(start, start + count, dtype=np.int64)
+            if rows is not None:
+                span = span[np.isin(span, wanted)]
+            if len(span) and (keys is None or _may_hold(metadata.row_group(index).column(key_column), keys)):
+                groups.append(index)
+                positions.append((span - start, span))
+            start += count
+        table = parquet.read_row_groups(groups, columns=columns) if groups else parquet.schema_arrow.empty_table()
+    if columns is not None and not groups:
+        table = table.select(columns)
+    # Positions within the groups read, then in the file.
+    offsets = np.cumsum([0] + [metadata.row_group(g).num_rows for g in groups[:-1]]).astype(np.int64)
+    take = np.concatenate([local + offset for (local, _), offset in zip(positions, offsets)]) if groups else []
+    found = np.concatenate([absolute for _, absolute in positions]) if groups else []
+    return table.take(pa.array(take, pa.int64())), pa.array(found, pa.int64())
+
+
+def _may_hold(column: pq.ColumnChunkMetaData, keys: Sequence[str]) -> bool:
+    """Whether a row group whose key column chunk is ``column`` can hold one of ``keys`` (sorted)."""
+    statistics = column.statistics
+    if statistics is None or not statistics.has_min_max:
+        return True
+    low, high = statistics.min, statistics.max
+    at = bisect.bisect_left(keys, low)
+    return at < len(keys) and keys[at] <= high
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:
