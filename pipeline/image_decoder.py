@@ -15,9 +15,10 @@ the batch decode in a fresh child.
 
 Why a child per task and not an actor pool of decoders, measured on the 2-CPU test machine:
 the child imports numpy, pyarrow, Pillow and its plugins, never Ray or torch, and starts in
-0.3 s idle, 1-2 s on a loaded machine (76 MB resident); a task decodes up to
-``resources.task_batch_size`` (16) images, so the start costs 20-150 ms per image of a full
-batch, beside 10-20 s per megapixel to encode. An actor
+0.3 s idle, up to 3.5 s at load average 17 (76 MB resident); a task decodes up to
+``resources.task_batch_size`` (16) images, so the start costs 20-200 ms per image of a full
+batch, beside 10-20 s per megapixel to encode (the README's example ran as fast as before,
+within the shared machine's noise, docs/archive.md). An actor
 pool would hold a CPU share for the whole run and, on 2 CPUs beside the encode actor, take
 the one the read tasks need (two 1-CPU actors deadlock the pipeline); tasks keep asking for
 half a CPU as before, so decoding still overlaps encoding. The child starts only for a
