@@ -16,7 +16,9 @@ a victim on the node (which could be the raylet, or another image's worker).
 
 Every stage used here follows one contract (:class:`ModelStage`): constructed from keyword
 settings (loading its model once), called with a batch, and able to say, without its
-model, what a batch of rows becomes when the worker died on them (``lost``).
+model, what a batch of rows becomes when the worker died on them (``lost``). The model
+stages run in actors; image decoding, which needs no model, runs the same way inside its
+CPU tasks (pipeline.image_decoder).
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.02  # how often the actor checks its child's liveness and memory while it works
 DEFAULT_MEMORY_FRACTION = 0.8  # of the node's memory, the default cap of one child
+WORKER_DIED = "worker died"  # the error kind of a row that killed its worker (unless its stage names another)
 Batch = pa.Table | dict[str, np.ndarray]
 
 
 class ModelStage(Protocol):
-    """What :class:`IsolatedStage` needs of a stage class."""
+    """What :class:`IsolatedStage` needs of a stage class.
+
+    A stage class may also name what its deaths are called in error rows with a class
+    attribute ``death`` (default :data:`WORKER_DIED`): image decoding says "decode crashed".
+    """
 
     def __init__(self, **settings: Any) -> None: ...  # loads the model, once per child
 
@@ -120,7 +127,7 @@ class IsolatedStage:
                 deaths, last = deaths + 1, death
         # Retryable: a death says more about the worker's memory than about the image, and
         # a rerun (with a higher cap, or on a larger node) may well get through.
-        reason = retryable("worker died", f"{last} (tried {deaths} time(s) alone)")
+        reason = retryable(getattr(self.stage, "death", WORKER_DIED), f"{last} (tried {deaths} time(s) alone)")
         logger.error("%s: %s; recorded as an error row", self.stage.__name__, reason)
         return self.stage.lost(row, reason, self.settings)
 
@@ -143,10 +150,14 @@ class IsolatedStage:
         raise StageSetupError(f"{self.stage.__name__} could not start: its worker process died "
                               f"{self.limits.attempts} time(s) while loading, the last {last}")
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Stop the child now (a task's stage, done with its batch); an actor's child ends with it."""
         child = getattr(self, "child", None)
         if child is not None:
             child.stop()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 _ISOLATED: dict[type, type[IsolatedStage]] = {}

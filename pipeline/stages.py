@@ -6,7 +6,8 @@ of rows to a batch of rows. Failures are per row: a bad image becomes a row with
 ``error`` reason and flows on to the archive; an exception never escapes a UDF, because
 Ray Data would drop the whole block with it. Model stages run in a child process of their
 actor (``pipeline.isolation``), and say with ``lost`` what a row becomes when processing
-it killed that process.
+it killed that process; image decoding runs in a child process of its task
+(``pipeline.image_decoder``), so an image that crashes the decoder is an error row too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from pipeline.archive import SCHEMA
 from pipeline.errors import is_out_of_memory, retryable
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.image_decoder import isolated_decoder
+from pipeline.isolation import WorkerLimits
 from pipeline.models import ModelSources
 
 Batch = dict[str, np.ndarray]
@@ -37,31 +39,33 @@ DECODED_SCHEMA = pa.schema([
 ])
 
 
-def decode_batch(batch: pa.Table, max_pixels: int) -> pa.Table:
+def decode_batch(batch: pa.Table, max_pixels: int, limits: WorkerLimits) -> pa.Table:
     """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits).
 
+    The images are decoded in a child process bounded by ``limits`` (pipeline.image_decoder):
+    an image that crashes the decoder becomes an error row, and the rest of the batch decodes.
     Returns an Arrow table with explicit types (an all-null column would otherwise be
     inferred as untyped) and the pixels as a ragged tensor column.
     """
     rows = batch.to_pylist()
     pixels, sizes, digests, errors = [], [], [], []
-    for row in rows:
-        data, error, image = row["data"], row["error"], EMPTY_PIXELS
-        size = digest = None
-        if data is None or error is not None:
-            error = error or "no image bytes"
-        else:
-            size, digest = len(data), hashlib.sha256(data).hexdigest()
-            try:
-                image = decode_image(data, max_pixels)
-            except ImageDecodeError as decode_error:
-                error = str(decode_error)
-            except Exception as decode_error:  # noqa: BLE001 - a decoder bug must not drop the block
-                error = f"decode failed: {type(decode_error).__name__}: {decode_error}"
-        pixels.append(image)
-        sizes.append(size)
-        digests.append(digest)
-        errors.append(error)
+    with isolated_decoder(max_pixels, limits) as decode:
+        for row in rows:
+            data, error, image = row["data"], row["error"], EMPTY_PIXELS
+            size = digest = None
+            if data is None or error is not None:
+                error = error or "no image bytes"
+            else:
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
+                decoded = decode(data)
+                if isinstance(decoded, str):
+                    error = decoded
+                else:
+                    image = decoded
+            pixels.append(image)
+            sizes.append(size)
+            digests.append(digest)
+            errors.append(error)
     table = pa.Table.from_pydict({
         "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
         "source_bytes": sizes, "source_sha256": digests, "error": errors,
