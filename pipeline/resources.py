@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.isolation import ModelStage, WorkerLimits, isolated
+from pipeline.isolation import ModelStage, WorkerLimits, isolated, sealed
 
 
 TASK_RETRIES = 3  # of a CPU task whose worker died (image_stage): its node, or a kill from outside
@@ -107,13 +107,15 @@ class ResourcePlan:
         replaces), so an actor dies only with its node; Ray Data's default of restarting
         actors and retrying their batches without end would turn a node that keeps failing
         into a hung job (and makes Ray log an error-level line on every run, #57733).
+        ``settings`` travel pickled (``isolation.sealed``): the actor hands them to its child
+        unopened, and so never imports the stage's model code.
         """
         with warnings.catch_warnings():
             # Ray 2.60 has no named parameter for max_restarts and warns that the generic
             # ones go away in 2.64; the pinned Ray honours them (tests/test_isolation.py).
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             return dataset.map_batches(
-                isolated(stage), fn_constructor_kwargs={"settings": settings, "limits": self.limits},
+                isolated(stage), fn_constructor_kwargs={"settings": sealed(settings), "limits": self.limits},
                 batch_format=batch_format, compute=ActorPoolStrategy(size=self.actors),
                 batch_size=self.actor.batch_size, num_cpus=self.actor.num_cpus, num_gpus=self.actor.num_gpus or None,
                 max_restarts=0,
