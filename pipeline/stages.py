@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,9 @@ from pipeline.archive import SCHEMA
 from pipeline.errors import is_out_of_memory, retryable
 from pipeline.image_decoder import isolated_decoder
 from pipeline.isolation import WorkerLimits
-from pipeline.models import ModelSources
+
+if TYPE_CHECKING:  # imported by the stage's child alone: the model code stays out of the CPU tasks' workers
+    from pipeline.models import ModelSources
 
 Batch = dict[str, np.ndarray]
 
