@@ -128,17 +128,18 @@ def decode_standard(codec: str, data: bytes, max_pixels: int = MAX_PADDED_PIXELS
     """A standard record's pixels: HxWx3 uint8, as the decoder library gives them, any
     colour profile ignored (the encoder wrote none that means anything but sRGB).
 
-    The bytes are untrusted (an archive can be forged): only the codec's own format is
-    opened, and an image declaring more than ``max_pixels`` (the CorrDiff record's bound)
-    is refused before its pixels are decoded. Raises :class:`StandardRecordError`."""
+    Only the codec's own format is opened, and an AVIF or PNG declaring more than
+    ``max_pixels`` (the CorrDiff record's bound) is refused before its pixels are decoded.
+    The JPEG XL plugin decodes every pixel while opening: bytes from an archive (untrusted)
+    have their declared size checked first (``pipeline.restore.decode_standard_record``).
+    Raises :class:`StandardRecordError`."""
     if codec not in _FORMATS:
         raise StandardRecordError(f"unknown standard codec {codec!r}")
     if codec == "jxl":
         _register_jxl()
-        _check_size(_jxl_declared_size(data), max_pixels, codec)  # the plugin decodes every pixel on open
     try:
         with Image.open(io.BytesIO(data), formats=[_FORMATS[codec]]) as image:
-            _check_size(image.size, max_pixels, codec)
+            check_declared_size(image.size, max_pixels, codec)
             if image.mode not in ("RGB", "L", "RGBA", "LA"):
                 raise StandardRecordError(f"{codec} record holds a {image.mode} image, not 8-bit RGB")
             return np.array(image.convert("RGB"), dtype=np.uint8)
@@ -183,19 +184,11 @@ def _in_range(codec: str, setting: int | None) -> int:
     return setting
 
 
-def _check_size(size: tuple[int, int], max_pixels: int, codec: str) -> None:
+def check_declared_size(size: tuple[int, int], max_pixels: int, codec: str) -> None:
+    """Refuse (:class:`StandardRecordError`) a ``(width, height)`` a record declares beyond ``max_pixels``."""
     width, height = size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise StandardRecordError(f"{codec} record declares a {width}x{height} image (at most {max_pixels} px)")
-
-
-def _jxl_declared_size(data: bytes) -> tuple[int, int]:
-    from corrdiff.jxl_header import JxlHeaderError, declared_size
-
-    try:
-        return declared_size(data)
-    except JxlHeaderError as error:
-        raise StandardRecordError(f"jxl record: {error}") from error
 
 
 def _register_jxl() -> None:

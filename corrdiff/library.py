@@ -91,28 +91,15 @@ class ModelLibrary:
         return self.find(model_id).codec
 
     def decode(self, records: Sequence[bytes], mode: DecodeMode = "corrdiff",
-               steps: int | None = None, codecs: Sequence[str | None] | None = None) -> list[np.ndarray]:
-        """Decode records of any models, each by the model whose id it carries, and of any
-        codec: ``codecs`` gives each record's (an archive's ``codec`` column; None or
-        ``corrdiff`` for a CorrDiff record, the default for all). A standard codec's record
-        (``corrdiff.floor``) decodes the same in every mode.
+               steps: int | None = None) -> list[np.ndarray]:
+        """Decode records of any models, each by the model whose id it carries.
 
-        Raises ``RecordError`` for a corrupt record, ``StandardRecordError`` for a standard
-        record that does not decode, and :class:`ModelNotFoundError` for a record whose model
-        no source has.
+        Raises ``RecordError`` for a corrupt record and :class:`ModelNotFoundError` for one
+        whose model no source has.
         """
-        from corrdiff.floor import CORRDIFF, STANDARD_CODECS, decode_standard
-
         check_decode_mode(mode)
-        codecs = [None] * len(records) if codecs is None else list(codecs)
-        if len(codecs) != len(records):
-            raise ValueError(f"{len(records)} records but {len(codecs)} codecs")
-        unknown = {c for c in codecs if c not in (None, CORRDIFF, *STANDARD_CODECS)}
-        if unknown:
-            raise ValueError(f"unknown codec {sorted(unknown)[0]!r}; known: {CORRDIFF}, {', '.join(STANDARD_CODECS)}")
-        return [decode_standard(codec, record) if codec in STANDARD_CODECS else
-                self.codec(Record.from_bytes(record).model_id.hex()).decode([record], mode=mode, steps=steps)[0]
-                for record, codec in zip(records, codecs)]
+        return [self.codec(Record.from_bytes(record).model_id.hex()).decode([record], mode=mode, steps=steps)[0]
+                for record in records]
 
     def _search(self, model_id: str) -> FoundModel | ModelNotFoundError:
         if not weights.is_model_id(model_id):

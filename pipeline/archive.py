@@ -15,14 +15,16 @@ an error text silently changed on disk would otherwise be read as if it were tru
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -68,6 +70,10 @@ SCHEMA = pa.schema([
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("job_id", pa.string(), nullable=False),
 ])
+
+# Rows per row group of a data file: a key lookup reads one group (64 records, some MB for
+# photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
+ROW_GROUP_ROWS = 64
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
@@ -138,9 +144,14 @@ def write_data_file(fs: AbstractFileSystem, root: str, job_id: str, table: pa.Ta
 
 
 def data_file_bytes(table: pa.Table) -> bytes:
-    """A data file's bytes: zstd pages, each with its CRC-32 (checked by :func:`read_data_file`)."""
+    """A data file's bytes: rows sorted by key in row groups of :data:`ROW_GROUP_ROWS`, zstd
+    pages, each with its CRC-32 (checked by :func:`read_data_file`). The key column's
+    min/max per row group (Parquet statistics, in the footer) then tell a reader which row
+    group can hold a key (:func:`read_data_file_rows`), so a restore of a few keys reads
+    footers and a few row groups, not the archive."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
+    pq.write_table(table.sort_by("key"), buffer, compression="zstd", write_page_checksum=True,
+                   row_group_size=ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
@@ -155,17 +166,27 @@ def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str] | None)
         return pq.read_table(path, filesystem=fs, page_checksum_verification=True)
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle, page_checksum_verification=True)
-        present = set(parquet.schema_arrow.names)
-        missing = [c for c in columns if c not in present]
-        read = [c for c in columns if c in present] + (["error"] if missing and "error" not in columns else [])
+        read, missing = _columns_to_read(parquet, columns)
         table = parquet.read(columns=read)
-    return _as_current(table, columns, missing) if missing else table
+    return _as_current(table, columns, missing)
 
 
-def _as_current(table: pa.Table, columns: list[str], missing: list[str]) -> pa.Table:
+def _columns_to_read(parquet: pq.ParquetFile, columns: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """The columns to read of a file for ``columns``, and those of them it lacks (a file of an
+    older schema version): what :func:`_as_current` needs to make them (``error``) is read."""
+    if columns is None:
+        return None, []
+    present = set(parquet.schema_arrow.names)
+    missing = [c for c in columns if c not in present]
+    return [c for c in columns if c in present] + (["error"] if missing and "error" not in columns else []), missing
+
+
+def _as_current(table: pa.Table, columns: list[str] | None, missing: list[str]) -> pa.Table:
     """A table read from a file of an older schema version, with the columns it lacks:
     ``codec`` is ``corrdiff`` for every record (error rows: null), as each was; the floor's
     columns (``lpips``, ``codec_setting``) are null: nothing measured or chose them."""
+    if not missing or columns is None:
+        return table
     ok = pc.is_null(table["error"])
     values = {name: table[name] for name in table.column_names}
     for name in missing:
@@ -173,6 +194,51 @@ def _as_current(table: pa.Table, columns: list[str], missing: list[str]) -> pa.T
         values[name] = pc.if_else(ok, pa.scalar("corrdiff"), pa.scalar(None, pa.string())) if name == "codec" \
             else pa.nulls(table.num_rows, field.type)
     return pa.table({name: values[name] for name in columns}).replace_schema_metadata(table.schema.metadata)
+
+
+def read_data_file_rows(path: str, fs: AbstractFileSystem, columns: list[str] | None,
+                        rows: Sequence[int] | None = None,
+                        keys: Sequence[str] | None = None) -> tuple[pa.Table, pa.Array]:
+    """Some rows of one data file, and their positions in it, reading only the row groups
+    that can hold them: ``rows`` (sorted positions; None: all) and, where ``keys`` (sorted)
+    is given, only row groups whose key range (footer statistics) holds one of them. The
+    caller still filters by key: a range says "may hold". Page checksums verified, and
+    columns of older schema versions made, as :func:`read_data_file`. Files written before sorted row groups (one row group, any
+    order) are read whole, as before."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        metadata = parquet.metadata
+        key_column = metadata.schema.names.index("key")
+        wanted = np.asarray(rows if rows is not None else [], dtype=np.int64)
+        groups, positions, start = [], [], 0
+        for index in range(metadata.num_row_groups):
+            count = metadata.row_group(index).num_rows
+            span = np.arange(start, start + count, dtype=np.int64)
+            if rows is not None:
+                span = span[np.isin(span, wanted)]
+            if len(span) and (keys is None or _may_hold(metadata.row_group(index).column(key_column), keys)):
+                groups.append(index)
+                positions.append((span - start, span))
+            start += count
+        read, missing = _columns_to_read(parquet, columns)
+        table = parquet.read_row_groups(groups, columns=read) if groups else parquet.schema_arrow.empty_table()
+    if read is not None and not groups:
+        table = table.select(read)
+    # Positions within the groups read, then in the file.
+    offsets = np.cumsum([0] + [metadata.row_group(g).num_rows for g in groups[:-1]]).astype(np.int64)
+    take = np.concatenate([local + offset for (local, _), offset in zip(positions, offsets)]) if groups else []
+    found = np.concatenate([absolute for _, absolute in positions]) if groups else []
+    return _as_current(table.take(pa.array(take, pa.int64())), columns, missing), pa.array(found, pa.int64())
+
+
+def _may_hold(column: pq.ColumnChunkMetaData, keys: Sequence[str]) -> bool:
+    """Whether a row group whose key column chunk is ``column`` can hold one of ``keys`` (sorted)."""
+    statistics = column.statistics
+    if statistics is None or not statistics.has_min_max:
+        return True
+    low, high = statistics.min, statistics.max
+    at = bisect.bisect_left(keys, low)
+    return at < len(keys) and keys[at] <= high
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:

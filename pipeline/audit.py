@@ -43,7 +43,9 @@ from corrdiff.floor import fallback_share
 
 from pipeline.compress import new_job_id
 from pipeline.decode import DecodeStage
-from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.image_decoder import Decode, isolated_decoder
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.isolation import WorkerLimits
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
 from pipeline.originals import Original, read_originals
 from pipeline.report import worst_first, write_report
@@ -136,11 +138,15 @@ class AuditConfig:
         return data
 
 
-def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int) -> pa.Table:
+def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int,
+                    limits: WorkerLimits) -> pa.Table:
     """CPU task: each row's original, fetched where its source_uri says (pipeline/originals.py:
     the shards and Parquet files of a batch each read once), checked against the archived
     SHA-256 and decoded, with its status. Fetching and image decoding run here, in tasks, so
-    that object-store latency never idles the model actors (and their GPUs).
+    that object-store latency never idles the model actors (and their GPUs). The originals
+    are decoded in a child process bounded by ``limits`` (pipeline.image_decoder): one that
+    crashes the decoder gets the error ``original does not decode: decode crashed
+    (retryable): ...``, and the others are scored.
 
     Error rows (``error`` set: no record, nothing to score) and rows standing for unreadable
     data files are not fetched: their original status is null."""
@@ -148,12 +154,13 @@ def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, ma
     wanted = [row for row in rows if row["error"] is None and not _stands_for_file(row)]
     fetched = iter(read_originals(wanted, storage, max_image_bytes))
     pixels, statuses, errors = [], [], []
-    for row in rows:
-        original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
-            _original(next(fetched), row["source_uri"], row["source_sha256"], max_pixels)
-        pixels.append(original if original is not None else EMPTY_PIXELS)
-        statuses.append(status)
-        errors.append(error)
+    with isolated_decoder(max_pixels, limits) as decode:
+        for row in rows:
+            original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
+                _original(next(fetched), row["source_uri"], row["source_sha256"], decode)
+            pixels.append(original if original is not None else EMPTY_PIXELS)
+            statuses.append(status)
+            errors.append(error)
     return (batch.append_column("original_status", pa.array(statuses, pa.string()))
             .append_column("original_error", pa.array(errors, pa.string()))
             .append_column("original", ragged_column(pixels)))
@@ -165,7 +172,7 @@ def _stands_for_file(row: dict[str, Any]) -> bool:
 
 
 def _original(fetched: Original, uri: str, sha256: str | None,
-              max_pixels: int) -> tuple[np.ndarray | None, str, str | None]:
+              decode: Decode) -> tuple[np.ndarray | None, str, str | None]:
     """The original's pixels if it is there and unchanged, its status, and why not."""
     if isinstance(fetched, FileNotFoundError):
         return None, ORIGINAL_MISSING, f"original missing: {uri}"
@@ -177,10 +184,10 @@ def _original(fetched: Original, uri: str, sha256: str | None,
         return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
     else:
         status = ORIGINAL_OK
-    try:
-        return decode_image(fetched, max_pixels), status, None
-    except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
-        return None, status, f"original does not decode: {error}"
+    decoded = decode(fetched)
+    if isinstance(decoded, str):  # e.g. an original that never decoded
+        return None, status, f"original does not decode: {decoded}"
+    return decoded, status, None
 
 
 class AuditStage:

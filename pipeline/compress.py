@@ -1,7 +1,8 @@
 """The compress pipeline: object storage -> decode (CPU tasks) -> encode (actor pool) -> archive.
 
     model: resolved and verified (driver) -> ARCHIVE/_models/<model id>.safetensors
-    source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks)
+    source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks, each decoding
+        in a child process: pipeline.image_decoder)
         -> EncodeStage (actors, loading the model from the archive's _models/: GPUs where
            there are any, CPU threads otherwise)
         -> ArchiveDatasink (one Parquet file per write task, atomic)

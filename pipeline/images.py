@@ -31,7 +31,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pillow_jxl import JpegXLImagePlugin
 
 from pipeline import pnm  # noqa: F401  (registers PAM and the fast PNM maxval decoder)
-from corrdiff.jxl_header import declared_size
+from pipeline.jxl import declared_size
 
 pillow_heif.register_heif_opener()
 

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from corrdiff import CorrDiffCodec, ModelNotFoundError
-from corrdiff.floor import CORRDIFF, STANDARD_CODECS, StandardRecordError, decode_standard
-from corrdiff.record import ModelMismatchError, Record, RecordError
+from corrdiff.floor import CORRDIFF, STANDARD_CODECS, StandardRecordError, check_declared_size, decode_standard
+from corrdiff.library import ModelLibrary
+from corrdiff.record import MAX_PADDED_PIXELS, ModelMismatchError, Record, RecordError
 
+from pipeline.jxl import JxlHeaderError, declared_size
 from pipeline.models import ModelSources
 
 OK = "ok"
@@ -73,7 +75,7 @@ class RecordDecoder:
             if codec not in STANDARD_CODECS:
                 return Restored(CORRUPT, error=f"corrupt record: unknown codec {codec!r}")
             try:
-                return Restored(OK, pixels=decode_standard(codec, record))
+                return Restored(OK, pixels=decode_standard_record(codec, record))
             except StandardRecordError as error:
                 return Restored(CORRUPT, error=f"corrupt record: {error}")
         try:
@@ -93,3 +95,35 @@ class RecordDecoder:
         except Exception as error:  # noqa: BLE001 - one bad record must not stop the batch
             return Restored(DECODE_FAILED, model_id=model_id, error=f"decode failed: {type(error).__name__}: {error}")
         return Restored(OK, pixels=pixels, model_id=model_id)
+
+
+def decode_standard_record(codec: str, data: bytes) -> np.ndarray:
+    """A standard codec's record from an archive (``corrdiff.floor.decode_standard``), its
+    bytes untrusted: a JPEG XL's declared size is read from its header and bounded first
+    (its plugin decodes every pixel while opening, :mod:`pipeline.jxl`)."""
+    if codec == "jxl":
+        try:
+            check_declared_size(declared_size(data), MAX_PADDED_PIXELS, codec)
+        except JxlHeaderError as error:
+            raise StandardRecordError(f"jxl record: {error}") from error
+    return decode_standard(codec, data)
+
+
+def decode_records(models: ModelLibrary, records: list[bytes], codecs: list[str | None],
+                   mode: str = "corrdiff") -> list[np.ndarray]:
+    """The Python API's restore of archive rows of any codec: ``codecs`` gives each record's
+    (the row's ``codec``; None or ``corrdiff``: a CorrDiff record, decoded by the model it
+    names from ``models``, e.g. ``pipeline.models.archive_models(url)``). Raises
+    ``RecordError``, ``StandardRecordError`` or ``ModelNotFoundError`` for a record that
+    cannot be restored, ``ValueError`` for an unknown codec.
+
+        [image] = decode_records(archive_models(url), [row["record"]], [row["codec"]])
+    """
+    if len(records) != len(codecs):
+        raise ValueError(f"{len(records)} records but {len(codecs)} codecs")
+    unknown = {c for c in codecs if c not in (None, CORRDIFF, *STANDARD_CODECS)}
+    if unknown:
+        raise ValueError(f"unknown codec {sorted(unknown)[0]!r}; known: {CORRDIFF}, {', '.join(STANDARD_CODECS)}")
+    return [decode_standard_record(codec, record) if codec in STANDARD_CODECS else
+            models.decode([record], mode=mode)[0]  # type: ignore[arg-type]
+            for record, codec in zip(records, codecs)]

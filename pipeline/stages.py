@@ -6,7 +6,8 @@ of rows to a batch of rows. Failures are per row: a bad image becomes a row with
 ``error`` reason and flows on to the archive; an exception never escapes a UDF, because
 Ray Data would drop the whole block with it. Model stages run in a child process of their
 actor (``pipeline.isolation``), and say with ``lost`` what a row becomes when processing
-it killed that process.
+it killed that process; image decoding runs in a child process of its task
+(``pipeline.image_decoder``), so an image that crashes the decoder is an error row too.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import pyarrow as pa
 
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
-from corrdiff.floor import CORRDIFF
 from pipeline.archive import SCHEMA
 from pipeline.errors import is_out_of_memory, retryable
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.models import ModelSources
+from pipeline.image_decoder import isolated_decoder
+from pipeline.isolation import WorkerLimits
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by the stage's child alone: the model code stays out of the CPU tasks' workers
     from corrdiff.codec import EncodedImage
     from corrdiff.floor import StoredImage
     from pipeline.compress import FloorSettings
+    from pipeline.models import ModelSources
 
 Batch = dict[str, np.ndarray]
 
@@ -43,31 +44,33 @@ DECODED_SCHEMA = pa.schema([
 ])
 
 
-def decode_batch(batch: pa.Table, max_pixels: int) -> pa.Table:
+def decode_batch(batch: pa.Table, max_pixels: int, limits: WorkerLimits) -> pa.Table:
     """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits).
 
+    The images are decoded in a child process bounded by ``limits`` (pipeline.image_decoder):
+    an image that crashes the decoder becomes an error row, and the rest of the batch decodes.
     Returns an Arrow table with explicit types (an all-null column would otherwise be
     inferred as untyped) and the pixels as a ragged tensor column.
     """
     rows = batch.to_pylist()
     pixels, sizes, digests, errors = [], [], [], []
-    for row in rows:
-        data, error, image = row["data"], row["error"], EMPTY_PIXELS
-        size = digest = None
-        if data is None or error is not None:
-            error = error or "no image bytes"
-        else:
-            size, digest = len(data), hashlib.sha256(data).hexdigest()
-            try:
-                image = decode_image(data, max_pixels)
-            except ImageDecodeError as decode_error:
-                error = str(decode_error)
-            except Exception as decode_error:  # noqa: BLE001 - a decoder bug must not drop the block
-                error = f"decode failed: {type(decode_error).__name__}: {decode_error}"
-        pixels.append(image)
-        sizes.append(size)
-        digests.append(digest)
-        errors.append(error)
+    with isolated_decoder(max_pixels, limits) as decode:
+        for row in rows:
+            data, error, image = row["data"], row["error"], EMPTY_PIXELS
+            size = digest = None
+            if data is None or error is not None:
+                error = error or "no image bytes"
+            else:
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
+                decoded = decode(data)
+                if isinstance(decoded, str):
+                    error = decoded
+                else:
+                    image = decoded
+            pixels.append(image)
+            sizes.append(size)
+            digests.append(digest)
+            errors.append(error)
     table = pa.Table.from_pydict({
         "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
         "source_bytes": sizes, "source_sha256": digests, "error": errors,
@@ -120,6 +123,8 @@ class EncodeStage:
             self.lpips = LPIPS("alex", device=self.codec.device)
 
     def __call__(self, batch: Batch) -> pa.Table:
+        from corrdiff.floor import CORRDIFF
+
         out = _no_results(len(batch["key"]))
         errors = list(batch["error"])
         for i, pixels in enumerate(batch["pixels"]):
@@ -162,7 +167,7 @@ class EncodeStage:
     def store(self, pixels: np.ndarray, record: bytes, reconstruction: np.ndarray) -> StoredImage:
         """What to archive of an image: its verified CorrDiff record, or, where that misses the
         floor, the fallback codec's smallest record meeting it (corrdiff.floor.store_meeting)."""
-        from corrdiff.floor import FloorMeter, Quality, StoredImage, store_meeting
+        from corrdiff.floor import CORRDIFF, FloorMeter, Quality, StoredImage, store_meeting
         from corrdiff.metrics import psnr
 
         if self.floor is None:
@@ -203,6 +208,7 @@ def _archive_rows(batch: Batch, out: dict[str, list[Any]], errors: list[str | No
     """The archive's rows (pipeline.archive.SCHEMA) for a batch: a record where ``errors``
     has None, else an error row with its reason. ``model_id`` and ``format_version`` belong
     to CorrDiff records alone."""
+    from corrdiff.floor import CORRDIFF
     from corrdiff.record import FORMAT_VERSION
 
     n = len(batch["key"])

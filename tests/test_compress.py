@@ -204,27 +204,40 @@ def test_an_image_that_kills_its_worker_is_an_error_row_and_a_rerun_retries_it(r
     over a 1.4 GiB memory cap; the photos need ~0.25 GB. The huge image's worker is killed
     at the cap each time it is tried; it becomes a retryable error row, and every photo
     around it is archived (before pipeline.isolation, Ray restarted the actor and retried
-    the batch forever). A rerun with a higher cap archives it, and its error row is gone."""
+    the batch forever). A rerun with a higher cap archives it, and its error row is gone.
+
+    The bomb, a 36 Mpx PNG of one colour (120 KB, under the pixel limit), needs ~0.5 GB to
+    decode, over the decoding child's 0.3 GiB cap: it kills its decoder every time, in
+    both runs, and stays one retryable error row. It stands for a bomb that defeats the
+    pixel limit: before pipeline.image_decoder, such an image killed the decode task's
+    worker, and the job failed."""
     expected = _photo_folder(tmp_path / "in", broken=False)
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "in" / "huge.png")
+    Image.new("RGB", (6000, 6000), (9, 9, 9)).save(tmp_path / "in" / "bomb.png")
     config = replace(_config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model),
-                     resources=ResourceSettings(rows_per_file=4, worker_memory_gb=1.4), max_pixels=3_000_000)
+                     resources=ResourceSettings(rows_per_file=4, worker_memory_gb=1.4, image_worker_memory_gb=0.3),
+                     max_pixels=40_000_000)
     summary = run_compress(config)
     rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
-    assert sorted(rows) == sorted([*expected, "huge.png"])
+    assert sorted(rows) == sorted([*expected, "huge.png", "bomb.png"])
     assert rows["huge.png"]["error"] == \
         "worker died (retryable): it crossed its memory cap of 1.4 GiB (tried 2 time(s) alone)"
     assert rows["huge.png"]["record"] is None and rows["huge.png"]["source_sha256"] is not None
+    assert rows["bomb.png"]["error"] == \
+        "decode crashed (retryable): it crossed its memory cap of 0.3 GiB (tried 2 time(s) alone)"
+    assert rows["bomb.png"]["record"] is None and rows["bomb.png"]["source_sha256"] is not None
     assert all(rows[key]["record"] is not None for key in expected)
-    assert summary["error_reasons"] == {"worker died (retryable)": 1} and summary["retryable_errors"] == 1
+    assert summary["error_reasons"] == {"worker died (retryable)": 1, "decode crashed (retryable)": 1}
+    assert summary["retryable_errors"] == 2
 
     rerun = run_compress(replace(config, resources=replace(config.resources, worker_memory_gb=None)))
     rows = _archive(str(tmp_path / "archive")).to_pylist()
-    assert sorted(r["key"] for r in rows) == sorted([*expected, "huge.png"])  # one row per key
-    assert {r["key"]: r for r in rows}["huge.png"]["record"] is not None
-    assert rerun["processed_this_job"] == 1 and rerun["superseded_retryable_rows"] == 1
-    assert rerun["errors"] == rerun["retryable_errors"] == 0
+    assert sorted(r["key"] for r in rows) == sorted([*expected, "huge.png", "bomb.png"])  # one row per key
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["huge.png"]["record"] is not None and by_key["bomb.png"]["error"].startswith("decode crashed")
+    assert rerun["processed_this_job"] == 2 and rerun["superseded_retryable_rows"] == 2
+    assert rerun["errors"] == rerun["retryable_errors"] == 1
 
 
 def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model, tmp_path):

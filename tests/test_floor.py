@@ -129,7 +129,7 @@ def test_an_lpips_floor_on_an_image_too_small_to_measure_is_met_losslessly():
     assert FloorMeter(photo(size=(20, 20)), None)(photo(size=(20, 20))).lpips is None
 
 
-def test_standard_records_are_untrusted_bytes():
+def test_standard_records_are_untrusted_bytes(monkeypatch):
     from corrdiff.floor import StandardRecordError, decode_standard, encode_standard
 
     image = photo()
@@ -138,8 +138,13 @@ def test_standard_records_are_untrusted_bytes():
         decode_standard("avif", png)  # only the codec's own format is opened
     with pytest.raises(StandardRecordError, match="declares a 96x64 image"):
         decode_standard("png", png, max_pixels=1000)
-    with pytest.raises(StandardRecordError, match="declares a 96x64 image"):
-        decode_standard("jxl", jxl, max_pixels=1000)  # from its header, before the plugin decodes it
+    import pipeline.restore
+
+    monkeypatch.setattr(pipeline.restore, "MAX_PADDED_PIXELS", 1000)
+    with pytest.raises(StandardRecordError, match="declares a 96x64 image"):  # from its header, before the plugin decodes it
+        pipeline.restore.decode_standard_record("jxl", jxl)
+    with pytest.raises(StandardRecordError, match="jxl record: "):
+        pipeline.restore.decode_standard_record("jxl", png)
     with pytest.raises(StandardRecordError, match="does not decode"):
         decode_standard("png", png[: len(png) // 2])
 
@@ -173,6 +178,7 @@ def test_a_floor_the_model_cannot_meet_sends_every_image_to_the_fallback(encode_
     from corrdiff.library import ModelLibrary
     from corrdiff.metrics import LPIPS, psnr
     from pipeline.compress import FloorSettings
+    from pipeline.restore import decode_records
 
     images = [photo("life.jpg"), photo("sunset.jpg", (64, 80))]
     floor = FloorSettings(psnr=30.0, lpips=0.3, fallback="jxl")
@@ -180,7 +186,7 @@ def test_a_floor_the_model_cannot_meet_sends_every_image_to_the_fallback(encode_
     assert [r["codec"] for r in rows] == ["jxl", "jxl"]
     assert all(r["model_id"] is None and r["gammas"] is None and r["format_version"] is None for r in rows)
     library: ModelLibrary = encode_stage.models.library("cpu")
-    restored = library.decode([r["record"] for r in rows], codecs=[r["codec"] for r in rows])
+    restored = decode_records(library, [r["record"] for r in rows], [r["codec"] for r in rows])
     lpips = LPIPS("alex")
     for image, row, pixels in zip(images, rows, restored):
         assert psnr(image, pixels) == row["psnr"] >= 30.0
@@ -258,6 +264,7 @@ def test_a_mixed_archive_says_which_codec_holds_each_image_and_restores_all(mixe
     from corrdiff.metrics import psnr
     from pipeline.archive import SCHEMA, file_metadata, list_data_files
     from pipeline.models import archive_models
+    from pipeline.restore import decode_records
     from pipeline.storage import StorageConfig
 
     root, images, _, summary = mixed
@@ -274,8 +281,8 @@ def test_a_mixed_archive_says_which_codec_holds_each_image_and_restores_all(mixe
     assert summary["fallback_share"] == codecs.count("avif") / 4
 
     # The Python API restores every codec; each restored image meets the floor.
-    restored = archive_models(str(root / "archive")).decode([rows[n]["record"] for n in images],
-                                                            codecs=[rows[n]["codec"] for n in images])
+    restored = decode_records(archive_models(str(root / "archive")), [rows[n]["record"] for n in images],
+                              [rows[n]["codec"] for n in images])
     for (name, image), pixels in zip(images.items(), restored):
         assert psnr(image, pixels) == rows[name]["psnr"] >= MIXED_FLOOR
     metadata = file_metadata(list_data_files(str(root / "archive"), StorageConfig())[0], StorageConfig())

@@ -14,7 +14,7 @@ from pillow_jxl import JpegXLImagePlugin
 
 from icc_profiles import DISPLAY_P3_D50, SRGB_D50, gray_profile, rgb_profile
 from pipeline.images import FORMATS, IMAGE_EXTENSIONS, SRGB, ImageDecodeError, decode_image
-from corrdiff.jxl_header import declared_size
+from pipeline.jxl import declared_size
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "photos"
 

@@ -2,8 +2,7 @@
 
 pillow-jxl-plugin decodes the whole image as soon as Pillow opens it, before the caller can
 look at the size; a few hundred bytes of JPEG XL can declare a billion pixels. So the
-pixel limit is checked on the declared size first: by pipeline.images for inputs, by
-corrdiff.floor for the archive's own JPEG XL records. The size is the
+pixel limit is checked on the declared size first (pipeline.images). The size is the
 codestream's SizeHeader (ISO/IEC 18181-1, A.2), found either at the start of a bare
 codestream (``FF 0A``) or in the container's ``jxlc`` box / first ``jxlp`` boxes.
 """
