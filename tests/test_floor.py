@@ -215,7 +215,7 @@ def test_files_of_schema_version_1_read_as_all_corrdiff(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.archive import read_data_file
+    from pipeline.archive import read_data_file, read_data_file_rows
 
     old = pa.table({"key": ["a", "b"], "record": [b"CDAR", None], "error": [None, "encode failed: x"]})
     pq.write_table(old.replace_schema_metadata({"corrdiff.archive_schema": "1"}), tmp_path / "part-old.parquet")
@@ -225,6 +225,8 @@ def test_files_of_schema_version_1_read_as_all_corrdiff(tmp_path):
     assert table["codec"].to_pylist() == ["corrdiff", None] and table["lpips"].to_pylist() == [None, None]
     assert table.schema.metadata[b"corrdiff.archive_schema"] == b"1"
     assert read_data_file(str(tmp_path / "part-old.parquet"), fs, None).column_names == ["key", "record", "error"]
+    rows, positions = read_data_file_rows(str(tmp_path / "part-old.parquet"), fs, ["key", "codec"], rows=[0])
+    assert rows.to_pylist() == [{"key": "a", "codec": "corrdiff"}] and positions.to_pylist() == [0]
 
 
 # One mixed archive, on a real Ray cluster: compressed once, then audited and verified ---
