@@ -306,7 +306,8 @@ def _one_file_archive(root: Path) -> Path:
 
     from pipeline.archive import SCHEMA, data_file_bytes
 
-    rows = [{"key": f"photos/{name}.jpg", "source_uri": f"file:///in/{name}.jpg", "record": bytes(60) if name else None,
+    rows = [{"key": f"photos/{name}.jpg", "source_uri": f"file:///in/{name}.jpg",
+             "record": hashlib.sha256(name.encode()).digest() * 2 if name else None,  # incompressible, as records are
              "error": None if name else "corrupt or truncated image", "created_at": datetime.now(timezone.utc),
              "job_id": "j"} for name in ("a", "b", "")]
     root.mkdir(parents=True)
