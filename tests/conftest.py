@@ -40,6 +40,19 @@ def encoded(codec: CorrDiffCodec, images: list[np.ndarray]):
     return codec.encode_detailed(images)
 
 
+# Modules whose every test trains or evaluates a model, or runs a job on a Ray cluster of its own.
+SLOW_MODULES = {"test_train", "test_device_train", "test_evaluate", "test_job_submit"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark as ``slow`` every test that starts Ray work (it uses the ``ray_local`` cluster,
+    directly or through a fixture) or trains or evaluates a model: ``pytest -m "not slow"``
+    is then the fast suite for development; CI runs everything."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 from s3 import s3_server  # noqa: F401,E402
 from ray_fixture import ray_local  # noqa: F401,E402
 from archives import tiny_model  # noqa: F401,E402

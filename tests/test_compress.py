@@ -253,8 +253,8 @@ def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model,
         deadline = time.time() + 240
         while time.time() < deadline:
             for process in psutil.process_iter(["cmdline"]):
-                if "pipeline.isolation" in (process.info["cmdline"] or []):
-                    process.parent().kill()
+                if "pipeline.isolation" in (process.info["cmdline"] or []) and _is_encode_actor(process.parent()):
+                    process.parent().kill()  # not a decode task's: those run a decoding child too
                     files_at_kill.append(len(list(archive.glob("part-*.parquet"))))
                     return
             time.sleep(0.02)
@@ -266,6 +266,14 @@ def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model,
     keys = _archive(str(archive)).column("key").to_pylist()
     assert files_at_kill == [0] and summary["resumed_after_lost_workers"] == 1
     assert sorted(keys) == sorted(expected)
+
+
+def _is_encode_actor(process: psutil.Process | None) -> bool:
+    """Whether ``process`` is an encode actor (Ray titles it after its stage)."""
+    try:
+        return process is not None and "EncodeStage" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def test_plan_never_starves_the_readers():
@@ -380,6 +388,7 @@ def test_parquet_input(ray_local, tiny_model, tmp_path):
     assert summary["shards"] == {"finished_before": 0, "read": 1, "finished_this_run": 1}
 
 
+@pytest.mark.slow  # runs the job in processes of its own, each with its own Ray cluster
 @pytest.mark.parametrize("store,seed", [("local", 0), ("s3", 1)])
 def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, tmp_path, request):
     """Fault injection on a real job: at seeded random moments while it encodes, its model
@@ -408,12 +417,18 @@ def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, 
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     worker_after, job_after = rng.uniform(4, 8), rng.uniform(2, 5)  # seconds into encoding; then after that
     deadline, worker_started, killed = time.time() + 300, None, []
+    def encode_workers() -> list[psutil.Process]:  # the encode actor's model process, not a decode task's child
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "pipeline.isolation" in (p.info["cmdline"] or []) and _is_encode_actor(p.parent())]
+
     while time.time() < deadline and job.poll() is None and len(killed) < 2:
         if worker_started is None:
-            if [p for p in psutil.process_iter(["cmdline"]) if "pipeline.isolation" in (p.info["cmdline"] or [])]:
+            if encode_workers():
                 worker_started = time.time()
         elif not killed and time.time() > worker_started + worker_after:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "pipeline.isolation" in (p.info["cmdline"] or [])]
+            workers = encode_workers()
+            if not workers:
+                continue
             workers[0].kill()
             killed.append(("worker", time.time()))
         elif killed and time.time() > killed[0][1] + job_after:
