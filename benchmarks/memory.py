@@ -15,7 +15,7 @@ format version 1), for the time and memory it is compared with.
 
 Goals (issue 21), printed as met or not for what was run: at most 3 GB of RSS at 24 Mpx on
 a CPU; memory flat beyond the tile (growth per megapixel at most the sampler's whole-image
-state, :data:`STATE_BYTES_PER_PIXEL`, plus the model's y_hat); seconds per megapixel no worse
+state, :data:`corrdiff.memory.STATE_BYTES_PER_PIXEL`, + 10 %); seconds per megapixel no worse
 than whole-image coding (within 15 %: a shared machine's noise).
 
 ``--tiny``: a small random model (corrdiff.tiny_config with the score network on 4 x 4
@@ -53,6 +53,7 @@ OPS = ("encode", "corrdiff", "e2e", "diffusion")
 RSS_GOAL_MB = 3000.0
 RSS_GOAL_MPX = 24.0
 TIME_TOLERANCE = 1.15
+GROWTH_TOLERANCE = 1.1  # the allocator's slack, and Pillow's cached blocks from making the photo
 
 
 def micro_config() -> ModelConfig:
@@ -133,8 +134,9 @@ def goals(rows: list[dict], whole: list[dict], ops: list[str]) -> list[dict]:
             first, last = series[0], series[-1]
             per_mpx = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["mpx"] - first["mpx"])
             checks.append({"goal": f"{op}: RSS growth from {first['mpx']:.1f} to {last['mpx']:.1f} Mpx at most "
-                                   f"{STATE_BYTES_PER_PIXEL} MB/Mpx (the whole-image sampler state)",
-                           "value": per_mpx, "met": per_mpx <= STATE_BYTES_PER_PIXEL})
+                                   f"{GROWTH_TOLERANCE * STATE_BYTES_PER_PIXEL:.0f} MB/Mpx (the whole-image "
+                                   f"sampler state, {STATE_BYTES_PER_PIXEL} B/px, + 10 %)",
+                           "value": per_mpx, "met": per_mpx <= GROWTH_TOLERANCE * STATE_BYTES_PER_PIXEL})
     for reference in whole:
         tiled = [r for r in rows if r["op"] == reference["op"]]
         if tiled:
