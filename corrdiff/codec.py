@@ -38,7 +38,7 @@ from corrdiff.config import ModelConfig
 from corrdiff.gamma import GammaFitter
 from corrdiff.latent_codec import LatentBitstreams, PixelSource, TiledBitstreams, pad_amount
 from corrdiff.model import CorrDiffModel
-from corrdiff.record import ModelMismatchError, Record, check_padded_size
+from corrdiff.record import ModelMismatchError, Record, RecordError, check_padded_size
 from corrdiff.sampler import GammaRule, corrected_ddim, initial_state
 from corrdiff.tiled_sampler import (
     TiledDenoiser, closed_form_fit, corrected_ddim_tiled, initial_state_tiled, reconstruct_e2e_tiled, to_image,
@@ -62,11 +62,15 @@ def check_decode_mode(mode: str) -> None:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """One encoded image: its record and the exact image a corrdiff decode will return."""
+    """One encoded image: its record, the exact image a corrdiff decode will return, and the
+    latent y_hat that the record codes (what :meth:`CorrDiffCodec.verify` checks the record
+    against)."""
 
     record: bytes
     reconstruction: np.ndarray
     gammas: tuple[float, ...]
+    seed: int
+    latent: Tensor
 
     @property
     def bpp(self) -> float:
@@ -148,7 +152,7 @@ class CorrDiffCodec:
             gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_strings=tuple(streams.y),
             tile=tiling.tile, overlap=tiling.overlap,
         )
-        return EncodedImage(record.to_bytes(), to_image(out, height, width), record.gammas)
+        return EncodedImage(record.to_bytes(), to_image(out, height, width), record.gammas, seed, y_hat)
 
     def _fit(self, pixels: PixelSource, padded_size: tuple[int, int], height: int, width: int,
              x_e: Tensor) -> GammaRule:
@@ -162,6 +166,32 @@ class CorrDiffCodec:
         mask[..., :height, :width] = 1.0  # gamma is fitted on the image's own pixels, not its padding
         fit_original = self.gamma_fitter.bind(target, mask)
         return lambda step, x0_theta: fit_original(x0_theta, x_e)
+
+    @torch.no_grad()
+    def verify(self, encoded: EncodedImage, record: bytes) -> None:
+        """Check that ``record`` (the bytes about to be stored) decodes to what the encoder
+        coded: it parses (checksum, fields, this model), describes the encoded image, and its
+        entropy-coded strings decode to exactly the latent y_hat of ``encoded``. Raises
+        ``RecordError`` saying what differs.
+
+        The latent decides every pixel the decoder produces (the sampler is a deterministic
+        function of it, the seed and the gammas, all checked here), so a record that passes
+        decodes to ``encoded.reconstruction``; checking it costs one entropy decode and no
+        network pass of the sampler. It catches a record damaged between the coder and the
+        archive and an entropy coder that does not invert itself on this platform.
+        """
+        parsed = self.parse(record)
+        height, width = encoded.reconstruction.shape[:2]
+        if (parsed.height, parsed.width) != (height, width):
+            raise RecordError(f"record describes a {parsed.width}x{parsed.height} image, the encoder coded "
+                              f"{width}x{height}")
+        if parsed.gammas != encoded.gammas or parsed.seed != encoded.seed:
+            raise RecordError("record's gammas or seed differ from the encoder's")
+        latent = self._latent(parsed).to(encoded.latent.device)
+        if latent.shape != encoded.latent.shape or not torch.equal(latent, encoded.latent):
+            differing = int((latent != encoded.latent).sum()) if latent.shape == encoded.latent.shape else latent.numel()
+            raise RecordError(f"record's latent decodes differently from what the encoder coded "
+                              f"({differing} of {encoded.latent.numel()} values differ)")
 
     # ----------------------------------------------------------------- decode
     @torch.no_grad()
@@ -191,8 +221,7 @@ class CorrDiffCodec:
         if record.version == 1:
             return self._decode_whole(record, mode, steps)
         model = self.model
-        streams = TiledBitstreams(z=record.z_string, y=list(record.y_strings))
-        y_hat = model.latent.decompress_tiled(streams, record.padded_size, record.tile, self.device)
+        y_hat = self._latent(record)
         x_e = reconstruct_e2e_tiled(model, y_hat, record.tile)
         if mode == "e2e":
             return to_image(x_e, record.height, record.width)
@@ -201,6 +230,15 @@ class CorrDiffCodec:
         rule, steps = self._decode_rule(record, mode, steps)
         out, _ = corrected_ddim_tiled(denoiser, x_start, model, steps, rule)
         return to_image(out, record.height, record.width)
+
+    def _latent(self, record: Record) -> Tensor:
+        """y_hat as the record codes it: block by block (version 2) or whole (version 1)."""
+        if record.version == 1:
+            [y_string] = record.y_strings
+            streams = LatentBitstreams(z=record.z_string, y=y_string)
+            return self.model.latent.decompress([streams], record.padded_size).to(self.device)
+        streams = TiledBitstreams(z=record.z_string, y=list(record.y_strings))
+        return self.model.latent.decompress_tiled(streams, record.padded_size, record.tile, self.device)
 
     def _decode_rule(self, record: Record, mode: DecodeMode, steps: int) -> tuple[GammaRule, int]:
         """corrdiff: the record's gammas and step count; diffusion: gamma = 0, any steps."""
@@ -212,9 +250,7 @@ class CorrDiffCodec:
     def _decode_whole(self, record: Record, mode: DecodeMode, steps: int) -> np.ndarray:
         """Format version 1: every network on the whole image, as those records were written."""
         model = self.model
-        [y_string] = record.y_strings
-        streams = LatentBitstreams(z=record.z_string, y=y_string)
-        y_hat = model.latent.decompress([streams], record.padded_size).to(self.device)
+        y_hat = self._latent(record)
         x_e = model.reconstruct_e2e(y_hat)
         if mode == "e2e":
             out = x_e

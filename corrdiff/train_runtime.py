@@ -3,7 +3,8 @@ fit a wall clock and a transfer limit, as on a lent GPU (docs/training.md):
 
 - :func:`phase_ends`: a budget of seconds split between phases by fractions;
 - :func:`cosine_lr`: a learning rate that anneals over a phase's steps or its time;
-- :class:`DeviceCrops`: the random crops of ``pipeline.image_folder.RandomCrops``, cut and
+- :class:`RandomCrops`: batches of random training crops, cut and resized on the CPU;
+- :class:`DeviceCrops`: the same crops, cut and
   resized on the training device from images held there, so that no CPU resampling
   stands between a GPU and its next batch;
 - :class:`CheckpointStore`: the resumable state in files of bounded size, each written
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from corrdiff.model import CorrDiffModel
@@ -64,11 +66,56 @@ def cosine_lr(lr: float, lr_final: float | None, progress: float) -> float:
 
 
 # ------------------------------------------------------------------------- data
+class RandomCrops:
+    """Batches of random square crops (with random horizontal flips), images drawn by area.
+
+    With ``min_scale < 1`` each crop is taken at a random scale, log-uniform in
+    ``[min_scale, 1]``: a square of ``crop / scale`` pixels is cut and resized down to
+    ``crop`` (Lanczos). Camera photos of 2-6k pixels are much smoother per pixel than the
+    sub-megapixel images archives hold, so training only at full resolution teaches a
+    model the wrong statistics; downscaling restores the detail density of smaller images.
+    """
+
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int, min_scale: float = 1.0) -> None:
+        if not images:
+            raise ValueError("no training images")
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+        self.images, self.crop, self.min_scale = images, crop, min_scale
+        areas = np.array([im.shape[0] * im.shape[1] for im in images], dtype=np.float64)
+        self.weights = areas / areas.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int) -> torch.Tensor:
+        crops = []
+        for index in self.rng.choice(len(self.images), size=size, p=self.weights):
+            image = self.images[index]
+            crop = self._crop(image, self._side(image))
+            crops.append(crop[:, ::-1] if self.rng.random() < 0.5 else crop)
+        array = np.ascontiguousarray(np.stack(crops))
+        return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255.0
+
+    def _side(self, image: np.ndarray) -> int:
+        """Side of the square to cut: ``crop / scale``, never larger than the image."""
+        if self.min_scale == 1.0:
+            return self.crop
+        scale = float(np.exp(self.rng.uniform(np.log(self.min_scale), 0.0)))
+        return min(round(self.crop / scale), *image.shape[:2])
+
+    def _crop(self, image: np.ndarray, side: int) -> np.ndarray:
+        top = self.rng.integers(0, image.shape[0] - side + 1)
+        left = self.rng.integers(0, image.shape[1] - side + 1)
+        region = image[top:top + side, left:left + side]
+        if side == self.crop:
+            return region
+        return np.asarray(Image.fromarray(region).resize((self.crop, self.crop), Image.Resampling.LANCZOS))
+
+
 class DeviceCrops:
     """Batches of random square crops cut on ``device`` from images held there (uint8).
 
     The same draws, in the same order from the same seed, as
-    :class:`pipeline.image_folder.RandomCrops` (image by area, scale log-uniform in
+    :class:`RandomCrops` (image by area, scale log-uniform in
     ``[min_scale, 1]``, position, horizontal flip), so at ``min_scale = 1`` the batches are
     identical. A scaled crop is resized with antialiased bicubic interpolation on the
     device (``RandomCrops`` uses Pillow's Lanczos on the CPU) and rounded to 8 bits as

@@ -1,4 +1,4 @@
-"""Training objectives of the three phases (plain PyTorch; the loop lives in jobs/train.py).
+"""Training objectives of the three phases (plain PyTorch; the loop lives in corrdiff/trainer.py).
 
 Phase 0: latent codec + D for rate + lambda * MSE (compressai's convention: distortion
          scaled by 255^2), plus compressai's auxiliary loss for the z prior's quantiles.

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     parser.add_argument("--job-id", help="id recorded in every row (default: time + random suffix)")
+    parser.add_argument("--allow-config-change", action="store_true", default=None,
+                        help="resume an archive whose rows were made with another model, floor, steps or seed")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     return parser.parse_args(argv)
 
@@ -53,6 +55,8 @@ def build_config(args: argparse.Namespace) -> CompressConfig:
         data["output"] = args.output
     if args.job_id is not None:
         data["job_id"] = args.job_id
+    if args.allow_config_change:
+        data["allow_config_change"] = True
     if not data["input"].get("url") or not data.get("output"):
         raise SystemExit("compress: --input and --output are required (or input.url and output in --config)")
     return CompressConfig.from_dict(data)
@@ -75,10 +79,15 @@ def format_summary(summary: dict) -> str:
         + ("" if summary["rows"] == summary["unique_keys"] else f"  WARNING: {summary['rows'] - summary['unique_keys']} duplicate keys"),
         f"bytes          {summary['input_bytes']:,} in -> {summary['archive_bytes']:,} archived"
         + (f" ({summary['compression_ratio']}x)" if summary["compression_ratio"] else ""),
-        f"mean bpp       {summary['mean_bpp']:.4f}" if summary["mean_bpp"] is not None else "mean bpp       -",
+        (f"bpp            {summary['bpp']:.4f} (all bits / all pixels; per image: median "
+         f"{summary['bpp_per_image']['median']:.4f}, 5-95% {summary['bpp_per_image']['p5']:.4f}-"
+         f"{summary['bpp_per_image']['p95']:.4f})") if summary["bpp"] is not None else "bpp            -",
         f"this run       {summary['processed_this_job']} images in {summary['seconds']} s"
         + (f" ({summary['images_per_second']} images/s)" if summary["images_per_second"] else ""),
     ]
+    if summary["fallback_share"]:
+        lines.append("codecs         " + ", ".join(f"{codec} {n}" for codec, n in summary["codecs"].items())
+                     + f" (fallback share {summary['fallback_share']:.1%}: images that met the floor only so)")
     for model_id, model in summary["models"].items():
         lines.append(f"model          {model_id}: {model['records']} records, "
                      + (f"weights in {model['file']}" if model["file"] else

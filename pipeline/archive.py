@@ -15,15 +15,18 @@ an error text silently changed on disk would otherwise be read as if it were tru
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from ray.data import Datasink
@@ -33,7 +36,10 @@ from ray.data._internal.execution.interfaces import TaskContext
 from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
-ARCHIVE_SCHEMA_VERSION = "1"
+# 2: the codec column (a record may be a standard codec's file: corrdiff.floor) and the
+# floor's measures. Files of version 1 have no codec column and hold CorrDiff records only:
+# read_data_file gives them one.
+ARCHIVE_SCHEMA_VERSION = "2"
 # How keys are formed (pipeline/sources.py), written into every data file as
 # "corrdiff.key_scheme". 2: tar members are "<shard path>.tar/<member>". Before it (files
 # without the entry): "<shard path without .tar>/<member>", under which the shards a.tar
@@ -49,9 +55,12 @@ SCHEMA = pa.schema([
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("record", pa.binary()),
+    pa.field("codec", pa.string()),
+    pa.field("codec_setting", pa.int16()),
     pa.field("record_bytes", pa.int64()),
     pa.field("bpp", pa.float64()),
     pa.field("psnr", pa.float64()),
+    pa.field("lpips", pa.float64()),
     pa.field("model_id", pa.string()),
     pa.field("format_version", pa.int16()),
     pa.field("gammas", pa.list_(pa.float32())),
@@ -61,6 +70,10 @@ SCHEMA = pa.schema([
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("job_id", pa.string(), nullable=False),
 ])
+
+# Rows per row group of a data file: a key lookup reads one group (64 records, some MB for
+# photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
+ROW_GROUP_ROWS = 64
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
@@ -81,9 +94,10 @@ class ArchiveDatasink(Datasink[WrittenFile]):
     """Writes each write task's rows as one Parquet file, atomically, with archive metadata."""
 
     def __init__(self, url: str, storage: StorageConfig, metadata: dict[str, str], job_id: str,
-                 rows_per_file: int) -> None:
+                 rows_per_file: int, on_written: Callable[[str, pa.Table], None] | None = None) -> None:
         self.url, self.storage, self.job_id = url.rstrip("/"), storage, job_id
         self.rows_per_file = rows_per_file
+        self.on_written = on_written  # told (file name, rows) once a file is committed: pipeline.shards
         self.schema = SCHEMA.with_metadata({**metadata, "corrdiff.archive_schema": ARCHIVE_SCHEMA_VERSION,
                                             "corrdiff.key_scheme": KEY_SCHEME})
 
@@ -104,6 +118,8 @@ class ArchiveDatasink(Datasink[WrittenFile]):
             self.schema.metadata)
         fs, root = filesystem(self.url, self.storage)
         final = write_data_file(fs, root, self.job_id, table, self.storage)
+        if self.on_written is not None:
+            self.on_written(posixpath.basename(final), table)
         return WrittenFile(fs.unstrip_protocol(final), table.num_rows)
 
 
@@ -128,17 +144,101 @@ def write_data_file(fs: AbstractFileSystem, root: str, job_id: str, table: pa.Ta
 
 
 def data_file_bytes(table: pa.Table) -> bytes:
-    """A data file's bytes: zstd pages, each with its CRC-32 (checked by :func:`read_data_file`)."""
+    """A data file's bytes: rows sorted by key in row groups of :data:`ROW_GROUP_ROWS`, zstd
+    pages, each with its CRC-32 (checked by :func:`read_data_file`). The key column's
+    min/max per row group (Parquet statistics, in the footer) then tell a reader which row
+    group can hold a key (:func:`read_data_file_rows`), so a restore of a few keys reads
+    footers and a few row groups, not the archive."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
+    pq.write_table(table.sort_by("key"), buffer, compression="zstd", write_page_checksum=True,
+                   row_group_size=ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
 def read_data_file(path: str, fs: AbstractFileSystem, columns: list[str] | None) -> pa.Table:
-    """Columns (None: all) of one data file, every page's checksum verified: a damaged page raises
-    (``OSError``) instead of being read as data. Files written before page checksums
-    existed have none to verify and read as before."""
-    return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
+    """Columns (None: all, as stored) of one data file, every page's checksum verified: a
+    damaged page raises (``OSError``) instead of being read as data. Files written before
+    page checksums existed have none to verify and read as before.
+
+    Columns asked for that a file of an older schema version lacks are read as what they
+    mean there (:func:`_as_current`): a version 1 file's records are all CorrDiff's."""
+    if columns is None:
+        return pq.read_table(path, filesystem=fs, page_checksum_verification=True)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        read, missing = _columns_to_read(parquet, columns)
+        table = parquet.read(columns=read)
+    return _as_current(table, columns, missing)
+
+
+def _columns_to_read(parquet: pq.ParquetFile, columns: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """The columns to read of a file for ``columns``, and those of them it lacks (a file of an
+    older schema version): what :func:`_as_current` needs to make them (``error``) is read."""
+    if columns is None:
+        return None, []
+    present = set(parquet.schema_arrow.names)
+    missing = [c for c in columns if c not in present]
+    return [c for c in columns if c in present] + (["error"] if missing and "error" not in columns else []), missing
+
+
+def _as_current(table: pa.Table, columns: list[str] | None, missing: list[str]) -> pa.Table:
+    """A table read from a file of an older schema version, with the columns it lacks:
+    ``codec`` is ``corrdiff`` for every record (error rows: null), as each was; the floor's
+    columns (``lpips``, ``codec_setting``) are null: nothing measured or chose them."""
+    if not missing or columns is None:
+        return table
+    ok = pc.is_null(table["error"])
+    values = {name: table[name] for name in table.column_names}
+    for name in missing:
+        field = SCHEMA.field(name)  # a name that no schema version has raises KeyError
+        values[name] = pc.if_else(ok, pa.scalar("corrdiff"), pa.scalar(None, pa.string())) if name == "codec" \
+            else pa.nulls(table.num_rows, field.type)
+    return pa.table({name: values[name] for name in columns}).replace_schema_metadata(table.schema.metadata)
+
+
+def read_data_file_rows(path: str, fs: AbstractFileSystem, columns: list[str] | None,
+                        rows: Sequence[int] | None = None,
+                        keys: Sequence[str] | None = None) -> tuple[pa.Table, pa.Array]:
+    """Some rows of one data file, and their positions in it, reading only the row groups
+    that can hold them: ``rows`` (sorted positions; None: all) and, where ``keys`` (sorted)
+    is given, only row groups whose key range (footer statistics) holds one of them. The
+    caller still filters by key: a range says "may hold". Page checksums verified, and
+    columns of older schema versions made, as :func:`read_data_file`. Files written before sorted row groups (one row group, any
+    order) are read whole, as before."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        metadata = parquet.metadata
+        key_column = metadata.schema.names.index("key")
+        wanted = np.asarray(rows if rows is not None else [], dtype=np.int64)
+        groups, positions, start = [], [], 0
+        for index in range(metadata.num_row_groups):
+            count = metadata.row_group(index).num_rows
+            span = np.arange(start, start + count, dtype=np.int64)
+            if rows is not None:
+                span = span[np.isin(span, wanted)]
+            if len(span) and (keys is None or _may_hold(metadata.row_group(index).column(key_column), keys)):
+                groups.append(index)
+                positions.append((span - start, span))
+            start += count
+        read, missing = _columns_to_read(parquet, columns)
+        table = parquet.read_row_groups(groups, columns=read) if groups else parquet.schema_arrow.empty_table()
+    if read is not None and not groups:
+        table = table.select(read)
+    # Positions within the groups read, then in the file.
+    offsets = np.cumsum([0] + [metadata.row_group(g).num_rows for g in groups[:-1]]).astype(np.int64)
+    take = np.concatenate([local + offset for (local, _), offset in zip(positions, offsets)]) if groups else []
+    found = np.concatenate([absolute for _, absolute in positions]) if groups else []
+    return _as_current(table.take(pa.array(take, pa.int64())), columns, missing), pa.array(found, pa.int64())
+
+
+def _may_hold(column: pq.ColumnChunkMetaData, keys: Sequence[str]) -> bool:
+    """Whether a row group whose key column chunk is ``column`` can hold one of ``keys`` (sorted)."""
+    statistics = column.statistics
+    if statistics is None or not statistics.has_min_max:
+        return True
+    low, high = statistics.min, statistics.max
+    at = bisect.bisect_left(keys, low)
+    return at < len(keys) and keys[at] <= high
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:
@@ -169,9 +269,12 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
     return pa.concat_tables([read_data_file(path, fs, columns) for path in files])
 
 
-def done_keys(url: str, storage: StorageConfig) -> set[str]:
+def done_keys(url: str, storage: StorageConfig, only: Callable[[str, str], bool] | None = None) -> set[str]:
     """Keys already in the archive, the resume point of a rerun: every key with a row,
     except those whose only rows are retryable errors (pipeline.errors), tried again.
+    ``only(key, source_uri)``: keep just the keys it accepts (those of the shards a rerun
+    reads, pipeline.shards), so that memory holds those, not the archive's keys; files
+    are read one at a time.
 
     Refused (``ValueError``) if a data file's keys were formed otherwise than this version
     forms them (:data:`KEY_SCHEME`): a rerun would archive its images a second time under
@@ -179,11 +282,13 @@ def done_keys(url: str, storage: StorageConfig) -> set[str]:
     """
     fs, _ = filesystem(url, storage)
     keys: set[str] = set()
+    columns = ["key", "error"] + (["source_uri"] if only is not None else [])
     for path in list_data_files(url, storage):
-        table = read_data_file(path, fs, ["key", "error"])
+        table = read_data_file(path, fs, columns)
         _check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
-        keys.update(key for key, error in zip(table["key"].to_pylist(), table["error"].to_pylist())
-                    if not is_retryable(error))
+        uris = table["source_uri"].to_pylist() if only is not None else [None] * table.num_rows
+        keys.update(key for key, error, uri in zip(table["key"].to_pylist(), table["error"].to_pylist(), uris)
+                    if not is_retryable(error) and (only is None or only(key, uri)))
     return keys
 
 

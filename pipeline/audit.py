@@ -39,10 +39,13 @@ import ray
 from PIL import Image
 
 from corrdiff import check_decode_mode
+from corrdiff.floor import fallback_share
 
 from pipeline.compress import new_job_id
 from pipeline.decode import DecodeStage
-from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.image_decoder import Decode, isolated_decoder
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.isolation import WorkerLimits
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
 from pipeline.originals import Original, read_originals
 from pipeline.report import worst_first, write_report
@@ -65,7 +68,8 @@ DEFAULT_THRESHOLDS = {"integrity_failures": {"max": 0}}
 
 METRICS_SCHEMA = pa.schema([
     ("key", pa.string()), ("archive_file", pa.string()), ("archive_row", pa.int64()), ("source_uri", pa.string()),
-    ("model_id", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("record_bytes", pa.int64()),
+    ("model_id", pa.string()), ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("record_bytes", pa.int64()),
     ("bpp", pa.float64()), ("psnr", pa.float64()), ("ms_ssim", pa.float64()), ("lpips", pa.float64()),
     ("dists", pa.float64()), ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
     ("error", pa.string()), ("seconds", pa.float64()),
@@ -134,11 +138,15 @@ class AuditConfig:
         return data
 
 
-def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int) -> pa.Table:
+def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int,
+                    limits: WorkerLimits) -> pa.Table:
     """CPU task: each row's original, fetched where its source_uri says (pipeline/originals.py:
     the shards and Parquet files of a batch each read once), checked against the archived
     SHA-256 and decoded, with its status. Fetching and image decoding run here, in tasks, so
-    that object-store latency never idles the model actors (and their GPUs).
+    that object-store latency never idles the model actors (and their GPUs). The originals
+    are decoded in a child process bounded by ``limits`` (pipeline.image_decoder): one that
+    crashes the decoder gets the error ``original does not decode: decode crashed
+    (retryable): ...``, and the others are scored.
 
     Error rows (``error`` set: no record, nothing to score) and rows standing for unreadable
     data files are not fetched: their original status is null."""
@@ -146,12 +154,13 @@ def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, ma
     wanted = [row for row in rows if row["error"] is None and not _stands_for_file(row)]
     fetched = iter(read_originals(wanted, storage, max_image_bytes))
     pixels, statuses, errors = [], [], []
-    for row in rows:
-        original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
-            _original(next(fetched), row["source_uri"], row["source_sha256"], max_pixels)
-        pixels.append(original if original is not None else EMPTY_PIXELS)
-        statuses.append(status)
-        errors.append(error)
+    with isolated_decoder(max_pixels, limits) as decode:
+        for row in rows:
+            original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
+                _original(next(fetched), row["source_uri"], row["source_sha256"], decode)
+            pixels.append(original if original is not None else EMPTY_PIXELS)
+            statuses.append(status)
+            errors.append(error)
     return (batch.append_column("original_status", pa.array(statuses, pa.string()))
             .append_column("original_error", pa.array(errors, pa.string()))
             .append_column("original", ragged_column(pixels)))
@@ -163,7 +172,7 @@ def _stands_for_file(row: dict[str, Any]) -> bool:
 
 
 def _original(fetched: Original, uri: str, sha256: str | None,
-              max_pixels: int) -> tuple[np.ndarray | None, str, str | None]:
+              decode: Decode) -> tuple[np.ndarray | None, str, str | None]:
     """The original's pixels if it is there and unchanged, its status, and why not."""
     if isinstance(fetched, FileNotFoundError):
         return None, ORIGINAL_MISSING, f"original missing: {uri}"
@@ -175,10 +184,10 @@ def _original(fetched: Original, uri: str, sha256: str | None,
         return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
     else:
         status = ORIGINAL_OK
-    try:
-        return decode_image(fetched, max_pixels), status, None
-    except Exception as error:  # noqa: BLE001 - e.g. an original that never decoded
-        return None, status, f"original does not decode: {error}"
+    decoded = decode(fetched)
+    if isinstance(decoded, str):  # e.g. an original that never decoded
+        return None, status, f"original does not decode: {decoded}"
+    return decoded, status, None
 
 
 class AuditStage:
@@ -225,7 +234,7 @@ class AuditStage:
         out = _identity(row)
         if _stands_for_file(row):
             return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
-        restored = self.decoder.restore(row["record"], row["error"], self.mode)
+        restored = self.decoder.restore(row["record"], row["error"], self.mode, row["codec"])
         out |= {"record_status": restored.status, "model_id": restored.model_id or row.get("model_id"),
                 "error": restored.error or row["original_error"]}
         if row["record"] is not None and row["width"] and row["height"]:
@@ -250,7 +259,7 @@ class AuditStage:
 def _identity(row: dict[str, Any]) -> dict[str, Any]:
     """What a metrics row says of the archive row it scores, before any scoring."""
     out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
-                                            "height", "record_bytes", "model_id", "original_status")}
+                                            "height", "record_bytes", "model_id", "codec", "original_status")}
     return out | {"archived_psnr": row.get("psnr")}
 
 
@@ -290,6 +299,7 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
     measures = audit_measures(metrics, files)
     summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
+    summary["by_codec"] = by_codec(metrics)
     summary["models"] = model_locations(metrics["model_id"].to_pylist(), config.models)
     write_report(config.report, config.storage, summary, metrics, crops)
     return summary
@@ -303,12 +313,13 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     files = _files(config.archive, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
     dataset = read_selected(all_rows(files), config.storage,
-                            columns=["key", "record", "error", "model_id", "width", "height"])
+                            columns=["key", "record", "codec", "error", "model_id", "width", "height"])
     dataset = plan.model_stage(dataset, DecodeStage, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False,
     }, batch_format="pyarrow")
     statuses: Counter[str] = Counter()
+    codecs: Counter[str] = Counter()
     models: set[str | None] = set()
     problems = []
     failures: dict[str, str] = {}
@@ -316,6 +327,7 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
         batch, failed = split_file_rows(batch.drop_columns(["pixels"]))
         failures |= failed
         statuses.update(batch["status"].to_pylist())
+        codecs.update(c for c in batch["codec"].to_pylist() if c is not None)
         models.update(batch["model_id"].to_pylist())
         bad = batch.filter(pc.not_equal(batch["status"], OK))
         if bad.num_rows:
@@ -324,8 +336,9 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     files = with_read_failures(files, failures)
     stored = check_stored_models(config.archive, config.storage)
     metrics = _problem_rows(table, files, stored)
-    measures = verify_measures(statuses, files, stored)
+    measures = verify_measures(statuses, files, stored) | {"fallback_share": fallback_share(codecs)}
     summary = _summary("verify", audit_id, config, files, measures, evaluate(thresholds, measures), started)
+    summary["by_codec"] = {codec: {"records": n} for codec, n in sorted(codecs.items())}
     summary["record_statuses"] = dict(sorted(statuses.items()))
     summary["models"] = model_locations(models, config.models)
     summary["stored_models"] = {check.path: check.error or "ok" for check in stored}
@@ -404,6 +417,7 @@ def audit_measures(metrics: pa.Table, files: list[ArchiveFile]) -> dict[str, flo
         values = np.array([v for v in metrics[metric].to_pylist() if v is not None], dtype=np.float64)
         measures |= {f"{metric}.{s}": _statistic(values, s) for s in STATISTICS}
     measures["scored"] = int(pc.sum(pc.is_valid(metrics["psnr"])).as_py() or 0)
+    measures["fallback_share"] = fallback_share(Counter(c for c in metrics["codec"].to_pylist() if c is not None))
     measures |= _record_counts(records, sampled, files)
     measures |= {
         "missing_originals": originals.get(ORIGINAL_MISSING, 0),
@@ -441,6 +455,24 @@ def _record_counts(records: Counter[str], rows: int, files: list[ArchiveFile]) -
         "integrity_failures": sum(records.get(s, 0) for s in (CORRUPT, DECODE_FAILED, MODEL_MISSING, WORKER_DIED))
         + sum(max(1, f.rows) for f in unreadable),
     }
+
+
+# What the audit says of each codec's sampled records (summary "by_codec", the report's table).
+BY_CODEC_MEASURES = (("bpp", "mean"), ("psnr", "median"), ("psnr", "p5"), ("lpips", "median"))
+
+
+def by_codec(metrics: pa.Table) -> dict[str, dict[str, float | None]]:
+    """Per codec in the sample: how many records, their bits and their quality as scored
+    against the originals (:data:`BY_CODEC_MEASURES`)."""
+    rows = [r for r in metrics.select(["codec", "bpp", "psnr", "lpips"]).to_pylist() if r["codec"] is not None]
+    out: dict[str, dict[str, float | None]] = {}
+    for codec in sorted({r["codec"] for r in rows}):
+        mine = [r for r in rows if r["codec"] == codec]
+        out[codec] = {"records": len(mine)} | {
+            f"{metric}.{statistic}": _statistic(np.array([r[metric] for r in mine if r[metric] is not None],
+                                                         dtype=np.float64), statistic)
+            for metric, statistic in BY_CODEC_MEASURES}
+    return out
 
 
 def _statistic(values: np.ndarray, statistic: str) -> float | None:

@@ -1,7 +1,8 @@
 """The compress pipeline: object storage -> decode (CPU tasks) -> encode (actor pool) -> archive.
 
     model: resolved and verified (driver) -> ARCHIVE/_models/<model id>.safetensors
-    source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks)
+    source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks, each decoding
+        in a child process: pipeline.image_decoder)
         -> EncodeStage (actors, loading the model from the archive's _models/: GPUs where
            there are any, CPU threads otherwise)
         -> ArchiveDatasink (one Parquet file per write task, atomic)
@@ -16,6 +17,8 @@ restore by itself (pipeline/models.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,12 +28,15 @@ from typing import Any
 import ray
 
 from corrdiff import weights
+from corrdiff.floor import Floor
 from corrdiff.metrics import PERCEPTUAL_METRICS
-from pipeline.archive import ArchiveDatasink, clean_incomplete, done_keys, job_metadata
+from pipeline.archive import (ArchiveDatasink, clean_incomplete, done_keys, file_metadata, job_metadata,
+                              list_data_files)
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
-from pipeline.sources import Skipped, SourceConfig, read_source
+from pipeline.shards import SHARD_KINDS, resume_shards
+from pipeline.sources import Skipped, SourceConfig, list_items, read_source
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
@@ -59,6 +65,36 @@ class CodecSettings:
 
 
 @dataclass(frozen=True)
+class FloorSettings:
+    """The least quality any archived image may have (corrdiff.floor), and what stores an
+    image that CorrDiff would store below it. Each bound is optional, not both."""
+
+    psnr: float | None = None  # dB, at least
+    lpips: float | None = None  # LPIPS-alex, at most (loads LPIPS in every encode actor)
+    fallback: str = "avif"  # avif, jxl or png (lossless): its smallest record meeting the floor
+    # corrdiff: CorrDiff's record when it meets the floor, else the fallback's. smaller: both
+    # are made, and the smaller record that meets the floor is stored (about eight fallback
+    # encodes more per image), so no image takes more than its fallback alone would.
+    choose: str = "corrdiff"
+
+    def __post_init__(self) -> None:
+        from corrdiff.floor import STANDARD_CODECS
+
+        Floor(self.psnr, self.lpips)  # raises ValueError for bounds that mean nothing
+        if self.fallback not in STANDARD_CODECS:
+            raise ValueError(f"floor.fallback {self.fallback!r} is not one of {', '.join(STANDARD_CODECS)}")
+        if self.choose not in FLOOR_CHOICES:
+            raise ValueError(f"floor.choose {self.choose!r} is not one of {', '.join(FLOOR_CHOICES)}")
+
+    @property
+    def floor(self) -> Floor:
+        return Floor(psnr=self.psnr, lpips=self.lpips)
+
+
+FLOOR_CHOICES = ("corrdiff", "smaller")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     input: SourceConfig
     output: str
@@ -66,6 +102,10 @@ class CompressConfig:
     codec: CodecSettings = field(default_factory=CodecSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    floor: FloorSettings | None = None  # None: every image is stored by CorrDiff, whatever its quality
+    # Resume an archive whose rows were made with another fingerprint (content_fingerprint):
+    # without it such a run is refused before any work.
+    allow_config_change: bool = False
     job_id: str | None = None
 
     @classmethod
@@ -83,6 +123,8 @@ class CompressConfig:
             codec=CodecSettings(**(data.get("codec") or {})),
             resources=ResourceSettings(**(data.get("resources") or {})),
             max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
+            floor=FloorSettings(**data["floor"]) if data.get("floor") is not None else None,
+            allow_config_change=bool(data.get("allow_config_change", False)),
             job_id=data.get("job_id"),
         )
 
@@ -91,6 +133,57 @@ class CompressConfig:
         data = dataclasses.asdict(self)
         data["storage"] = self.storage.public()
         return data
+
+
+# The codec settings that decide what is stored of an image (with the model and the floor):
+# the record's bytes (seed, steps, the gamma fit) and so which codec the floor chooses.
+DECIDING_CODEC_SETTINGS = ("seed", "steps", "gamma_refine_steps", "gamma_learning_rate", "gamma_metric")
+
+
+def content_fingerprint(config: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """What decides an archive's rows, from a config as recorded (``CompressConfig.to_dict``,
+    or any data file's ``corrdiff.config``) and the model: the model id, the deciding codec
+    settings (absent ones at their defaults, as the run that wrote them used them) and the
+    floor. Device, resources and storage decide nothing stored."""
+    codec = config.get("codec") if isinstance(config.get("codec"), dict) else {}
+    defaults = CodecSettings()
+    return {"model_id": model_id, **{name: codec.get(name, getattr(defaults, name)) for name in DECIDING_CODEC_SETTINGS},
+            "floor": config.get("floor")}
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """A short name for a fingerprint (``corrdiff.fingerprint`` in every data file)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ConfigChangeError(ValueError):
+    """A run whose rows would be made otherwise than the archive's (its fingerprint differs)."""
+
+
+def check_config_change(url: str, storage: StorageConfig, fingerprint: dict[str, Any], allowed: bool) -> None:
+    """Refuse (:class:`ConfigChangeError`) to add rows to an archive none of whose data files
+    were made with ``fingerprint``, unless ``allowed``. Once an archive holds rows of several
+    fingerprints (a run allowed it), a rerun with any of them is a resume, not a change:
+    each row's file keeps the config that made it, so every row still says how it was made."""
+    found: dict[str, tuple[dict[str, Any], str]] = {}
+    for path in list_data_files(url, storage):
+        metadata = file_metadata(path, storage)
+        try:
+            config = json.loads(metadata.get("corrdiff.config", "{}"))
+        except ValueError:
+            config = {}
+        theirs = content_fingerprint(config if isinstance(config, dict) else {}, metadata.get("corrdiff.model_id", ""))
+        found.setdefault(fingerprint_hash(theirs), (theirs, path))
+    if not found or fingerprint_hash(fingerprint) in found or allowed:
+        return
+    theirs, path = next(iter(found.values()))
+    changes = "; ".join(f"{name}: {json.dumps(theirs.get(name), default=str)} -> "
+                        f"{json.dumps(fingerprint.get(name), default=str)}"
+                        for name in fingerprint if theirs.get(name) != fingerprint.get(name))
+    raise ConfigChangeError(
+        f"{url} holds rows made otherwise than this run would make them ({changes}; e.g. {path}): resuming would "
+        "mix them silently. Rerun with --allow-config-change (allow_config_change: true) to add rows made with "
+        "this config (each data file records the config and model that made its rows), or write a new archive")
 
 
 def new_job_id() -> str:
@@ -110,16 +203,21 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
     model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
+    fingerprint = content_fingerprint(config.to_dict(), model_id)
     with archive_lease(config.output, config.storage, job_id):
+        check_config_change(config.output, config.storage, fingerprint, config.allow_config_change)
         stored = store_model(config.output, config.storage, model_id, model_bytes)
         print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
-        metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id)
+        metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id) | {
+            "corrdiff.fingerprint": fingerprint_hash(fingerprint)}
         finish_rewrites(config.output, config.storage)
-        skipped, resumes = _compress_resuming(config, model_id, job_id, metadata)
+        (skipped, shards), resumes = _compress_resuming(config, model_id, job_id, metadata)
         superseded = supersede_retried(config.output, config.storage)
         summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
                             skipped=skipped)
         summary["resumed_after_lost_workers"] = resumes
+        if shards is not None:
+            summary["shards"] = shards
         summary["superseded_retryable_rows"] = superseded.rows
         write_summary(config.output, config.storage, summary)
     return summary
@@ -131,7 +229,7 @@ LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError
 
 
 def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
-                       metadata: dict[str, str]) -> tuple[Skipped, int]:
+                       metadata: dict[str, str]) -> tuple[tuple[Skipped, dict[str, int] | None], int]:
     """Passes of :func:`_compress_missing` until one completes (at most
     ``lost_actor_resumes`` more after a lost worker); what was skipped, and how many resumes."""
     resumes = 0
@@ -147,26 +245,43 @@ def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
 
 
 def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
-                      metadata: dict[str, str]) -> Skipped:
+                      metadata: dict[str, str]) -> tuple[Skipped, dict[str, int] | None]:
     """One pass: every input key not yet in the archive -> decode -> encode -> archive files;
-    returns what the input filter skipped (pipeline.sources)."""
+    returns what the input filter skipped (pipeline.sources) and, for tar and Parquet
+    inputs, the shards: finished before (skipped unread), read, and finished by this pass
+    (pipeline.shards)."""
     removed = clean_incomplete(config.output, config.storage)
-    skip = done_keys(config.output, config.storage)
+    listing = list_items(config.input, config.storage)
+    resume = None
+    if config.input.kind in SHARD_KINDS:
+        resume = resume_shards(config.output, config.storage, config.input.kind, listing, job_id)
+        listing, skip = resume.listing, resume.done
+    else:
+        skip = done_keys(config.output, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    print(f"job {job_id}: {len(skip)} keys already archived, {plan.actors} encode actor(s) x "
+    print(f"job {job_id}: " + (f"{resume.finished_before} shard(s) finished before, skipped unread; "
+                               f"{listing.items.num_rows} to read; " if resume else "")
+          + f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x "
           f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
-    source = read_source(config.input, config.storage, done_keys=skip)
+    if resume is not None and listing.items.num_rows == 0:  # every shard finished: nothing to start
+        return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
+    source = read_source(config.input, config.storage, done_keys=skip, listing=listing,
+                         ledger=resume.ledger if resume else None)
     dataset = plan.image_stage(source.dataset, decode_batch, {"max_pixels": config.max_pixels}, batch_format="pyarrow")
     dataset = plan.model_stage(dataset, EncodeStage, {
         "models": ModelSources(config.output, config.storage), "model_id": model_id,
         "device": config.codec.device, "seed": config.codec.seed,
         "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
-        "torch_threads": plan.torch_threads, "job_id": job_id,
+        "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     }, batch_format="numpy")
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
-                                           config.resources.rows_per_file))
-    return source.skipped()
+                                           config.resources.rows_per_file,
+                                           on_written=resume.progress() if resume else None))
+    shards = None if resume is None else {
+        "finished_before": resume.finished_before, "read": listing.items.num_rows,
+        "finished_this_run": ray.get(resume.ledger.finished.remote())}
+    return source.skipped(), shards
 
 
 def _first_line(error: BaseException) -> str:

@@ -60,7 +60,8 @@ UNREADABLE_FILE = "unreadable_file"  # a data file that cannot be read, or a req
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("path", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("model_id", pa.string()), ("mode", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("model_id", pa.string()), ("codec", pa.string()),
+    ("mode", pa.string()),
     ("archive_file", pa.string()), ("archive_row", pa.int64()), ("seconds", pa.float64()),
 ])
 
@@ -102,9 +103,10 @@ class DecodeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         restored, seconds = [], []
-        for record, error in zip(batch["record"].to_pylist(), batch["error"].to_pylist()):
+        for record, error, codec in zip(batch["record"].to_pylist(), batch["error"].to_pylist(),
+                                        batch["codec"].to_pylist()):
             started = time.perf_counter()
-            restored.append(self.decoder.restore(record, error, self.mode))
+            restored.append(self.decoder.restore(record, error, self.mode, codec))
             seconds.append(time.perf_counter() - started)
         return _restored_rows(batch, restored, seconds, self.keep_pixels)
 
@@ -121,6 +123,7 @@ def _restored_rows(batch: pa.Table, restored: list[Restored], seconds: list[floa
         "status": pa.array([r.status for r in restored], pa.string()),
         "error": pa.array([r.error for r in restored], pa.string()),
         "model_id": pa.array([r.model_id for r in restored], pa.string()),
+        "codec": batch["codec"],
         "seconds": pa.array(seconds, pa.float64()),
         "pixels": ragged_column([r.pixels if r.pixels is not None and keep_pixels else EMPTY_PIXELS
                                  for r in restored]),
@@ -149,7 +152,8 @@ def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig,
             except Exception as write_error:  # noqa: BLE001 - reported in the manifest
                 status, error = WRITE_FAILED, f"write failed: {type(write_error).__name__}: {write_error}"
         rows.append({"key": key, "path": relative if status == OK else None, "status": status, "error": error,
-                     "width": width, "height": height, "model_id": batch["model_id"][i], "mode": mode,
+                     "width": width, "height": height, "model_id": batch["model_id"][i],
+                     "codec": batch["codec"][i], "mode": mode,
                      "archive_file": batch["archive_file"][i], "archive_row": int(batch["archive_row"][i]),
                      "seconds": float(batch["seconds"][i])})
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)

@@ -17,10 +17,19 @@ a victim on the node (which could be the raylet, or another image's worker).
 Every stage used here follows one contract (:class:`ModelStage`): constructed from keyword
 settings (loading its model once), called with a batch, and able to say, without its
 model, what a batch of rows becomes when the worker died on them (``lost``).
+
+The actor imports nothing of its stage: it holds the stage's import path and its settings
+as pickled bytes, which only the child opens, and asks a fresh child for the ``lost`` rows.
+Unpickling a model stage (or settings that name the model library) imports torch and the
+codec, about 1 GB and 9 s of a CPU per process: paid once per actor in its child, not
+twice, and the actor's memory stays that of a Ray worker. The model
+stages run in actors; image decoding, which needs no model, runs the same way inside its
+CPU tasks (pipeline.image_decoder).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -43,11 +52,16 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.02  # how often the actor checks its child's liveness and memory while it works
 DEFAULT_MEMORY_FRACTION = 0.8  # of the node's memory, the default cap of one child
+WORKER_DIED = "worker died"  # the error kind of a row that killed its worker (unless its stage names another)
 Batch = pa.Table | dict[str, np.ndarray]
 
 
 class ModelStage(Protocol):
-    """What :class:`IsolatedStage` needs of a stage class."""
+    """What :class:`IsolatedStage` needs of a stage class.
+
+    A stage class may also name what its deaths are called in error rows with a class
+    attribute ``death`` (default :data:`WORKER_DIED`): image decoding says "decode crashed".
+    """
 
     def __init__(self, **settings: Any) -> None: ...  # loads the model, once per child
 
@@ -89,16 +103,21 @@ class StageSetupError(RuntimeError):
 
 
 class IsolatedStage:
-    """A Ray Data callable class that runs :attr:`stage` in a child process (see the module).
+    """A Ray Data callable class that runs the stage named :attr:`stage_path` in a child
+    process (see the module).
 
     Use :func:`isolated` to get the subclass for one stage class; Ray Data names the
-    operator after it (``MapBatches(EncodeStage)``).
+    operator after it (``MapBatches(EncodeStage)``). ``settings``: the stage's keyword
+    settings, or those already pickled (:func:`sealed`), as a driver passes them to actors
+    so that the actor never unpickles them.
     """
 
-    stage: ClassVar[type[ModelStage]]
+    stage_path: ClassVar[str]  # "module:qualname" of the stage class
+    stage_name: ClassVar[str]
 
-    def __init__(self, settings: dict[str, Any], limits: WorkerLimits) -> None:
-        self.settings, self.limits = settings, limits
+    def __init__(self, settings: dict[str, Any] | bytes, limits: WorkerLimits) -> None:
+        self.settings = settings if isinstance(settings, bytes) else sealed(settings)
+        self.limits = limits
         self.child = self._start()
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -107,7 +126,7 @@ class IsolatedStage:
         except WorkerDied as death:
             rows = _num_rows(batch)
             logger.warning("%s: its worker process died on a batch of %d row(s) (%s); retrying them one at a time",
-                           self.stage.__name__, rows, death)
+                           self.stage_name, rows, death)
             if rows == 1:
                 return self._row(batch, deaths=1, last=death)
             return pa.concat_tables([self._row(_row(batch, i), deaths=0, last=death) for i in range(rows)])
@@ -118,11 +137,11 @@ class IsolatedStage:
                 return self._run(row)
             except WorkerDied as death:
                 deaths, last = deaths + 1, death
-        # Retryable: a death says more about the worker's memory than about the image, and
-        # a rerun (with a higher cap, or on a larger node) may well get through.
-        reason = retryable("worker died", f"{last} (tried {deaths} time(s) alone)")
-        logger.error("%s: %s; recorded as an error row", self.stage.__name__, reason)
-        return self.stage.lost(row, reason, self.settings)
+        detail = f"{last} (tried {deaths} time(s) alone)"
+        logger.error("%s: a row killed its worker: %s; recorded as an error row", self.stage_name, detail)
+        if not self.child.alive():
+            self.child = self._start()
+        return self.child.lost(row, detail)
 
     def _run(self, batch: Batch) -> pa.Table:
         if not self.child.alive():
@@ -135,34 +154,46 @@ class IsolatedStage:
         that raises while loading (e.g. its model is nowhere) fails at once."""
         for _ in range(self.limits.attempts):
             try:
-                return _Child(self.stage, self.settings, self.limits.memory_cap())
+                return _Child(self.stage_path, self.settings, self.limits.memory_cap())
             except WorkerDied as death:
                 last = death
                 logger.warning("%s: its worker process died while loading (%s); starting another",
-                               self.stage.__name__, death)
-        raise StageSetupError(f"{self.stage.__name__} could not start: its worker process died "
+                               self.stage_name, death)
+        raise StageSetupError(f"{self.stage_name} could not start: its worker process died "
                               f"{self.limits.attempts} time(s) while loading, the last {last}")
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Stop the child now (a task's stage, done with its batch); an actor's child ends with it."""
         child = getattr(self, "child", None)
         if child is not None:
             child.stop()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 _ISOLATED: dict[type, type[IsolatedStage]] = {}
 
 
 def isolated(stage: type[ModelStage]) -> type[IsolatedStage]:
-    """The :class:`IsolatedStage` subclass that runs ``stage`` (one per stage class)."""
+    """The :class:`IsolatedStage` subclass that runs ``stage`` (one per stage class). It
+    holds the stage's import path, not the class: unpickled in an actor, it imports nothing."""
     if stage not in _ISOLATED:
-        _ISOLATED[stage] = type(stage.__name__, (IsolatedStage,), {"stage": stage, "__module__": __name__})
+        _ISOLATED[stage] = type(stage.__name__, (IsolatedStage,), {
+            "stage_path": f"{stage.__module__}:{stage.__qualname__}", "stage_name": stage.__name__,
+            "__module__": __name__})
     return _ISOLATED[stage]
+
+
+def sealed(settings: dict[str, Any]) -> bytes:
+    """A stage's settings pickled, to be opened only in its child process."""
+    return pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _Child:
     """One child process holding one stage instance, spoken to over a socket pair."""
 
-    def __init__(self, stage: type[ModelStage], settings: dict[str, Any], memory_cap: int) -> None:
+    def __init__(self, stage_path: str, settings: bytes, memory_cap: int) -> None:
         self.memory_cap = memory_cap
         ours, theirs = socket.socketpair()
         # The child imports what the actor imports: the same sys.path (a Ray runtime
@@ -176,7 +207,7 @@ class _Child:
         self.psutil = psutil.Process(self.process.pid)
         try:
             try:
-                self.connection.send((stage, settings))
+                self.connection.send((stage_path, settings))
             except OSError:
                 raise self._died() from None
             status, payload = self._reply()
@@ -185,14 +216,22 @@ class _Child:
             raise
         if status != "ready":
             self.stop()
-            raise StageSetupError(f"{stage.__name__} could not start:\n{payload}")
+            raise StageSetupError(f"{stage_path} could not start:\n{payload}")
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def call(self, batch: Batch) -> pa.Table:
+        """The stage's rows for ``batch``."""
+        return self._request(("call", batch))
+
+    def lost(self, batch: Batch, detail: str) -> pa.Table:
+        """The stage's rows for ``batch`` whose processing killed a worker (``detail``: how)."""
+        return self._request(("lost", batch, detail))
+
+    def _request(self, message: tuple) -> pa.Table:
         try:
-            self.connection.send(batch)
+            self.connection.send(message)
         except OSError:
             raise self._died() from None
         status, payload = self._reply()
@@ -250,10 +289,13 @@ def _gib(size: int) -> str:
 
 
 def _serve(connection: Connection, parent: int) -> None:
-    """The child: build the stage, then answer batches until the actor closes the socket."""
+    """The child: build the stage, then answer requests until the actor closes the socket."""
     _die_with_parent(parent)
-    stage_class, settings = connection.recv()
+    stage_path, sealed_settings = connection.recv()
     try:
+        module, _, name = stage_path.partition(":")
+        stage_class = getattr(importlib.import_module(module), name)
+        settings = pickle.loads(sealed_settings)
         stage = stage_class(**settings)
     except BaseException:  # noqa: BLE001 - reported to the actor, which fails the stage's start
         connection.send(("setup_failed", traceback.format_exc()))
@@ -261,11 +303,17 @@ def _serve(connection: Connection, parent: int) -> None:
     connection.send(("ready", None))
     while True:
         try:
-            batch = connection.recv()
+            request, batch, *detail = connection.recv()
         except EOFError:
             return
         try:
-            reply = ("ok", stage(batch))
+            if request == "call":
+                reply = ("ok", stage(batch))
+            else:
+                # Retryable: a death says more about the worker's memory than about the
+                # input, and a rerun (with a higher cap, or on a larger node) may get through.
+                reason = retryable(getattr(stage_class, "death", WORKER_DIED), detail[0])
+                reply = ("ok", stage_class.lost(batch, reason, settings))
         except BaseException:  # noqa: BLE001 - the actor raises it as the stage's failure
             reply = ("error", traceback.format_exc())
         try:

@@ -128,6 +128,11 @@ _PAGE = """
 {%- if trend_plot %}<div class='plots'>{{ img(trend_plot, 'trend of median LPIPS and p5 PSNR') }}</div>{% endif %}
 {%- if summary.kind == "audit" %}
 <h2>Distributions</h2>{% if distribution_plot %}<div class='plots'>{{ img(distribution_plot, 'histograms of bpp, PSNR and LPIPS, and rate against quality') }}</div>{% else %}<p>No image could be scored.</p>{% endif %}
+{%- if summary.by_codec %}
+<h2>By codec</h2><p class='muted'>CorrDiff's records, and those of the fallback codec that stored the images CorrDiff would have stored below the archive's quality floor.</p>
+<table><tr><th>codec</th><th>records</th><th>mean bpp</th><th>median PSNR (dB)</th><th>5th-percentile PSNR (dB)</th><th>median LPIPS</th></tr>
+{%- for codec, c in summary.by_codec.items() %}<tr>{{ td(codec) }}{{ td(c.records) }}{{ td(fmt(c["bpp.mean"])) }}{{ td(fmt(c["psnr.median"])) }}{{ td(fmt(c["psnr.p5"])) }}{{ td(fmt(c["lpips.median"])) }}</tr>{% endfor %}</table>
+{%- endif %}
 {%- if worst %}
 <h2>Worst images</h2><p class='muted'>The sampled images with the highest LPIPS; each crop is the region with the largest squared error, original on the left, restored on the right, at 1:1 pixels (shown at 256 px wide).</p>
 {%- for w in worst %}
@@ -207,6 +212,9 @@ def _overview(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ]
     else:
         rows.append(("records checked", f"{m['sampled']:,} (every row, e2e decoder, not scored)"))
+    codecs = summary.get("by_codec") or {}
+    rows.append(("records by codec", ", ".join(f"{codec} {entry['records']:,}" for codec, entry in codecs.items())
+                 + f" (fallback share {_fmt(m.get('fallback_share'))})" if codecs else "-"))
     rows += [("error rate", _fmt(m["error_rate"])), ("integrity failures", str(m["integrity_failures"])),
              ("models (where found)", ", ".join(f"{model_id}: {location or 'found nowhere'}"
                                                 for model_id, location in summary.get("models", {}).items()) or "-"),

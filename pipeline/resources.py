@@ -14,10 +14,10 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.isolation import ModelStage, WorkerLimits, isolated
+from pipeline.isolation import ModelStage, WorkerLimits, isolated, sealed
 
 
-TASK_RETRIES = 3  # of a CPU task whose worker died (image_stage)
+TASK_RETRIES = 3  # of a CPU task whose worker died (image_stage): its node, or a kill from outside
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,29 @@ class ResourceSettings:
     # kills it worker_attempts times alone becomes an error row.
     worker_memory_gb: float | None = None
     worker_attempts: int = 2
+    # Each CPU task that decodes images decodes them in a child process (pipeline.image_decoder),
+    # killed at this much resident memory (None: 512 MiB + 48 bytes per pixel of max_pixels,
+    # at most 80% of its node's memory); an image that kills it worker_attempts times alone
+    # becomes an error row.
+    image_worker_memory_gb: float | None = None
     # Times a compress run resumes itself after losing a model actor (its node, or a kill
     # from outside), before it fails with Ray's error (pipeline.compress).
     lost_actor_resumes: int = 2
 
     def __post_init__(self) -> None:
-        self.worker_limits()  # its own checks, before any work
+        self.worker_limits(), self.image_worker_limits()  # their own checks, before any work
         if self.lost_actor_resumes < 0:
             raise ValueError("resources.lost_actor_resumes must be >= 0")
 
     def worker_limits(self) -> WorkerLimits:
-        memory = int(self.worker_memory_gb * 2**30) if self.worker_memory_gb is not None else None
-        return WorkerLimits(memory_bytes=memory, attempts=self.worker_attempts)
+        return WorkerLimits(memory_bytes=_bytes(self.worker_memory_gb), attempts=self.worker_attempts)
+
+    def image_worker_limits(self) -> WorkerLimits:
+        return WorkerLimits(memory_bytes=_bytes(self.image_worker_memory_gb), attempts=self.worker_attempts)
+
+
+def _bytes(gib: float | None) -> int | None:
+    return int(gib * 2**30) if gib is not None else None
 
 
 @dataclass(frozen=True)
@@ -65,20 +76,25 @@ class ResourcePlan:
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
-    limits: WorkerLimits = WorkerLimits()
+    limits: WorkerLimits = WorkerLimits()  # of a model actor's child process
+    image_limits: WorkerLimits = WorkerLimits()  # of an image stage's decoding child (pipeline.image_decoder)
 
     def image_stage(self, dataset: ray.data.Dataset, fn: Callable[..., Any], kwargs: dict[str, Any],
                     batch_format: str) -> ray.data.Dataset:
-        """``dataset`` mapped by ``fn`` (image decoding, fetching, PNG writing) in CPU tasks.
+        """``dataset`` mapped by ``fn`` (image decoding, fetching originals) in CPU tasks;
+        ``fn`` also gets ``limits=`` :attr:`image_limits`, and decodes images through
+        ``pipeline.image_decoder.isolated_decoder`` with them, so that an image that
+        crashes the decoder kills a child process of the task and becomes a row.
 
-        ``max_retries``: Ray Data retries a task whose worker died without end, so an image
-        that crashes its decoder in native code would hang the job; a bounded number of
+        ``max_retries``: Ray Data retries a task whose worker died without end; inputs no
+        longer kill it, but a kill from outside could, again and again. A bounded number of
         retries ends in an error that the compress run resumes from a bounded number of
         times (pipeline.compress), and then fails with it.
         """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")  # as in model_stage
-            return dataset.map_batches(fn, fn_kwargs=kwargs, batch_size=self.tasks.batch_size,
+            return dataset.map_batches(fn, fn_kwargs=kwargs | {"limits": self.image_limits},
+                                       batch_size=self.tasks.batch_size,
                                        batch_format=batch_format, num_cpus=self.tasks.num_cpus,
                                        max_retries=TASK_RETRIES)
 
@@ -91,13 +107,15 @@ class ResourcePlan:
         replaces), so an actor dies only with its node; Ray Data's default of restarting
         actors and retrying their batches without end would turn a node that keeps failing
         into a hung job (and makes Ray log an error-level line on every run, #57733).
+        ``settings`` travel pickled (``isolation.sealed``): the actor hands them to its child
+        unopened, and so never imports the stage's model code.
         """
         with warnings.catch_warnings():
             # Ray 2.60 has no named parameter for max_restarts and warns that the generic
             # ones go away in 2.64; the pinned Ray honours them (tests/test_isolation.py).
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             return dataset.map_batches(
-                isolated(stage), fn_constructor_kwargs={"settings": settings, "limits": self.limits},
+                isolated(stage), fn_constructor_kwargs={"settings": sealed(settings), "limits": self.limits},
                 batch_format=batch_format, compute=ActorPoolStrategy(size=self.actors),
                 batch_size=self.actor.batch_size, num_cpus=self.actor.num_cpus, num_gpus=self.actor.num_gpus or None,
                 max_restarts=0,
@@ -132,4 +150,5 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> Res
         actors=actors,
         torch_threads=threads,
         limits=settings.worker_limits(),
+        image_limits=settings.image_worker_limits(),
     )

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.archive import SCHEMA, list_data_files, read_data_file
+from pipeline.archive import SCHEMA, list_data_files, read_data_file_rows
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # The archive columns the decode/audit stages need; never "gammas" or other bulk.
-ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "record_bytes", "bpp", "psnr",
-               "model_id", "error"]
+ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "codec", "record_bytes", "bpp",
+               "psnr", "lpips", "model_id", "error"]
 UNREADABLE_FILE_KEY = "#file"  # the key of a row that stands for an unreadable data file
 
 
@@ -129,28 +129,30 @@ def read_selected(selections: list[FileSelection], storage: StorageConfig, keys:
     items = pa.table({"path": [s.path for s in selections],
                       "rows": pa.array([list(s.rows) if s.rows is not None else None for s in selections],
                                        pa.list_(pa.int64()))})
-    read = partial(_read_file_rows, storage=storage, keys=keys, columns=columns)
+    read = partial(_read_file_rows, storage=storage, keys=tuple(sorted(keys)) if keys is not None else None,
+                   columns=columns)
     blocks = [items.slice(i, 1) for i in range(items.num_rows)] or [items]
     return ray.data.from_arrow(blocks).map_batches(read, batch_format="pyarrow", batch_size=1)
 
 
-def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: frozenset[str] | None,
+def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: tuple[str, ...] | None,
                     columns: list[str]) -> pa.Table:
+    """The selected rows of each file of a block, reading only the row groups that hold
+    them (sampled positions, or keys: ``archive.read_data_file_rows``)."""
     tables = []
     for path, rows in zip(batch["path"].to_pylist(), batch["rows"].to_pylist()):
         fs, stripped = filesystem(path, storage)
         try:
-            table = with_retries(lambda: read_data_file(stripped, fs, columns), storage, f"read {path}")
+            table, positions = with_retries(lambda: read_data_file_rows(stripped, fs, columns, rows, keys), storage,
+                                            f"read {path}")
         except Exception as error:  # noqa: BLE001 - reported as a row, like any other finding
             tables.append(_unreadable_file_row(path, f"unreadable archive file: {type(error).__name__}: {error}",
                                                columns))
             continue
-        positions = pa.array(rows if rows is not None else range(table.num_rows), pa.int64())
-        table = table.take(positions)
         table = table.append_column("archive_file", pa.array([path] * table.num_rows, pa.string()))
         table = table.append_column("archive_row", positions)
         if keys is not None:
-            table = table.filter(pc.is_in(table["key"], pa.array(sorted(keys), pa.string())))
+            table = table.filter(pc.is_in(table["key"], pa.array(keys, pa.string())))
         tables.append(table)
     return pa.concat_tables(tables)
 

@@ -68,8 +68,12 @@ if TYPE_CHECKING:
 
 SourceKind = Literal["files", "tar", "parquet", "manifest"]
 
-# path: where the listing's filesystem finds the object; null for a manifest's URIs (read as written)
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("path", pa.string())])
+# path: where the listing's filesystem finds the object; null for a manifest's URIs (read as written).
+# size, version: the object's size and version (ETag on S3, modification time on a local
+# disk) as the listing saw them, null for a manifest's URIs: a shard's marker holds them
+# (pipeline.shards), so that a shard changed since it was archived is read again.
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("path", pa.string()),
+                           ("size", pa.int64()), ("version", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [("key", pa.string()), ("source_uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
 )
@@ -211,15 +215,20 @@ def read_source(
     storage: StorageConfig,
     done_keys: set[str] | frozenset[str] = frozenset(),
     rows_per_block: int = 64,
+    listing: Listing | None = None,
+    ledger: ActorHandle | None = None,
 ) -> SourceRead:
     """A Dataset of (key, source_uri, data, error), one row per image not in done_keys.
 
     Files and manifests are filtered before any byte is fetched; tar and Parquet rows are
-    filtered as their shards are expanded, before their bytes leave the task.
+    filtered as their shards are expanded, before their bytes leave the task. ``listing``:
+    what to read, if the caller has listed already (e.g. without the shards it knows are
+    finished); ``ledger``: a :class:`pipeline.shards.ShardLedger` told how many rows each
+    tar or Parquet shard gave once its reader reaches the shard's end.
     """
     if rows_per_block < 1:
         raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
-    listing = list_items(source, storage)
+    listing = listing or list_items(source, storage)
     if source.kind in ("files", "manifest"):
         todo = _without_done(listing.items, done_keys)
         if todo.num_rows == 0:
@@ -228,12 +237,14 @@ def read_source(
         dataset = _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
         return SourceRead(dataset, listing.skipped)
     common = {"fs": listing.filesystem, "source": source, "storage": storage, "done": frozenset(done_keys),
-              "rows_per_block": rows_per_block}
+              "rows_per_block": rows_per_block, "ledger": ledger}
     if source.kind == "tar":
         tally = _MemberTally.remote()
         tables_of = partial(_tar_tables, tally=tally, **common)
     else:
         tally, tables_of = None, partial(_parquet_tables, **common)
+    if listing.items.num_rows == 0:
+        return SourceRead(ray.data.from_arrow(OUTPUT_SCHEMA.empty_table()), listing.skipped, tally)
     dataset = _blocks(listing.items, 1).map_batches(partial(_expand, tables_of=tables_of),
                                                     batch_format="pyarrow", batch_size=1)
     return SourceRead(dataset, listing.skipped, tally)
@@ -276,11 +287,13 @@ def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...
     the others, counted as skipped (named relative to the prefix)."""
     fs, root = filesystem(source.url, storage)
     fs.invalidate_cache(root)  # a driver that listed before must see what was added since
-    found = with_retries(lambda: fs.find(root), storage, f"list {source.url}")
-    paths, skipped = [], Skipped()
+    found = with_retries(lambda: fs.find(root, detail=True), storage, f"list {source.url}")
+    paths, sizes, versions, skipped = [], [], [], Skipped()
     for path in sorted(found):
         if path.lower().endswith(suffixes):
             paths.append(path)
+            sizes.append(found[path].get("size"))
+            versions.append(_version(found[path]))
         else:
             skipped.add(_relative(path, root))
     if not paths:
@@ -291,7 +304,17 @@ def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...
             + (f"; skipped {sum(skipped.counts.values())} other files{counted}" if skipped.counts else "")
         )
     keys = [_relative(path, root) for path in paths]
-    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths], paths), skipped, fs)
+    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths], paths, sizes, versions),
+                   skipped, fs)
+
+
+def _version(info: dict[str, Any]) -> str | None:
+    """What changes when an object is rewritten, as a listing reports it: the ETag (S3,
+    GCS's md5), else the modification time (local disks), else nothing."""
+    for field_name in ("ETag", "etag", "md5Hash", "mtime", "LastModified"):
+        if info.get(field_name) is not None:
+            return f"{field_name}={info[field_name]}"
+    return None
 
 
 def _relative(path: str, root: str) -> str:
@@ -359,8 +382,11 @@ def _few(values: list[str], shown: int = 5) -> str:
     return ", ".join(repr(v) for v in values[:shown]) + more
 
 
-def _listing(keys: list[str], uris: list[str], paths: list[str | None]) -> pa.Table:
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string()), pa.array(paths, pa.string())],
+def _listing(keys: list[str], uris: list[str], paths: list[str | None], sizes: list[int | None] | None = None,
+             versions: list[str | None] | None = None) -> pa.Table:
+    unknown = [None] * len(keys)
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string()), pa.array(paths, pa.string()),
+                                 pa.array(sizes or unknown, pa.int64()), pa.array(versions or unknown, pa.string())],
                                 schema=LISTING_SCHEMA)
 
 
@@ -503,12 +529,24 @@ def _expand(batch: pa.Table, tables_of: Callable[[str, str, str], Iterator[pa.Ta
 def _tar_tables(
     shard_key: str, shard_uri: str, shard_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
     storage: StorageConfig, done: frozenset[str], rows_per_block: int, tally: ActorHandle,
+    ledger: ActorHandle | None = None,
 ) -> Iterator[pa.Table]:
-    """One shard's rows in tables; then its skipped members, reported to the tally."""
+    """One shard's rows in tables; then its skipped members, reported to the tally, and its
+    row count to the ledger."""
     skipped = Skipped()
     rows = _tar_rows(shard_key, shard_uri, shard_path, fs, source, storage, done, skipped)
-    yield from _in_tables(rows, rows_per_block)
+    yield from _counted(_in_tables(rows, rows_per_block), shard_key, ledger)
     ray.get(tally.record.remote(shard_key, skipped))  # waited for: the task must not end first
+
+
+def _counted(tables: Iterator[pa.Table], shard_key: str, ledger: ActorHandle | None) -> Iterator[pa.Table]:
+    """``tables``, passed on; at their end the ledger (if any) hears how many rows they held."""
+    rows = 0
+    for table in tables:
+        rows += table.num_rows
+        yield table
+    if ledger is not None:
+        ray.get(ledger.emitted.remote(shard_key, rows))  # waited for: the task must not end first
 
 
 def _tar_rows(
@@ -594,6 +632,15 @@ class _RetryingReader:
 
 def _parquet_tables(
     file_key: str, file_uri: str, file_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
+    storage: StorageConfig, done: frozenset[str], rows_per_block: int, ledger: ActorHandle | None = None,
+) -> Iterator[pa.Table]:
+    """One file's rows in tables, its row count then told to the ledger (if any)."""
+    yield from _counted(_parquet_file_tables(file_key, file_uri, file_path, fs, source, storage, done, rows_per_block),
+                        file_key, ledger)
+
+
+def _parquet_file_tables(
+    file_key: str, file_uri: str, file_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
     storage: StorageConfig, done: frozenset[str], rows_per_block: int,
 ) -> Iterator[pa.Table]:
     """One file (at ``file_path`` on ``fs``), a row group at a time (the memory bound); damage
@@ -656,6 +703,16 @@ def _lower(extensions: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # Taking source URIs apart again (audits) --------------------------------------------------
+
+
+def tar_shard_key(key: str) -> str:
+    """The key of the shard that a tar member's key (or its shard's error row) belongs to:
+    the key up to its first segment ending in ".tar" (key scheme 2, module docstring)."""
+    segments = key.split("/")
+    for end, segment in enumerate(segments[:-1], start=1):
+        if segment.lower().endswith(".tar"):
+            return "/".join(segments[:end])
+    raise ValueError(f"{key!r} is not the key of a tar member")
 
 
 def split_tar_uri(uri: str, key: str) -> tuple[str, str]:

@@ -8,7 +8,10 @@ import posixpath
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
+
+from corrdiff.floor import fallback_share
 
 from pipeline.archive import list_data_files, read_columns
 from pipeline.errors import is_retryable
@@ -22,7 +25,8 @@ TOP_REASONS = 10
 def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, skipped: Skipped) -> dict[str, Any]:
     """The archive's counts, plus ``skipped_this_job``: the input files and tar members this
     job's extension filter left out (they have no rows, so only the job can say)."""
-    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "model_id", "job_id"])
+    table = read_columns(url, storage, ["key", "error", "source_bytes", "bpp", "record_bytes", "width", "height",
+                                        "model_id", "codec", "job_id"])
     keys = table.column("key")
     errors = table.column("error")
     ok_mask = pc.is_null(errors)
@@ -31,6 +35,7 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, ski
     fs, _ = filesystem(url, storage)
     archive_bytes = sum(fs.size(p) for p in list_data_files(url, storage))
     input_bytes = int(pc.sum(table.column("source_bytes")).as_py() or 0)
+    codecs = Counter(c for c in table.column("codec").to_pylist() if c is not None)
     return {
         "archive": url,
         "job_id": job_id,
@@ -43,13 +48,30 @@ def summarize(url: str, storage: StorageConfig, job_id: str, seconds: float, ski
         "input_bytes": input_bytes,
         "archive_bytes": archive_bytes,
         "compression_ratio": round(input_bytes / archive_bytes, 3) if archive_bytes else None,
-        "mean_bpp": pc.mean(pc.filter(table.column("bpp"), ok_mask)).as_py(),
+        **_rate(table.filter(ok_mask)),
         "models": _models(url, storage, table.column("model_id").to_pylist()),
+        # Records by codec: CorrDiff's, and the fallback's where an image met the floor only so.
+        "codecs": dict(sorted(codecs.items())),
+        "fallback_share": fallback_share(codecs),
         "processed_this_job": this_job,
         "skipped_this_job": skipped.report(),
         "seconds": round(seconds, 2),
         "images_per_second": round(this_job / seconds, 3) if seconds > 0 else None,
     }
+
+
+def _rate(records: pa.Table) -> dict[str, Any]:
+    """The archive's rate: ``bpp``, all record bits over all pixels (what storing the
+    collection costs), and the distribution of the per-image rates apart. A plain mean
+    of per-image rates lets one tiny image (a 1x1 record costs about 130 bpp) set the
+    figure for a whole archive."""
+    if records.num_rows == 0:
+        return {"bpp": None, "bpp_per_image": None}
+    pixels = pc.sum(pc.multiply(records.column("width").cast(pa.int64()), records.column("height").cast(pa.int64())))
+    bits = 8 * int(pc.sum(records.column("record_bytes")).as_py())
+    p5, p50, p95 = pc.quantile(records.column("bpp"), q=[0.05, 0.5, 0.95], interpolation="nearest").to_pylist()
+    return {"bpp": bits / pixels.as_py(),
+            "bpp_per_image": {"p5": p5, "median": p50, "p95": p95, "max": pc.max(records.column("bpp")).as_py()}}
 
 
 def _models(url: str, storage: StorageConfig, model_ids: list[str | None]) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ A config names measures and bounds::
       psnr.p5: {min: 22.0}          # 95% of sampled images at least this PSNR
       error_rate: {max: 0.01}       # at most 1% of sampled rows not restorable
       integrity_failures: {max: 0}  # no corrupt record, missing model, unreadable file or damaged _models/ file
+      fallback_share: {max: 0.05}   # at most 5% of records stored by the floor's fallback codec, not CorrDiff
 
 Measures are ``<metric>.<statistic>`` (metrics: psnr, ms_ssim, lpips, dists, bpp; statistics:
 mean, median, p5, p95, min, max) or the counts and rates in :data:`COUNT_MEASURES`.
@@ -27,7 +28,7 @@ COUNT_MEASURES = (
     "sampled", "scored", "error_rate", "compress_errors", "corrupt_records", "decode_failures", "model_missing",
     "worker_deaths", "unreadable_files", "unreadable_rows", "integrity_failures", "missing_originals",
     "changed_originals", "unreadable_originals",
-    "originals_without_checksum", "damaged_model_files",
+    "originals_without_checksum", "damaged_model_files", "fallback_share",
 )
 MEASURES = tuple(f"{m}.{s}" for m in METRICS for s in STATISTICS) + COUNT_MEASURES
 

@@ -9,7 +9,7 @@ possible, both at their native resolution (the fine detail of a camera) and down
 sources' own JPEG/WebP artefacts). So each photograph is stored as up to three views:
 
 - ``s1``: native resolution; ``s2`` and ``s4``: the whole photo downscaled by 2 and 4
-  (Lanczos, as pipeline.image_folder.RandomCrops resamples);
+  (Lanczos, as corrdiff.train_runtime.RandomCrops resamples);
 - a view larger than ``--max-view-mpx`` keeps its central window of that many pixels, at
   the photo's aspect ratio (pixel statistics of that scale intact, field of view cut);
 - a view with a side under ``--min-side`` (256 px, the smallest training crop) is dropped:

@@ -49,12 +49,12 @@ def photo_folder(root: Path, broken: bool = True) -> dict[str, str | None]:
     return expected
 
 
-def damage_a_page(path: Path, column: str = "key") -> None:
-    """Flip one byte inside a page of ``column`` (row group 0) of a Parquet file, choosing a
+def damage_a_page(path: Path, column: str = "key", row_group: int = 0) -> None:
+    """Flip one byte inside a page of ``column`` (in ``row_group``) of a Parquet file, choosing a
     byte whose flip a reader that skips page checksums does not notice: the file still
     reads, with different values. Only page checksums can tell."""
     data = path.read_bytes()
-    chunk = next(c for c in (pq.read_metadata(path).row_group(0).column(i)
+    chunk = next(c for c in (pq.read_metadata(path).row_group(row_group).column(i)
                              for i in range(pq.read_metadata(path).num_columns)) if c.path_in_schema == column)
     start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
     original = pq.read_table(pa.BufferReader(data), columns=[column])

@@ -67,6 +67,10 @@ def test_folder_to_archive_loses_nothing(ray_local, tiny_model, tmp_path):
             assert rows[key]["error"].startswith(error) and rows[key]["record"] is None
     assert summary["rows"] == summary["unique_keys"] == len(expected)
     assert summary["ok"] == 6 and summary["errors"] == 4
+    records = [r for r in rows.values() if r["error"] is None]  # the rate: all bits over all pixels
+    assert summary["bpp"] == pytest.approx(8 * sum(r["record_bytes"] for r in records)
+                                           / sum(r["width"] * r["height"] for r in records))
+    assert summary["bpp_per_image"]["max"] == max(r["bpp"] for r in records) > summary["bpp"]  # the tiny images
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
 
 
@@ -123,6 +127,7 @@ def test_archive_rows_are_honest(ray_local, tiny_model, tmp_path):
         assert row["record_bytes"] == len(row["record"])
         assert row["bpp"] == 8 * len(row["record"]) / (row["width"] * row["height"])
         assert row["model_id"] == codec.model_id_hex and row["steps"] == len(row["gammas"])
+        assert row["codec"] == "corrdiff" and row["lpips"] is None and row["codec_setting"] is None  # no floor
         restored = codec.decode([row["record"]])[0]
         assert psnr(decode_image(original), restored) == row["psnr"]  # the decoder's exact pixels
 
@@ -167,7 +172,7 @@ def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):
     run_compress(_config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model, job_id="job-7"))
     [first, *_] = list_data_files(str(tmp_path / "archive"), StorageConfig())
     metadata = file_metadata(first, StorageConfig())
-    assert metadata["corrdiff.archive_schema"] == "1" and metadata["corrdiff.job_id"] == "job-7"
+    assert metadata["corrdiff.archive_schema"] == "2" and metadata["corrdiff.job_id"] == "job-7"
     assert metadata["corrdiff.model_id"] == CorrDiffCodec.from_pretrained(tiny_model, device="cpu").model_id_hex
     assert json.loads(metadata["corrdiff.config"])["input"]["url"] == str(tmp_path / "in")
 
@@ -199,27 +204,40 @@ def test_an_image_that_kills_its_worker_is_an_error_row_and_a_rerun_retries_it(r
     over a 1.4 GiB memory cap; the photos need ~0.25 GB. The huge image's worker is killed
     at the cap each time it is tried; it becomes a retryable error row, and every photo
     around it is archived (before pipeline.isolation, Ray restarted the actor and retried
-    the batch forever). A rerun with a higher cap archives it, and its error row is gone."""
+    the batch forever). A rerun with a higher cap archives it, and its error row is gone.
+
+    The bomb, a 36 Mpx PNG of one colour (120 KB, under the pixel limit), needs ~0.5 GB to
+    decode, over the decoding child's 0.3 GiB cap: it kills its decoder every time, in
+    both runs, and stays one retryable error row. It stands for a bomb that defeats the
+    pixel limit: before pipeline.image_decoder, such an image killed the decode task's
+    worker, and the job failed."""
     expected = _photo_folder(tmp_path / "in", broken=False)
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "in" / "huge.png")
+    Image.new("RGB", (6000, 6000), (9, 9, 9)).save(tmp_path / "in" / "bomb.png")
     config = replace(_config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model),
-                     resources=ResourceSettings(rows_per_file=4, worker_memory_gb=1.4), max_pixels=3_000_000)
+                     resources=ResourceSettings(rows_per_file=4, worker_memory_gb=1.4, image_worker_memory_gb=0.3),
+                     max_pixels=40_000_000)
     summary = run_compress(config)
     rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
-    assert sorted(rows) == sorted([*expected, "huge.png"])
+    assert sorted(rows) == sorted([*expected, "huge.png", "bomb.png"])
     assert rows["huge.png"]["error"] == \
         "worker died (retryable): it crossed its memory cap of 1.4 GiB (tried 2 time(s) alone)"
     assert rows["huge.png"]["record"] is None and rows["huge.png"]["source_sha256"] is not None
+    assert rows["bomb.png"]["error"] == \
+        "decode crashed (retryable): it crossed its memory cap of 0.3 GiB (tried 2 time(s) alone)"
+    assert rows["bomb.png"]["record"] is None and rows["bomb.png"]["source_sha256"] is not None
     assert all(rows[key]["record"] is not None for key in expected)
-    assert summary["error_reasons"] == {"worker died (retryable)": 1} and summary["retryable_errors"] == 1
+    assert summary["error_reasons"] == {"worker died (retryable)": 1, "decode crashed (retryable)": 1}
+    assert summary["retryable_errors"] == 2
 
     rerun = run_compress(replace(config, resources=replace(config.resources, worker_memory_gb=None)))
     rows = _archive(str(tmp_path / "archive")).to_pylist()
-    assert sorted(r["key"] for r in rows) == sorted([*expected, "huge.png"])  # one row per key
-    assert {r["key"]: r for r in rows}["huge.png"]["record"] is not None
-    assert rerun["processed_this_job"] == 1 and rerun["superseded_retryable_rows"] == 1
-    assert rerun["errors"] == rerun["retryable_errors"] == 0
+    assert sorted(r["key"] for r in rows) == sorted([*expected, "huge.png", "bomb.png"])  # one row per key
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["huge.png"]["record"] is not None and by_key["bomb.png"]["error"].startswith("decode crashed")
+    assert rerun["processed_this_job"] == 2 and rerun["superseded_retryable_rows"] == 2
+    assert rerun["errors"] == rerun["retryable_errors"] == 1
 
 
 def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model, tmp_path):
@@ -297,6 +315,28 @@ def test_tar_shards(ray_local, tiny_model, tmp_path):
         ".json": {"count": 1, "examples": ["000000.tar/000000.json"]}}}
     assert {file_metadata(path, StorageConfig())["corrdiff.key_scheme"]
             for path in list_data_files(str(tmp_path / "archive"), StorageConfig())} == {KEY_SCHEME}
+    # Both shards are finished (a member that is not an image is a final error row): marked.
+    assert summary["shards"] == {"finished_before": 0, "read": 2, "finished_this_run": 2}
+    markers = [json.loads(m.read_text()) for m in (tmp_path / "archive" / "_shards").iterdir()]
+    assert sorted((m["shard"], m["rows"]) for m in markers) == [("000000.tar", 2), ("000001.tar", 2)]
+
+    # A rerun reads only what is not finished: a new shard, never the finished ones. To
+    # show it, 000000.tar is overwritten with zeros of the same size and time: read, it
+    # would give a '#shard' error row.
+    shard = tmp_path / "shards" / "000000.tar"
+    stat = shard.stat()
+    shard.write_bytes(bytes(stat.st_size))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    write_tar_shard(tmp_path / "shards" / "000002.tar", {"000004.jpg": photos[3].read_bytes()})
+    summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "tar"}, job_id="rerun"))
+    assert summary["shards"] == {"finished_before": 2, "read": 1, "finished_this_run": 1}
+    assert sorted(_archive(str(tmp_path / "archive")).column("key").to_pylist()) == [*keys, "000002.tar/000004.jpg"]
+    # Every shard finished: a rerun starts no pipeline at all.
+    summary = run_compress(_config(str(tmp_path / "shards"), str(tmp_path / "archive"), tiny_model,
+                                   input={"kind": "tar"}, job_id="third"))
+    assert summary["shards"] == {"finished_before": 3, "read": 0, "finished_this_run": 0}
+    assert summary["rows"] == 5 and summary["processed_this_job"] == 0
 
 
 @pytest.mark.parametrize("kind, scheme, refused", [
@@ -337,6 +377,7 @@ def test_parquet_input(ray_local, tiny_model, tmp_path):
     rows = {r["key"]: r for r in _archive(str(tmp_path / "archive")).to_pylist()}
     assert sorted(rows) == sorted([p.stem for p in photos] + ["missing"])
     assert rows["missing"]["error"] == "missing image bytes" and summary["ok"] == 3
+    assert summary["shards"] == {"finished_before": 0, "read": 1, "finished_this_run": 1}
 
 
 @pytest.mark.parametrize("store,seed", [("local", 0), ("s3", 1)])

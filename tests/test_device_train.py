@@ -25,14 +25,13 @@ from PIL import Image
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import lpips_backbone_path
 from corrdiff.model import CorrDiffModel
-from corrdiff.train_runtime import CheckpointStore, DeviceCrops, cosine_lr, phase_ends
+from corrdiff.train_runtime import CheckpointStore, DeviceCrops, RandomCrops, cosine_lr, phase_ends
 from corrdiff.training import phase0_loss, phase1_loss, phase2_loss, trainable_parameters
-from pipeline.image_folder import RandomCrops, load_images
+from pipeline.image_folder import load_images
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-from train import PhaseConfig, TrainConfig, train  # noqa: E402
+from conftest import train_on_folder
+from corrdiff.trainer import PhaseConfig, TrainConfig
 
 PHOTOS = ROOT / "examples" / "photos"
 REHEARSAL = "configs/train/rehearsal-tiny.yaml"
@@ -182,7 +181,7 @@ def test_a_run_killed_mid_phase_leaves_a_loadable_model_and_a_resumable_state(tm
 
     resumed = TrainConfig.from_yaml(str(config), {"max_seconds": 25, "max_file_mib": 1.3})
     resumed.phases[0].steps = stopped_at + 10
-    train(resumed)
+    train_on_folder(resumed)
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "log.csv"))]
     assert len(steps) == rows_kept + len([s for s in steps if s > stopped_at])
     assert steps == sorted(steps) and steps[-1] == stopped_at + 10  # it went on, not from 0
@@ -310,7 +309,7 @@ def test_a_model_too_large_for_a_file_is_refused_before_training(tmp_path):
                          phases=[PhaseConfig(0, 5, 1e-3)], model=tiny_config(), crop=64, batch_size=1,
                          device="cpu", max_file_mib=0.5)
     with pytest.raises(ValueError, match="exported model takes"):
-        train(config)
+        train_on_folder(config)
     assert not (tmp_path / "run" / "log.csv").exists()
 
 
@@ -334,7 +333,7 @@ def test_fractions_are_given_to_every_phase_or_none():
 
 
 def test_a_budgeted_run_without_lpips_skips_the_phases_that_need_it(tmp_path, monkeypatch):
-    import train as train_module
+    import corrdiff.trainer as train_module
 
     (tmp_path / "photos").mkdir()
     for name in ("life.jpg", "sunset.jpg"):
@@ -345,10 +344,10 @@ def test_a_budgeted_run_without_lpips_skips_the_phases_that_need_it(tmp_path, mo
                                  PhaseConfig(2, 10**6, 1e-4, perceptual_weight=1.0, fraction=0.5)],
                          model=tiny_config(), crop=64, batch_size=1, log_every=5, device="cpu", threads=1)
     with pytest.raises(RuntimeError, match="--lpips optional"):
-        train(config)
+        train_on_folder(config)
     config.lpips, config.max_seconds = "optional", 12.0
     started = time.monotonic()
-    train(config)
+    train_on_folder(config)
     assert time.monotonic() - started < 12.0 + 4.0
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert rows and {r["phase"] for r in rows} == {"0"} and not any(r["lpips"] for r in rows)
@@ -362,9 +361,9 @@ def test_the_training_path_imports_without_ray_pyarrow_lpips_or_msssim_extras():
         import sys
         for name in ("ray", "pyarrow", "lpips", "boto3", "s3fs"):
             sys.modules[name] = None
-        sys.path.insert(0, "jobs")
-        import train
-        import pipeline.image_folder
+        import importlib.util
+        job = importlib.util.spec_from_file_location("train_job", "jobs/train.py")
+        job.loader.exec_module(importlib.util.module_from_spec(job))
         from corrdiff.train_runtime import optional_lpips
         metric, why = optional_lpips("cpu")
         assert metric is None and "lpips" in why, why

@@ -1,4 +1,5 @@
-"""Model stages in child processes (pipeline.isolation): real process deaths, no Ray.
+"""Model stages and image decoding in child processes (pipeline.isolation,
+pipeline.image_decoder): real process deaths, no Ray.
 
 The stage below stands in for a model stage; what it does to its own process on some keys
 (SIGKILL as the out-of-memory killer sends it, a segmentation fault in native code, a
@@ -8,6 +9,8 @@ memory hog) is real, and so is everything the actor then does about it.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -18,13 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pytest
+from PIL import Image
 
+from pipeline.image_decoder import ImageDecoder
+from pipeline.images import decode_image
 from pipeline.isolation import StageSetupError, WorkerLimits, isolated
 
 MiB = 2**20
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "photos").glob("*.jpg"))
 
 
 class PoisonStage:
@@ -117,7 +125,11 @@ def test_a_worker_killed_while_it_loads_is_started_again(tmp_path):
         deadline = time.time() + 30
         while time.time() < deadline and not killer_done:
             for process in psutil.Process().children():
-                if "pipeline.isolation" in process.cmdline():
+                try:
+                    command = process.cmdline()
+                except psutil.Error:  # gone, or exited and not yet reaped, between the listing and the look
+                    continue
+                if "pipeline.isolation" in command:
                     process.kill()
                     killer_done.append(process.pid)
                     return
@@ -139,19 +151,68 @@ def test_a_bug_in_the_stage_fails_the_batch_instead_of_hiding(tmp_path):
 def test_the_worker_dies_with_its_actor(tmp_path):
     """An actor killed outright (SIGKILL, as Ray kills one) leaves no orphaned model process."""
     script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
         from test_isolation import _stage
         from pathlib import Path
         stage = _stage(Path({str(tmp_path)!r}))
         print(stage.child.process.pid, flush=True)
         input()
     """)
-    actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])
+    actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": path})
     child = psutil.Process(int(actor.stdout.readline()))
     actor.kill()
     actor.wait()
     child.wait(timeout=10)  # raises TimeoutExpired if the child outlived its actor
+
+
+class CrashingDecoder(ImageDecoder):
+    """The image decoder, with a crash in native code for one payload (as a Pillow plugin's
+    on a malicious file)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if b"segfault" in batch.column("data").to_pylist():
+            ctypes.string_at(0)
+        return super().__call__(batch)
+
+
+def test_an_image_that_crashes_the_decoder_is_a_decode_crashed_row(tmp_path):
+    photo = PHOTOS[0].read_bytes()
+    data = pa.array([photo, b"segfault", b"not an image"], pa.large_binary())
+    out = isolated(CrashingDecoder)({"max_pixels": 10**6}, WorkerLimits())(pa.table({"data": data})).to_pylist()
+    assert [row["error"] for row in out] == [
+        None, "decode crashed (retryable): killed by SIGSEGV (a crash in native code) (tried 2 time(s) alone)",
+        "not a recognised image format"]
+    image = decode_image(photo)
+    assert (out[0]["height"], out[0]["width"]) == image.shape[:2] and out[0]["pixels"] == image.tobytes()
+    assert out[1]["pixels"] is None
+
+
+def _decode_input(datas: list[bytes]) -> pa.Table:
+    return pa.table({"key": [f"k{i}" for i in range(len(datas))], "source_uri": [f"/in/{i}" for i in range(len(datas))],
+                     "data": pa.array(datas, pa.binary()), "error": pa.array([None] * len(datas), pa.string())})
+
+
+def test_a_decompression_bomb_is_killed_at_the_cap_and_its_batch_mates_decode():
+    """The compress job's decode stage, as its CPU task runs it: a 36 Mpx PNG of one colour
+    (120 KB, under the pixel limit) needs ~0.5 GB to decode, over a 0.3 GiB cap; the
+    decoding child is killed, and the photos around the bomb are decoded in a fresh one."""
+    from pipeline.stages import decode_batch  # here: the stages' module imports Ray, which the children need not
+
+    bomb = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (9, 9, 9)).save(bomb, "PNG")
+    datas = [PHOTOS[0].read_bytes(), bomb.getvalue(), b"not an image", PHOTOS[1].read_bytes()]
+    out = decode_batch(_decode_input(datas), max_pixels=40_000_000,
+                       limits=WorkerLimits(memory_bytes=int(0.3 * 2**30)))
+    rows = out.drop_columns(["pixels"]).to_pylist()
+    assert [row["error"] for row in rows] == [
+        None, "decode crashed (retryable): it crossed its memory cap of 0.3 GiB (tried 2 time(s) alone)",
+        "not a recognised image format", None]
+    assert [row["source_bytes"] for row in rows] == [len(d) for d in datas]  # the bomb's size and digest are kept
+    assert rows[1]["source_sha256"] == hashlib.sha256(datas[1]).hexdigest()
+    pixels = out.column("pixels").combine_chunks().to_numpy()
+    assert np.array_equal(pixels[0], decode_image(datas[0])) and np.array_equal(pixels[3], decode_image(datas[3]))
+    assert pixels[1].size == pixels[2].size == 0
 
 
 def test_limits_are_checked():
@@ -159,3 +220,26 @@ def test_limits_are_checked():
         WorkerLimits(attempts=0)
     with pytest.raises(ValueError, match="memory cap"):
         WorkerLimits(memory_bytes=0)
+
+
+def test_an_actor_unpickles_its_model_stage_without_importing_the_model_code():
+    """What Ray ships to an encode actor (the isolated class, its settings) opens without
+    torch or the codec: only the child imports them (about 1 GB and 9 s of a CPU each)."""
+    from ray import cloudpickle
+
+    from pipeline.isolation import sealed
+    from pipeline.models import ModelSources
+    from pipeline.stages import EncodeStage
+    from pipeline.storage import StorageConfig
+
+    shipped = cloudpickle.dumps((isolated(EncodeStage), sealed({"models": ModelSources("/archive", StorageConfig())})))
+    code = textwrap.dedent("""
+        import sys
+        from ray import cloudpickle
+        stage, settings = cloudpickle.loads(sys.stdin.buffer.read())
+        assert stage.stage_path == "pipeline.stages:EncodeStage" and isinstance(settings, bytes)
+        heavy = sorted(name for name in ("torch", "corrdiff", "compressai", "pipeline.stages") if name in sys.modules)
+        print("imported:", heavy)
+    """)
+    completed = subprocess.run([sys.executable, "-c", code], input=shipped, capture_output=True, timeout=120)
+    assert completed.stdout.decode().strip() == "imported: []", completed.stderr.decode()[-2000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,10 +17,8 @@ from corrdiff.metrics import lpips_backbone_path
 from corrdiff.training import coded_latent, phase0_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-from conftest import smooth_image  # noqa: E402
-from train import MIN_CROP, PhaseConfig, TrainConfig, train  # noqa: E402
+from conftest import smooth_image, train_on_folder
+from corrdiff.trainer import MIN_CROP, PhaseConfig, TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -50,13 +47,13 @@ def _config(tmp_path: Path, steps: tuple[int, int, int]) -> TrainConfig:
 @pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
 def test_phases_run_resume_and_export(tmp_path):
     _two_photos(tmp_path / "photos")
-    train(_config(tmp_path, (3, 2, 1)))
+    train_on_folder(_config(tmp_path, (3, 2, 1)))
     log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [(r["phase"], r["step"]) for r in log] == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2"), ("2", "1")]
     assert float(log[0]["bpp"]) > 0 and float(log[0]["psnr"]) > 0 and float(log[-1]["lpips"]) > 0
 
     # A rerun of a finished run trains nothing more: it only exports again.
-    train(_config(tmp_path, (3, 2, 1)))
+    train_on_folder(_config(tmp_path, (3, 2, 1)))
     assert len(list(csv.DictReader(open(tmp_path / "run" / "log.csv")))) == 6
 
     codec = CorrDiffCodec.from_pretrained(tmp_path / "run" / "tiny-test.safetensors", device="cpu")
@@ -74,11 +71,11 @@ def test_train_latent_false_keeps_the_codec_and_every_record_byte(tmp_path, phas
     _two_photos(tmp_path / "photos")
     base = _config(tmp_path, (2, 0, 0))
     base.phases = base.phases[:1]
-    base_path = train(base)
+    base_path = train_on_folder(base)
     tuned = _config(tmp_path, (0, 0, 0))
     tuned.phases = [PhaseConfig(phase, 2, 1e-3, perceptual_weight=1.0, train_latent=False)]
     tuned.init, tuned.output = str(base_path), str(tmp_path / "tuned")
-    tuned_path = train(tuned)
+    tuned_path = train_on_folder(tuned)
     log = list(csv.DictReader(open(tmp_path / "tuned" / "log.csv")))
     assert [r["phase"] for r in log] == [str(phase)] * 2 and all(float(r["lpips"]) > 0 for r in log)
 
@@ -126,7 +123,7 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     config.phases = config.phases[:1]
     config.checkpoint_every = 2
     config.phases[0].steps = 2
-    train(config)  # runs steps 1-2 and marks phase 0 complete
+    train_on_folder(config)  # runs steps 1-2 and marks phase 0 complete
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (state["phase_index"], state["step"]) == (1, 0)
     # Simulate a kill at step 2 of 4: the checkpoint says phase 0, step 2 (no optimizer state:
@@ -134,13 +131,13 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     state["phase_index"], state["step"] = 0, 2
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     config.phases[0].steps = 4
-    train(config)
+    train_on_folder(config)
     steps = [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
     assert steps == ["1", "2", "3", "4"]
 
 
 def test_a_killed_run_resumes_with_one_row_per_step_and_a_continuous_clock(tmp_path, monkeypatch):
-    import train as train_module
+    import corrdiff.trainer as train_module
 
     _two_photos(tmp_path / "photos")
     config = _config(tmp_path, (5, 0, 0))
@@ -155,10 +152,10 @@ def test_a_killed_run_resumes_with_one_row_per_step_and_a_continuous_clock(tmp_p
 
     monkeypatch.setattr(train_module, "_loss", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(config)
+        train_on_folder(config)
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))] == ["1", "2", "3"]
     monkeypatch.setattr(train_module, "_loss", real_loss)
-    train(config)
+    train_on_folder(config)
     log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [r["step"] for r in log] == ["1", "2", "3", "4", "5"]  # step 3 redone, logged once
     seconds = [float(r["seconds"]) for r in log]

@@ -49,7 +49,8 @@ from training_pack_sources import (  # noqa: E402
     path_matches,
 )
 
-from pipeline.image_folder import RandomCrops, load_images  # noqa: E402
+from corrdiff.train_runtime import RandomCrops
+from pipeline.image_folder import load_images  # noqa: E402
 
 EXAMPLES = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 # Small enough for 480 px examples: every photo gets s1 (a window), s2 and s4.

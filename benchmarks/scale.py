@@ -1,0 +1,227 @@
+"""What planning a job costs the driver as an archive grows: seconds and peak memory.
+
+    python benchmarks/scale.py [--keys 1000000] [--files 100] [--kinds manifest,tar,parquet]
+        [--workdir DIR] [--json FILE]
+
+Builds a synthetic archive of ``--keys`` rows in ``--files`` data files (the project's own
+schema and layout, records of 16 bytes: what is measured is planning and I/O, not
+encoding), and for each source kind a synthetic input whose keys are those of the archive,
+1 % of them not yet archived (for sharded sources: half of each of 2 % of the shards, as a
+killed run leaves them). Then, each in a fresh process (so that its peak RSS is its
+own), the driver's side of:
+
+- ``rerun_plan``: what a rerun does before the first task: the listing, then for a
+  manifest the anti-join of the listing against the archive's keys (``done_keys``); for tar
+  and Parquet shards the markers (``finished_shards``) and the done keys of the unfinished
+  shards only (``pipeline.shards.resume_shards`` without its actor). ``task_payload_mb``: the
+  pickled done set that every read task of a sharded source receives (a worker's memory);
+- ``summary``: the job summary (``pipeline.summary.summarize``);
+- ``verify_plan`` and ``audit_plan``: the footers and the selection of ``--verify-all``
+  and of an audit sample of 1000 rows (``pipeline.selection``);
+- ``decode_keys``: ``decode --keys`` of 10 keys: the footers, then what the read tasks do
+  (here one after another in this process): the row groups that can hold the keys.
+
+The files source kind is measured through a manifest: a real folder of 10 M files cannot be
+made here; its listing (one ``find`` on the driver) is the same anti-join after it.
+
+Goals (issue 23): driver memory flat in the number of keys (at most 1 GB at 10 M keys),
+rerun planning of 10 M keys under a minute, a rerun over finished tar shards reads none of
+them (here: the shards to read are the 1 % with missing keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STEPS = ("rerun_plan", "summary", "verify_plan", "audit_plan", "decode_keys")
+MEMBERS_PER_SHARD = 1000
+MISSING = 0.01
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=1_000_000, help="rows of the synthetic archive")
+    parser.add_argument("--files", type=int, default=100, help="data files of the archive")
+    parser.add_argument("--kinds", default="manifest,tar,parquet", help="source kinds, comma-separated")
+    parser.add_argument("--workdir", help="where to build (default: a temporary folder, removed after)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: measure one step in this process
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.step:
+        print(json.dumps(_measure(args.step, args.kind, Path(args.workdir))))
+        return
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    with tempfile.TemporaryDirectory(prefix="corrdiff-scale-") as scratch:
+        root = Path(args.workdir or scratch)
+        results = []
+        for kind in kinds:
+            started = time.perf_counter()
+            _build(root / kind, kind, args.keys, args.files)
+            print(f"{kind}: built {args.keys:,} keys in {time.perf_counter() - started:.1f} s", flush=True)
+            for step in STEPS:
+                completed = subprocess.run([sys.executable, __file__, "--step", step, "--kind", kind,
+                                            "--workdir", str(root / kind)], capture_output=True, text=True)
+                if completed.returncode != 0:
+                    raise SystemExit(f"{kind} {step} failed:\n{completed.stderr[-3000:]}")
+                result = {"kind": kind, "keys": args.keys, "step": step, **json.loads(completed.stdout.splitlines()[-1])}
+                results.append(result)
+                print(_line(result), flush=True)
+        report = {"keys": args.keys, "files": args.files, "cpus": os.cpu_count(),
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results}
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _line(result: dict) -> str:
+    extra = "".join(f"  {k} {v}" for k, v in result.items()
+                    if k not in ("kind", "keys", "step", "seconds", "peak_rss_mb", "baseline_rss_mb"))
+    return (f"{result['kind']:9} {result['step']:12} {result['seconds']:8.2f} s  peak RSS {result['peak_rss_mb']:7.0f} MB "
+            f"(imports {result['baseline_rss_mb']:.0f} MB){extra}")
+
+
+# Building -----------------------------------------------------------------------------------
+
+
+def _keys(kind: str, n: int, source: Path = Path("/in")) -> tuple[list[str], list[str], list[str]]:
+    """Each row's key, source URI and shard (the source object it comes from, in ``source``)."""
+    index = np.arange(n)
+    if kind == "manifest":
+        keys = [f"photos/{i % 1000:03d}/{i:010d}.jpg" for i in index]
+        return keys, [f"s3://bucket/{k}" for k in keys], keys
+    shards = [f"shard-{i // MEMBERS_PER_SHARD:07d}.{'tar' if kind == 'tar' else 'parquet'}" for i in index]
+    if kind == "tar":
+        keys = [f"{s}/{i:010d}.jpg" for s, i in zip(shards, index)]
+        return keys, [f"{source}/{s}#{i:010d}.jpg" for s, i in zip(shards, index)], shards
+    keys = [f"id{i:010d}" for i in index]
+    return keys, [f"{source}/{s}#{k}" for s, k in zip(shards, keys)], shards
+
+
+def _build(root: Path, kind: str, n: int, files: int) -> None:
+    """The archive (all keys but a seeded 1 %), the input (every key), shard markers."""
+    from pipeline.archive import SCHEMA, data_file_bytes
+    from pipeline.shards import MARKERS_DIR, marker_name
+
+    archive, source = root / "archive", root / "in"
+    archive.mkdir(parents=True)
+    source.mkdir()
+    keys, uris, shards = _keys(kind, n, source)
+    missing = _missing(kind, n)
+    archived = np.flatnonzero(~missing)
+    now = pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
+    for part, rows in enumerate(np.array_split(archived, files)):
+        count = len(rows)
+        table = pa.table({
+            "key": pa.array([keys[i] for i in rows], pa.string()),
+            "source_uri": pa.array([uris[i] for i in rows], pa.string()),
+            "record": pa.array([b"\x00" * 16] * count, pa.binary()),
+            "record_bytes": pa.array([16] * count, pa.int64()),
+            "width": pa.array([64] * count, pa.int32()), "height": pa.array([64] * count, pa.int32()),
+            "bpp": pa.array([16 * 8 / 4096] * count), "created_at": pa.array([now] * count),
+            "job_id": pa.array(["bench"] * count),
+        })
+        table = pa.table({name: table[name] if name in table.column_names else pa.nulls(count, SCHEMA.field(name).type)
+                          for name in SCHEMA.names}, schema=SCHEMA)
+        (archive / f"part-bench-{part:05d}.parquet").write_bytes(data_file_bytes(table))
+    if kind == "manifest":
+        pq.write_table(pa.table({"key": keys, "uri": uris}), source / "manifest.parquet")
+        return
+    unfinished = {shards[i] for i in np.flatnonzero(missing)}
+    (archive / MARKERS_DIR).mkdir()
+    for shard in sorted(set(shards)):
+        path = source / shard
+        if kind == "tar":
+            path.write_bytes(b"never read in planning")
+        else:  # the listing reads the first file's schema
+            pq.write_table(pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary())}), path)
+        if shard not in unfinished:
+            stat = path.stat()
+            (archive / MARKERS_DIR / marker_name(shard, stat.st_size, f"mtime={stat.st_mtime}")).write_text("{}")
+
+
+def _missing(kind: str, n: int) -> np.ndarray:
+    """Which keys are not archived yet: 1 % of them. A manifest's at random; a sharded
+    source's as a killed run leaves them: the second half of the members of 2 % of the
+    shards (seeded), the other shards finished."""
+    rng = np.random.default_rng(0)
+    if kind == "manifest":
+        return rng.random(n) < MISSING
+    shards = -(-n // MEMBERS_PER_SHARD)
+    partial = rng.choice(shards, size=max(1, round(2 * MISSING * shards)), replace=False)
+    index = np.arange(n)
+    return np.isin(index // MEMBERS_PER_SHARD, partial) & (index % MEMBERS_PER_SHARD >= MEMBERS_PER_SHARD // 2)
+
+
+# Measuring (in a fresh process per step) ------------------------------------------------
+
+
+def _measure(step: str, kind: str, root: Path) -> dict:
+    from pipeline.archive import done_keys, read_data_file_rows
+    from pipeline.selection import all_rows, archive_files, sample_rows
+    from pipeline.shards import finished_shards, shard_ref
+    from pipeline.sources import SourceConfig, Skipped, _without_done, list_items
+    from pipeline.storage import StorageConfig, filesystem
+    from pipeline.summary import summarize
+
+    storage, archive = StorageConfig(), str(root / "archive")
+    baseline = _rss_mb()
+    started = time.perf_counter()
+    extra: dict = {}
+    if step == "rerun_plan":
+        if kind == "manifest":
+            listing = list_items(SourceConfig(url=str(root / "in" / "manifest.parquet"), kind="manifest"), storage)
+            todo = _without_done(listing.items, done_keys(archive, storage))
+            extra = {"to_read": todo.num_rows}
+        else:
+            listing = list_items(SourceConfig(url=str(root / "in"), kind=kind), storage)
+            finished = finished_shards(archive, storage, listing.items)
+            todo = [k for k in listing.items["key"].to_pylist() if k not in finished]
+            refs = set(todo) if kind == "tar" else {str(root / "in" / k) for k in todo}
+            done = done_keys(archive, storage, only=lambda key, uri: shard_ref(kind, key, uri) in refs)
+            extra = {"shards": listing.items.num_rows, "shards_to_read": len(todo), "done_keys_held": len(done),
+                     "task_payload_mb": round(len(pickle.dumps(frozenset(done))) / 2**20, 1)}
+    elif step == "summary":
+        summarize(archive, storage, "bench", 1.0, Skipped())
+    elif step in ("verify_plan", "audit_plan"):
+        files = archive_files(archive, storage)
+        selections = all_rows(files) if step == "verify_plan" else sample_rows(files, 1000, seed=0)
+        extra = {"files_selected": len(selections)}
+    elif step == "decode_keys":
+        files = archive_files(archive, storage)
+        keys = tuple(sorted(_keys(kind, 10)[0]))  # ten archived keys (the first ten)
+        fs, _ = filesystem(archive, storage)
+        found = 0
+        for file in files:
+            table, _ = read_data_file_rows(file.path, fs, ["key", "record"], keys=keys)
+            found += sum(key in keys for key in table["key"].to_pylist())
+        extra = {"found": found}
+    else:
+        raise SystemExit(f"unknown step {step}")
+    return {"seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_rss_mb(), 1),
+            "baseline_rss_mb": round(baseline, 1), **extra}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+if __name__ == "__main__":
+    main()
