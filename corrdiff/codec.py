@@ -8,6 +8,12 @@ Images of any size are replicate-padded to a multiple of 64 and cropped back. Th
 runs the whole sampler (it fits and quantizes a gamma at every step) and so knows the
 exact pixels every decoder of its records will produce on the same platform.
 
+Records are written in format version 2: the networks run on tiles (``Tiling``: 512 px
+overlapping by 64 by default; corrdiff.tiling, corrdiff.tiled_sampler), so an image's
+memory is its tile's plus 36 bytes per pixel of sampler state, and an image within one
+tile is coded exactly as a whole. Version 1 records (whole-image networks) decode by the
+whole-image path they were written with, to the same pixels as ever.
+
 The networks see one image at a time, never a batch: BLAS and convolution kernels pick
 different blockings for different batch sizes, which changes float rounding, so an
 image's pixels would depend on which images it happened to be batched with. A record's
@@ -30,10 +36,14 @@ from torch import Tensor
 from corrdiff import weights
 from corrdiff.config import ModelConfig
 from corrdiff.gamma import GammaFitter
-from corrdiff.latent_codec import LatentBitstreams, pad_amount, pad_to_stride
+from corrdiff.latent_codec import LatentBitstreams, PixelSource, TiledBitstreams, pad_amount
 from corrdiff.model import CorrDiffModel
 from corrdiff.record import ModelMismatchError, Record, RecordError, check_padded_size
-from corrdiff.sampler import corrected_ddim, initial_state
+from corrdiff.sampler import GammaRule, corrected_ddim, initial_state
+from corrdiff.tiled_sampler import (
+    TiledDenoiser, closed_form_fit, corrected_ddim_tiled, initial_state_tiled, reconstruct_e2e_tiled, to_image,
+)
+from corrdiff.tiling import Tiling
 
 DecodeMode = Literal["corrdiff", "e2e", "diffusion"]
 DECODE_MODES: tuple[str, ...] = ("corrdiff", "e2e", "diffusion")
@@ -71,7 +81,7 @@ class EncodedImage:
 
 class CorrDiffCodec:
     def __init__(self, model: CorrDiffModel, device: str | torch.device | None = None,
-                 gamma_fitter: GammaFitter | None = None) -> None:
+                 gamma_fitter: GammaFitter | None = None, tiling: Tiling | None = None) -> None:
         self.device = pick_device(device)
         if self.device.type == "cuda":
             # Same record, same GPU type, same pixels: no autotuned or TF32 kernels.
@@ -82,6 +92,7 @@ class CorrDiffCodec:
         self.model = model.eval().to(self.device)
         self.model_id: bytes = weights.model_id(model)
         self.gamma_fitter = gamma_fitter or GammaFitter()
+        self.tiling = tiling or Tiling()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -126,25 +137,35 @@ class CorrDiffCodec:
         return [self._encode_one(image, seed, steps or self.default_steps) for image in checked]
 
     def _encode_one(self, image: np.ndarray, seed: int, steps: int) -> EncodedImage:
-        model = self.model
+        model, tiling = self.model, self.tiling
         height, width = image.shape[:2]
-        x = pad_to_stride(image_to_tensor(image))[None].to(self.device)
-        mask = torch.zeros_like(x[:, :1])
-        mask[..., :height, :width] = 1.0  # gamma is fitted on the image's own pixels, not its padding
-        (streams,), y_hat = model.latent.compress(x)
-        x_e = model.reconstruct_e2e(y_hat)
-        target = x * 2.0 - 1.0
-        x_start = initial_state(x_e, self._noise(x.shape, seed), model.schedule)
-        denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
-        fit_original = self.gamma_fitter.bind(target, mask)
-        fit = lambda step, x0_theta: fit_original(x0_theta, x_e)  # noqa: E731
-        out, gammas = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, fit)
+        padded_size = (height + pad_amount(height), width + pad_amount(width))
+        pixels = pixel_source(image, self.device)
+        streams, y_hat = model.latent.compress_tiled(pixels, padded_size, tiling.tile, self.device)
+        x_e = reconstruct_e2e_tiled(model, y_hat, tiling.tile)
+        x_start = initial_state_tiled(x_e, seed, model.schedule.alpha_bar(model.schedule.t_max))
+        denoiser = TiledDenoiser(model, x_e, y_hat, tiling.tile, tiling.overlap)
+        out, gammas = corrected_ddim_tiled(denoiser, x_start, model, steps, self._fit(pixels, padded_size, height, width, x_e))
         record = Record(
             model_id=self.model_id, height=height, width=width,
-            pad_bottom=pad_amount(height), pad_right=pad_amount(width), seed=seed,
-            gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_string=streams.y,
+            pad_bottom=padded_size[0] - height, pad_right=padded_size[1] - width, seed=seed,
+            gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_strings=tuple(streams.y),
+            tile=tiling.tile, overlap=tiling.overlap,
         )
-        return EncodedImage(record.to_bytes(), tensor_to_image(out)[:height, :width], record.gammas, seed, y_hat)
+        return EncodedImage(record.to_bytes(), to_image(out, height, width), record.gammas, seed, y_hat)
+
+    def _fit(self, pixels: PixelSource, padded_size: tuple[int, int], height: int, width: int,
+             x_e: Tensor) -> GammaRule:
+        """The encoder's gamma rule: the closed form, summed stripe by stripe; a perceptual
+        fit needs the whole original as a tensor (its metric sees the whole image), so that
+        mode costs 12 more bytes per pixel (docs/method.md, "Tiles")."""
+        if not self.gamma_fitter.refines:
+            return closed_form_fit(pixels, height, width, x_e)
+        target = pixels(0, 0, *padded_size) * 2.0 - 1.0
+        mask = torch.zeros_like(target[:, :1])
+        mask[..., :height, :width] = 1.0  # gamma is fitted on the image's own pixels, not its padding
+        fit_original = self.gamma_fitter.bind(target, mask)
+        return lambda step, x0_theta: fit_original(x0_theta, x_e)
 
     @torch.no_grad()
     def verify(self, encoded: EncodedImage, record: bytes) -> None:
@@ -166,8 +187,7 @@ class CorrDiffCodec:
                               f"{width}x{height}")
         if parsed.gammas != encoded.gammas or parsed.seed != encoded.seed:
             raise RecordError("record's gammas or seed differ from the encoder's")
-        streams = LatentBitstreams(z=parsed.z_string, y=parsed.y_string)
-        latent = self.model.latent.decompress([streams], parsed.padded_size).to(encoded.latent.device)
+        latent = self._latent(parsed).to(encoded.latent.device)
         if latent.shape != encoded.latent.shape or not torch.equal(latent, encoded.latent):
             differing = int((latent != encoded.latent).sum()) if latent.shape == encoded.latent.shape else latent.numel()
             raise RecordError(f"record's latent decodes differently from what the encoder coded "
@@ -198,21 +218,46 @@ class CorrDiffCodec:
         return record
 
     def _decode_one(self, record: Record, mode: DecodeMode, steps: int) -> np.ndarray:
+        if record.version == 1:
+            return self._decode_whole(record, mode, steps)
         model = self.model
-        streams = LatentBitstreams(z=record.z_string, y=record.y_string)
-        y_hat = model.latent.decompress([streams], record.padded_size).to(self.device)
+        y_hat = self._latent(record)
+        x_e = reconstruct_e2e_tiled(model, y_hat, record.tile)
+        if mode == "e2e":
+            return to_image(x_e, record.height, record.width)
+        x_start = initial_state_tiled(x_e, record.seed, model.schedule.alpha_bar(model.schedule.t_max))
+        denoiser = TiledDenoiser(model, x_e, y_hat, record.tile, record.overlap)
+        rule, steps = self._decode_rule(record, mode, steps)
+        out, _ = corrected_ddim_tiled(denoiser, x_start, model, steps, rule)
+        return to_image(out, record.height, record.width)
+
+    def _latent(self, record: Record) -> Tensor:
+        """y_hat as the record codes it: block by block (version 2) or whole (version 1)."""
+        if record.version == 1:
+            [y_string] = record.y_strings
+            streams = LatentBitstreams(z=record.z_string, y=y_string)
+            return self.model.latent.decompress([streams], record.padded_size).to(self.device)
+        streams = TiledBitstreams(z=record.z_string, y=list(record.y_strings))
+        return self.model.latent.decompress_tiled(streams, record.padded_size, record.tile, self.device)
+
+    def _decode_rule(self, record: Record, mode: DecodeMode, steps: int) -> tuple[GammaRule, int]:
+        """corrdiff: the record's gammas and step count; diffusion: gamma = 0, any steps."""
+        if mode == "corrdiff":
+            table = torch.tensor([record.gammas], dtype=torch.float32, device=self.device)
+            return (lambda step, x0_theta: table[:, step]), record.steps
+        return (lambda step, x0_theta: torch.zeros(1, device=self.device)), steps
+
+    def _decode_whole(self, record: Record, mode: DecodeMode, steps: int) -> np.ndarray:
+        """Format version 1: every network on the whole image, as those records were written."""
+        model = self.model
+        y_hat = self._latent(record)
         x_e = model.reconstruct_e2e(y_hat)
         if mode == "e2e":
             out = x_e
         else:
             x_start = initial_state(x_e, self._noise(x_e.shape, record.seed), model.schedule)
             denoise = lambda x_t, t: model.denoise(x_t, t, x_e, y_hat)  # noqa: E731
-            if mode == "corrdiff":
-                table = torch.tensor([record.gammas], dtype=torch.float32, device=self.device)
-                rule = lambda step, x0_theta: table[:, step]  # noqa: E731
-                steps = record.steps
-            else:
-                rule = lambda step, x0_theta: torch.zeros(1, device=self.device)  # noqa: E731
+            rule, steps = self._decode_rule(record, mode, steps)
             out, _ = corrected_ddim(denoise, x_e, x_start, model.schedule, steps, rule)
         return tensor_to_image(out)[:record.height, :record.width]
 
@@ -231,6 +276,19 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
     height, width = image.shape[:2]
     check_padded_size(height + pad_amount(height), width + pad_amount(width))  # before any model runs
     return image
+
+
+def pixel_source(image: np.ndarray, device: torch.device) -> PixelSource:
+    """Crops of the image replicate-padded at the bottom and right, as (1, 3, h, w) tensors in
+    [0, 1] on ``device``: the padded image is never materialised (version 2 codes by tiles)."""
+    height, width = image.shape[:2]
+
+    def crop(top: int, left: int, rows: int, cols: int) -> Tensor:
+        ys = np.minimum(np.arange(top, top + rows), height - 1)
+        xs = np.minimum(np.arange(left, left + cols), width - 1)
+        return image_to_tensor(image[ys[:, None], xs[None, :]])[None].to(device)
+
+    return crop
 
 
 def image_to_tensor(image: np.ndarray) -> Tensor:

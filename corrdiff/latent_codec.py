@@ -10,6 +10,7 @@ is bit-identical on the encoder and on any decoder.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from torch import Tensor, nn
 from corrdiff.config import LatentConfig
 from corrdiff.fixed_point import ACT_FRAC_BITS, FixedPointHyperSynthesis, HyperSynthesis, to_fixed
 from corrdiff.record import RecordError
+from corrdiff.tiling import (
+    ANALYSIS_HALO, HYPER_ANALYSIS_HALO, HYPER_SYNTHESIS_HALO, Span, blocks, halo,
+)
 
 LATENT_STRIDE = 16  # y is x downsampled 16 times
 HYPER_STRIDE = 64  # z is x downsampled 64 times: images are padded to a multiple of this
@@ -55,6 +59,19 @@ class LatentBitstreams:
 
     z: bytes
     y: bytes
+
+
+@dataclass
+class TiledBitstreams:
+    """One image's latent coded in blocks (format version 2): one z string for the whole
+    image (1/4096 of its pixels times N symbols), one y string per block in raster order."""
+
+    z: bytes
+    y: list[bytes]
+
+
+# (top, left, height, width) in padded-image pixels -> (1, 3, height, width) in [0, 1]
+PixelSource = Callable[[int, int, int, int], Tensor]
 
 
 @dataclass
@@ -155,6 +172,65 @@ class LatentCodec(nn.Module):
         y_symbols = self._decode(self.gaussian_conditional, [s.y for s in streams], indexes)
         return (y_symbols + means).float()
 
+    @torch.no_grad()
+    def compress_tiled(self, pixels: PixelSource, padded_size: tuple[int, int], tile: int,
+                       device: torch.device) -> tuple[TiledBitstreams, Tensor]:
+        """Code one padded image block by block; also return y_hat (1, M, H/16, W/16) exactly
+        as :meth:`decompress_tiled` will.
+
+        The analysis transforms run on blocks widened by their receptive fields, so y and z
+        are the whole image's (to float rounding: the encoder's business alone). z is coded
+        whole; each block's y is coded with the means and scales that the integer h_s gives
+        from z around the block (:data:`HYPER_SYNTHESIS_HALO`): exactly the whole image's,
+        so the blocks cost the rate of one string each (a few bytes) and no more.
+        """
+        height, width = padded_size
+        grid = [(r, c) for r in blocks(height, tile) for c in blocks(width, tile)]
+        y = torch.empty((1, self.config.latent_channels, height // LATENT_STRIDE, width // LATENT_STRIDE), device=device)
+        for r, c in grid:
+            (top, bottom), (left, right) = (halo(s, ANALYSIS_HALO, LATENT_STRIDE, n) for s, n in ((r, height), (c, width)))
+            crop = self.g_a(pixels(top * LATENT_STRIDE, left * LATENT_STRIDE,
+                                   (bottom - top) * LATENT_STRIDE, (right - left) * LATENT_STRIDE))
+            y[_latent(r, c)] = crop[_latent(r, c, top, left)]
+        z = torch.empty((1, self.config.hyper_channels, height // HYPER_STRIDE, width // HYPER_STRIDE), device=device)
+        ratio = HYPER_STRIDE // LATENT_STRIDE
+        for r, c in grid:
+            (top, bottom), (left, right) = (halo(s, HYPER_ANALYSIS_HALO, LATENT_STRIDE, n) for s, n in ((r, height), (c, width)))
+            crop = self.h_a(y[..., top:bottom, left:right])
+            z[_hyper(r, c)] = crop[_hyper(r, c, top // ratio, left // ratio)]
+        z_symbols = torch.round(z - self._z_medians()).to(torch.int64)
+        [z_string] = self._encode(self.entropy_bottleneck, z_symbols, self._z_indexes(z_symbols.shape))
+        y_strings = []
+        for r, c in grid:
+            means, indexes = self._block_parameters(z_symbols, r, c, padded_size)
+            symbols = torch.round(y[_latent(r, c)].double() - means).to(torch.int64)
+            y_strings += self._encode(self.gaussian_conditional, symbols, indexes)
+            y[_latent(r, c)] = (symbols + means).float()
+        return TiledBitstreams(z=z_string, y=y_strings), y
+
+    @torch.no_grad()
+    def decompress_tiled(self, streams: TiledBitstreams, padded_size: tuple[int, int], tile: int,
+                         device: torch.device) -> Tensor:
+        """y_hat of one image coded by :meth:`compress_tiled`, decoded one block at a time."""
+        height, width = padded_size
+        z_shape = (1, self.config.hyper_channels, height // HYPER_STRIDE, width // HYPER_STRIDE)
+        z_symbols = self._decode(self.entropy_bottleneck, [streams.z], self._z_indexes(z_shape).to(device))
+        y_hat = torch.empty((1, self.config.latent_channels, height // LATENT_STRIDE, width // LATENT_STRIDE), device=device)
+        grid = [(r, c) for r in blocks(height, tile) for c in blocks(width, tile)]
+        for (r, c), string in zip(grid, streams.y, strict=True):
+            means, indexes = self._block_parameters(z_symbols, r, c, padded_size)
+            symbols = self._decode(self.gaussian_conditional, [string], indexes)
+            y_hat[_latent(r, c)] = (symbols + means).float()
+        return y_hat
+
+    def _block_parameters(self, z_symbols: Tensor, r: Span, c: Span, padded_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Means and CDF indexes of one block's y, from z around it (exactly the whole image's)."""
+        (top, bottom), (left, right) = (halo(s, HYPER_SYNTHESIS_HALO, HYPER_STRIDE, n) for s, n in zip((r, c), padded_size))
+        means, indexes = self._y_parameters(z_symbols[..., top:bottom, left:right])
+        ratio = HYPER_STRIDE // LATENT_STRIDE
+        inside = _latent(r, c, top * ratio, left * ratio)
+        return means[inside], indexes[inside]
+
     def _z_medians(self) -> Tensor:
         return self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
 
@@ -220,6 +296,18 @@ def readable_string(string: bytes, symbols: int) -> bytes:
                           f"(whole {RANS_WORD_BYTES}-byte words, {RANS_FLUSH_BYTES} to "
                           f"{RANS_FLUSH_BYTES + RANS_MAX_BYTES_PER_SYMBOL * symbols} bytes)")
     return string + bytes(RANS_WORD_BYTES * symbols)
+
+
+def _latent(r: Span, c: Span, top: int = 0, left: int = 0) -> tuple[slice, ...]:
+    """Index of block (r, c) in a stride-16 tensor whose first position is (top, left)."""
+    return (..., slice(r.start // LATENT_STRIDE - top, r.stop // LATENT_STRIDE - top),
+            slice(c.start // LATENT_STRIDE - left, c.stop // LATENT_STRIDE - left))
+
+
+def _hyper(r: Span, c: Span, top: int = 0, left: int = 0) -> tuple[slice, ...]:
+    """Index of block (r, c) in a stride-64 tensor whose first position is (top, left)."""
+    return (..., slice(r.start // HYPER_STRIDE - top, r.stop // HYPER_STRIDE - top),
+            slice(c.start // HYPER_STRIDE - left, c.stop // HYPER_STRIDE - left))
 
 
 def pad_amount(size: int) -> int:

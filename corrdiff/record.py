@@ -1,6 +1,7 @@
 """The self-describing binary record: one compressed image, specified in docs/format.md.
 
-Layout (little-endian), format version 1:
+Layout (little-endian), format version 2 (version 1, read but no longer written, has no
+tile fields and one y string for the whole image):
 
     offset  size  field
     0       4     magic b"CDAR"
@@ -12,9 +13,11 @@ Layout (little-endian), format version 1:
     30      1     columns of right padding (u8, < 64)
     31      1     sampler steps S (u8, >= 1)
     32      4     noise seed of x_T (u32)
-    36      2*S   gamma_1 .. gamma_S (IEEE float16)
+    36      2     tile side (u16, px; version 2 only)
+    38      2     tile overlap (u16, px; version 2 only)
+    .       2*S   gamma_1 .. gamma_S (IEEE float16)
     .       4     length of the z string (u32), then the z string (rANS)
-    .       4     length of the y string (u32), then the y string (rANS)
+    .       4+n   per block of the tile grid, in raster order: length (u32), then its y string
     end-4   4     CRC-32 (zlib) of every byte before it
 
 Parsing checks, in order: length, magic, checksum, version, then every field's range and
@@ -26,17 +29,22 @@ before it reads a single coded symbol.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from corrdiff.tiling import blocks, check_tiling
+
 MAGIC = b"CDAR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the encoder writes
+READABLE_VERSIONS = (1, 2)
 MODEL_ID_BYTES = 16
 PAD_MULTIPLE = 64
 _HEADER = struct.Struct("<4sB16sIIBBBI")
+_TILING = struct.Struct("<HH")  # version 2: tile side, overlap
 _LENGTH = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 MIN_RECORD_BYTES = _HEADER.size + 2 + 2 * _LENGTH.size + _CRC.size
@@ -74,11 +82,22 @@ class Record:
     seed: int
     gammas: tuple[float, ...]  # float16 values, one per sampler step
     z_string: bytes
-    y_string: bytes
+    y_strings: tuple[bytes, ...]  # one per block of the tile grid (version 1: one, the whole image)
+    version: int = FORMAT_VERSION
+    tile: int = 0  # version 2: tile side and overlap in px (corrdiff.tiling); version 1: 0
+    overlap: int = 0
 
     @property
     def steps(self) -> int:
         return len(self.gammas)
+
+    @property
+    def block_count(self) -> int:
+        """How many y strings the record holds: the blocks of its tile grid (version 1: one)."""
+        if self.version == 1:
+            return 1
+        height, width = self.padded_size
+        return len(blocks(height, self.tile)) * len(blocks(width, self.tile))
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -88,12 +107,12 @@ class Record:
         _validate_fields(self)
         body = b"".join([
             _HEADER.pack(
-                MAGIC, FORMAT_VERSION, self.model_id, self.height, self.width,
+                MAGIC, self.version, self.model_id, self.height, self.width,
                 self.pad_bottom, self.pad_right, self.steps, self.seed,
             ),
+            _TILING.pack(self.tile, self.overlap) if self.version > 1 else b"",
             np.asarray(self.gammas, dtype="<f2").tobytes(),
-            _LENGTH.pack(len(self.z_string)), self.z_string,
-            _LENGTH.pack(len(self.y_string)), self.y_string,
+            *(part for string in (self.z_string, *self.y_strings) for part in (_LENGTH.pack(len(string)), string)),
         ])
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -108,19 +127,34 @@ class Record:
         if zlib.crc32(body) != stored_crc:
             raise RecordError("record checksum mismatch: the record is corrupt or truncated")
         magic, version, model_id, height, width, pad_bottom, pad_right, steps, seed = _HEADER.unpack_from(body)
-        if version != FORMAT_VERSION:
-            raise RecordError(f"record format version {version} is not supported (this library reads {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise RecordError(f"record format version {version} is not supported (this library reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))})")
+        tile = overlap = 0
         offset = _HEADER.size
-        gammas_end = offset + 2 * steps
-        z_string, offset = _read_string(body, gammas_end)
-        y_string, offset = _read_string(body, offset)
+        if version > 1:
+            if offset + _TILING.size > len(body):
+                raise RecordError("record is truncated inside its header")
+            tile, overlap = _TILING.unpack_from(body, offset)
+            offset += _TILING.size
+        gammas = body[offset:offset + 2 * steps]
+        if len(gammas) != 2 * steps:
+            raise RecordError("record is truncated inside its gammas")
+        # The fields that size the tile grid are checked before the grid is counted.
+        _check_size(height, width, pad_bottom, pad_right)
+        if version > 1:
+            check_tiling(tile, overlap, RecordError)
+        header = cls(model_id=model_id, height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
+                     seed=seed, gammas=tuple(float(g) for g in np.frombuffer(gammas, dtype="<f2")),
+                     z_string=b"", y_strings=(), version=version, tile=tile, overlap=overlap)
+        z_string, offset = _read_string(body, offset + 2 * steps)
+        y_strings = []
+        for _ in range(header.block_count):
+            string, offset = _read_string(body, offset)
+            y_strings.append(string)
         if offset != len(body):
             raise RecordError(f"record has {len(body) - offset} unexpected trailing bytes")
-        record = cls(
-            model_id=model_id, height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
-            seed=seed, gammas=tuple(float(g) for g in np.frombuffer(body[_HEADER.size:gammas_end], dtype="<f2")),
-            z_string=z_string, y_string=y_string,
-        )
+        record = dataclasses.replace(header, z_string=z_string, y_strings=tuple(y_strings))
         _validate_fields(record)
         return record
 
@@ -135,15 +169,28 @@ def _read_string(body: bytes, offset: int) -> tuple[bytes, int]:
     return body[start:start + length], start + length
 
 
+def _check_size(height: int, width: int, pad_bottom: int, pad_right: int) -> None:
+    if height < 1 or width < 1:
+        raise RecordError(f"invalid image size {height}x{width}")
+    for name, size, pad in (("height", height, pad_bottom), ("width", width, pad_right)):
+        if not 0 <= pad < PAD_MULTIPLE or (size + pad) % PAD_MULTIPLE:
+            raise RecordError(f"invalid padding {pad} for {name} {size}")
+    check_padded_size(height + pad_bottom, width + pad_right)
+
+
 def _validate_fields(record: Record) -> None:
     if len(record.model_id) != MODEL_ID_BYTES:
         raise RecordError(f"model id must be {MODEL_ID_BYTES} bytes")
-    if record.height < 1 or record.width < 1:
-        raise RecordError(f"invalid image size {record.height}x{record.width}")
-    for name, size, pad in (("height", record.height, record.pad_bottom), ("width", record.width, record.pad_right)):
-        if not 0 <= pad < PAD_MULTIPLE or (size + pad) % PAD_MULTIPLE:
-            raise RecordError(f"invalid padding {pad} for {name} {size}")
-    check_padded_size(*record.padded_size)
+    if record.version not in READABLE_VERSIONS:
+        raise RecordError(f"invalid format version {record.version}")
+    _check_size(record.height, record.width, record.pad_bottom, record.pad_right)
+    if record.version == 1:
+        if record.tile or record.overlap:
+            raise RecordError("a version 1 record has no tiling")
+    else:
+        check_tiling(record.tile, record.overlap, RecordError)
+    if len(record.y_strings) != record.block_count:
+        raise RecordError(f"record has {len(record.y_strings)} y strings, its tile grid has {record.block_count} blocks")
     if not 1 <= record.steps <= 255:
         raise RecordError(f"invalid number of sampler steps {record.steps}")
     if not all(np.isfinite(record.gammas)):

@@ -278,7 +278,7 @@ def check_model(model_path: Path, device: str, megapixels: float) -> dict:
     from PIL import Image
 
     from corrdiff import CorrDiffCodec
-    from corrdiff.latent_codec import LatentBitstreams
+    from corrdiff.latent_codec import TiledBitstreams
 
     codec = CorrDiffCodec.from_pretrained(model_path, device=device)
     photo = np.asarray(Image.open(CHECK_PHOTO).convert("RGB"))
@@ -289,10 +289,11 @@ def check_model(model_path: Path, device: str, megapixels: float) -> dict:
               "psnr_corrdiff": round(_psnr(photo, restored), 3),
               "psnr_e2e": round(_psnr(photo, codec.decode([encoded.record], mode="e2e")[0]), 3)}
     record = codec.parse(encoded.record)
-    streams = [LatentBitstreams(z=record.z_string, y=record.y_string)]
-    here = codec.model.latent.decompress(streams, record.padded_size).cpu()
+    streams = TiledBitstreams(z=record.z_string, y=list(record.y_strings))
+    here = codec.model.latent.decompress_tiled(streams, record.padded_size, record.tile, codec.device).cpu()
     cpu = CorrDiffCodec.from_pretrained(model_path, device="cpu")
-    result["latent_equal_on_cpu"] = bool(torch.equal(here, cpu.model.latent.decompress(streams, record.padded_size)))
+    on_cpu = cpu.model.latent.decompress_tiled(streams, record.padded_size, record.tile, cpu.device)
+    result["latent_equal_on_cpu"] = bool(torch.equal(here, on_cpu))
     result["cpu_decode_max_pixel_difference"] = int(np.abs(cpu.decode([encoded.record])[0].astype(int) -
                                                            restored.astype(int)).max())
     big = _megapixel_image(photo, megapixels)

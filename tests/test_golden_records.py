@@ -47,7 +47,7 @@ def _sha256(array: np.ndarray | torch.Tensor) -> str:
 
 def _latent(codec: CorrDiffCodec, record_bytes: bytes) -> torch.Tensor:
     record = Record.from_bytes(record_bytes)
-    streams = LatentBitstreams(z=record.z_string, y=record.y_string)
+    streams = LatentBitstreams(z=record.z_string, y=record.y_strings[0])
     return codec.model.latent.decompress([streams], record.padded_size)
 
 

@@ -13,23 +13,29 @@ float16s = st.floats(width=16, allow_nan=False, allow_infinity=False)
 
 @st.composite
 def records(draw) -> Record:
+    """Records of both versions: version 1 (one y string), version 2 (one per tile block)."""
     height, width = draw(st.integers(1, 5000)), draw(st.integers(1, 5000))
-    return Record(
+    version = draw(st.sampled_from([1, 2]))
+    tile = 64 * draw(st.integers(8, 32)) if version == 2 else 0
+    overlap = 16 * draw(st.integers(0, tile // 32)) if version == 2 else 0
+    header = Record(
         model_id=draw(st.binary(min_size=16, max_size=16)),
         height=height, width=width, pad_bottom=(-height) % 64, pad_right=(-width) % 64,
         seed=draw(st.integers(0, 2**32 - 1)),
         gammas=tuple(draw(st.lists(float16s, min_size=1, max_size=40))),
-        z_string=draw(st.binary(max_size=64)), y_string=draw(st.binary(max_size=256)),
+        z_string=draw(st.binary(max_size=64)), y_strings=(), version=version, tile=tile, overlap=overlap,
     )
+    strings = tuple(draw(st.binary(max_size=32)) for _ in range(header.block_count))
+    return Record(**{**header.__dict__, "y_strings": strings})
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(records())
 def test_round_trip(record):
     assert Record.from_bytes(record.to_bytes()) == record
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(records(), st.data())
 def test_any_single_bit_flip_is_detected(record, data):
     raw = bytearray(record.to_bytes())
@@ -39,7 +45,7 @@ def test_any_single_bit_flip_is_detected(record, data):
         Record.from_bytes(bytes(raw))
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(records(), st.data())
 def test_any_truncation_is_detected(record, data):
     raw = record.to_bytes()
@@ -50,7 +56,7 @@ def test_any_truncation_is_detected(record, data):
 
 def test_minimum_size_is_the_empty_record():
     record = Record(model_id=bytes(16), height=1, width=1, pad_bottom=63, pad_right=63, seed=0,
-                    gammas=(0.5,), z_string=b"", y_string=b"")
+                    gammas=(0.5,), z_string=b"", y_strings=(b"",), version=1)
     assert len(record.to_bytes()) == MIN_RECORD_BYTES
 
 
@@ -62,14 +68,31 @@ def test_minimum_size_is_the_empty_record():
 ])
 def test_invalid_fields_are_refused(change, message):
     fields = dict(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0,
-                  gammas=(0.5,), z_string=b"z", y_string=b"y")
+                  gammas=(0.5,), z_string=b"z", y_strings=(b"y",), version=1)
     with pytest.raises(RecordError, match=message):
         Record(**{**fields, **change}).to_bytes()
 
 
+@pytest.mark.parametrize("tile, overlap", [(0, 0), (96, 0), (4096, 0), (512, 40), (512, 272)])
+def test_a_tiling_a_decoder_cannot_use_is_refused(tile, overlap):
+    """The tile sets a decoder's memory: a forged record may not ask for a larger one."""
+    with pytest.raises(RecordError, match="invalid tile"):
+        Record(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0, gammas=(0.5,),
+               z_string=b"z", y_strings=(b"y",), version=2, tile=tile, overlap=overlap).to_bytes()
+
+
+def test_a_version_2_record_holds_one_y_string_per_block():
+    fields = dict(model_id=bytes(16), height=1000, width=300, pad_bottom=24, pad_right=20, seed=0, gammas=(0.5,),
+                  z_string=b"z", version=2, tile=512, overlap=64)
+    record = Record(**fields, y_strings=(b"a", b"b", b"c", b"d"))  # 1024 x 320 px: 2 x 1 blocks of 512
+    with pytest.raises(RecordError, match="4 y strings, its tile grid has 2 blocks"):
+        record.to_bytes()
+    assert Record.from_bytes(Record(**fields, y_strings=(b"a", b"b")).to_bytes()).y_strings == (b"a", b"b")
+
+
 def test_unknown_version_is_named():
     raw = bytearray(Record(model_id=bytes(16), height=1, width=1, pad_bottom=63, pad_right=63, seed=0,
-                           gammas=(0.5,), z_string=b"", y_string=b"").to_bytes())
+                           gammas=(0.5,), z_string=b"", y_strings=(b"",), version=1).to_bytes())
     raw[4] = 9
     import zlib
     raw[-4:] = zlib.crc32(bytes(raw[:-4])).to_bytes(4, "little")

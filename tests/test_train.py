@@ -89,7 +89,7 @@ def test_train_latent_false_keeps_the_codec_and_every_record_byte(tmp_path, phas
     image = np.asarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3)), dtype=np.uint8)
     [old_record], [new_record] = before.encode([image]), after.encode([image])
     old, new = before.parse(old_record), after.parse(new_record)
-    assert (old.z_string, old.y_string) == (new.z_string, new.y_string) and len(old_record) == len(new_record)
+    assert (old.z_string, old.y_strings) == (new.z_string, new.y_strings) and len(old_record) == len(new_record)
 
 
 def test_a_frozen_codec_trains_its_decoders_on_the_decoded_latent_and_logs_the_coded_rate(codec):

@@ -1,0 +1,51 @@
+"""How much memory coding one image takes (format version 2): for sizing workers.
+
+Tiled coding (corrdiff.tiling) keeps two kinds of memory: the sampler's whole-image state,
+known exactly (:data:`STATE_BYTES_PER_PIXEL` per padded pixel, plus y_hat), and the
+networks' working set on one tile, which depends on the model and the tile, not the image.
+A pool sizes its workers as ``model + tile_working_bytes + image_bytes(largest image)``;
+the second term is an estimate from the architecture (activations the U-Net keeps for its
+skips, plus a few of its largest working tensors), checked against the measured peaks of
+benchmarks/memory.py (docs/benchmarks.md, "Memory").
+"""
+
+from __future__ import annotations
+
+from corrdiff.config import ModelConfig
+from corrdiff.latent_codec import LATENT_STRIDE
+from corrdiff.tiling import Tiling
+
+FLOAT_BYTES = 4
+# x_t, x_e and the blended x0 estimate (float32, 3 channels each), the uint8 image in and out.
+STATE_BYTES_PER_PIXEL = 3 * 3 * FLOAT_BYTES + 2 * 3
+# Working tensors alive beside the skips at the U-Net's widest layer (concatenation,
+# GroupNorm, SiLU, convolution output, residual): measured peaks stay under this many.
+WORKING_TENSORS = 6
+
+
+def image_bytes(config: ModelConfig, padded_height: int, padded_width: int) -> int:
+    """The whole-image state of one image in flight: sampler buffers and y_hat."""
+    pixels = padded_height * padded_width
+    return pixels * STATE_BYTES_PER_PIXEL + pixels // LATENT_STRIDE**2 * config.latent.latent_channels * FLOAT_BYTES
+
+
+def tile_working_bytes(config: ModelConfig, tiling: Tiling) -> int:
+    """Estimated peak of the networks on one tile (the score network's U-Net dominates;
+    D and g_a run on blocks of the same side and hold less)."""
+    score = config.score
+    side = tiling.tile // score.patch_size
+    area = side * side
+    skips, widest = 0, 0
+    channels = score.base_channels
+    skips += channels * area
+    for level, mult in enumerate(score.channel_mults):
+        level_area = area >> (2 * level)
+        width = score.base_channels * mult
+        skips += width * level_area * score.res_blocks
+        widest = max(widest, (channels + width) * level_area)
+        channels = width
+        if level < len(score.channel_mults) - 1:
+            skips += channels * (level_area >> 2)
+    inputs = (6 * score.patch_size**2 + score.latent_cond_channels) * area
+    decoder = config.decoder_channels * (tiling.tile // 2) ** 2 * 3  # D's last hidden layer, GDN's temporaries
+    return FLOAT_BYTES * (skips + inputs + WORKING_TENSORS * widest + decoder)

@@ -1,0 +1,116 @@
+"""Where the tiles of a padded image lie, and how overlapping tiles are blended.
+
+Format version 2 (docs/format.md) codes an image in tiles so that the networks' memory is
+set by the tile, not by the image. Two grids, both functions of the padded size and the
+record's two numbers (``tile``, ``overlap``) alone, so the encoder and every decoder cut an
+image the same way:
+
+* **blocks**: non-overlapping ``tile x tile`` squares in raster order (the last ones in a
+  row or column smaller). The latent is coded one block at a time (one y string each), and
+  D reconstructs one block at a time from a halo of the latent around it (its receptive
+  field: :data:`DECODER_HALO`), so D's output does not depend on the cut.
+* **score tiles**: ``tile x tile`` squares (or the whole side, where it is shorter) that
+  overlap by at least ``overlap`` pixels; the last one on each axis is moved back to end at
+  the image's edge, so every tile has the same size and edge tiles need no padding. The
+  score network's GroupNorm makes its output depend on the whole tile, so overlapping
+  outputs are blended with a raised-cosine ramp over ``overlap`` pixels, normalised so the
+  weights sum to one at every pixel. The window is separable and the tiles form a grid, so
+  the normalisation is a product of two 1-D sums.
+
+An image that fits in one tile is one block and one score tile: it is coded exactly as a
+whole image, at the cost of a few header bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# A tile's side is a multiple of the hyper-latent's stride (64 px), so blocks hold whole
+# z positions; the overlap is a multiple of the latent's stride (16 px), so every score
+# tile starts on a y position. Bounded because a record chooses them: a decoder's memory
+# is set by the tile (2048 px: about 2.3 GB for the default model's score network).
+TILE_MULTIPLE = 64
+OVERLAP_MULTIPLE = 16
+MAX_TILE = 2048
+# Halos, in latent (stride-16) positions unless said otherwise: how far outside a block
+# each network reads, measured (tests/test_tiling.py: with one position less, a block's
+# result differs from the whole image's; docs/method.md "Tiles"). With them a block's
+# result is the whole image's: exactly for the integer h_s, to float rounding at most for
+# the float networks (bit-identical on the CPU in the measurement). D's halo is part of
+# the format: decoders must cut as the encoder did. The analysis halos are the encoder's
+# alone (they only decide which y it codes).
+ANALYSIS_HALO = 2  # g_a: four stride-2 5x5 convolutions read 30 px beyond a position
+HYPER_ANALYSIS_HALO = 8  # h_a: 3x3, then two stride-2 5x5 (7 y positions), in whole z positions
+HYPER_SYNTHESIS_HALO = 3  # h_s, in z (stride-64) positions: three 3x3 layers, the last at half z
+DECODER_HALO = 2  # D: four stride-2 transposed 5x5 convolutions read 1 to 2 y positions away
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The encoder's choice of tile side and overlap, in pixels (stored in each record)."""
+
+    tile: int = 512
+    overlap: int = 64
+
+    def __post_init__(self) -> None:
+        check_tiling(self.tile, self.overlap, ValueError)
+
+
+def check_tiling(tile: int, overlap: int, error: type[Exception]) -> None:
+    """Raise ``error`` unless (tile, overlap) is a valid pair (shared by the codec and the parser)."""
+    if not (TILE_MULTIPLE <= tile <= MAX_TILE and tile % TILE_MULTIPLE == 0):
+        raise error(f"invalid tile side {tile}: a multiple of {TILE_MULTIPLE} from {TILE_MULTIPLE} to {MAX_TILE}")
+    if not (0 <= overlap <= tile // 2 and overlap % OVERLAP_MULTIPLE == 0):
+        raise error(f"invalid tile overlap {overlap}: a multiple of {OVERLAP_MULTIPLE} from 0 to half the tile ({tile // 2})")
+
+
+@dataclass(frozen=True)
+class Span:
+    """A tile's extent on one axis, in pixels, and its normalised blend weights there."""
+
+    start: int
+    size: int
+    weights: Tensor | None = None  # (size,) float32; None for blocks (no blending)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+def blocks(length: int, tile: int) -> list[Span]:
+    """Non-overlapping spans of ``tile`` pixels covering ``length`` (the last one shorter)."""
+    return [Span(start, min(tile, length - start)) for start in range(0, length, tile)]
+
+
+def halo(span: Span, halo_positions: int, stride: int, length: int) -> tuple[int, int]:
+    """A span in positions of ``stride`` px, widened by ``halo_positions`` and clipped to the image."""
+    return max(0, span.start // stride - halo_positions), min(length // stride, span.stop // stride + halo_positions)
+
+
+def score_tiles(length: int, tile: int, overlap: int) -> list[Span]:
+    """Score-network spans of one axis with their normalised blend weights."""
+    if length <= tile:
+        return [Span(0, length, torch.ones(length))]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    starts = [min(i * (tile - overlap), length - tile) for i in range(count)]
+    windows = [_window(tile, overlap, first=i == 0, last=i == count - 1) for i in range(count)]
+    total = torch.zeros(length, dtype=torch.float64)
+    for start, window in zip(starts, windows):
+        total[start:start + tile] += window
+    return [Span(start, tile, (window / total[start:start + tile]).float()) for start, window in zip(starts, windows)]
+
+
+def _window(tile: int, overlap: int, first: bool, last: bool) -> Tensor:
+    """1 inside, a raised-cosine ramp (never 0) over ``overlap`` px toward each neighbour."""
+    window = torch.ones(tile, dtype=torch.float64)
+    if overlap:
+        ramp = torch.sin(math.pi * (torch.arange(overlap, dtype=torch.float64) + 0.5) / (2 * overlap)) ** 2
+        if not first:
+            window[:overlap] = ramp
+        if not last:
+            window[-overlap:] = ramp.flip(0)
+    return window
