@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma-metric", default="lpips-alex", choices=PERCEPTUAL_METRICS,
                         help="the perceptual term of those steps")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     config = EvalConfig(
         images=args.images, model=args.model,
         output=args.output or str(Path("runs/eval") / weights.resolve(args.model).stem),

@@ -30,6 +30,7 @@ import ray
 from corrdiff import weights
 from corrdiff.floor import Floor
 from corrdiff.metrics import PERCEPTUAL_METRICS
+from corrdiff.tiling import Tiling, check_tiling
 from pipeline.archive import (ArchiveDatasink, clean_incomplete, done_keys, file_metadata, job_metadata,
                               list_data_files)
 from pipeline.images import DEFAULT_MAX_PIXELS
@@ -56,8 +57,13 @@ class CodecSettings:
     gamma_refine_steps: int = 0
     gamma_learning_rate: float = 0.1
     gamma_metric: str = "lpips-alex"  # one of corrdiff.metrics.PERCEPTUAL_METRICS
+    # The networks' tile (corrdiff.tiling; each record says its own): memory is set by it, not
+    # by the image. Larger tiles overlap less (faster, more memory per actor, e.g. on a GPU).
+    tile: int = Tiling.tile
+    tile_overlap: int = Tiling.overlap
 
     def __post_init__(self) -> None:
+        check_tiling(self.tile, self.tile_overlap, ValueError)
         if self.gamma_refine_steps < 0 or self.gamma_learning_rate <= 0:
             raise ValueError("codec.gamma_refine_steps must be >= 0 and codec.gamma_learning_rate > 0")
         if self.gamma_metric not in PERCEPTUAL_METRICS:
@@ -273,6 +279,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
         "device": config.codec.device, "seed": config.codec.seed,
         "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
+        "tiling": Tiling(config.codec.tile, config.codec.tile_overlap),
         "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     }, batch_format="numpy")
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,

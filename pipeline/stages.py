@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported by the stage's child alone: the model code stays o
     from corrdiff.codec import EncodedImage
     from corrdiff.floor import StoredImage
     from pipeline.compress import FloorSettings
+    from corrdiff.tiling import Tiling
     from pipeline.models import ModelSources
 
 Batch = dict[str, np.ndarray]
@@ -92,8 +93,9 @@ class EncodeStage:
 
     def __init__(self, models: ModelSources, model_id: str, device: str, seed: int, steps: int | None,
                  gamma_refine_steps: int, gamma_learning_rate: float, gamma_metric: str, torch_threads: int | None,
-                 job_id: str, floor: FloorSettings | None = None) -> None:
+                 job_id: str, floor: FloorSettings | None = None, tiling: Tiling | None = None) -> None:
         self.models, self.model_id, self.device, self.seed, self.steps = models, model_id, device, seed, steps
+        self.tiling = tiling  # None: the codec's default
         self.gamma_refine_steps, self.gamma_learning_rate = gamma_refine_steps, gamma_learning_rate
         self.gamma_metric = gamma_metric
         self.torch_threads, self.job_id = torch_threads, job_id
@@ -110,6 +112,8 @@ class EncodeStage:
             torch.set_num_threads(self.torch_threads)
         device = None if self.device == "auto" else self.device
         self.codec = self.models.library(device).codec(self.model_id)
+        if self.tiling is not None:
+            self.codec.tiling = self.tiling
         if self.gamma_refine_steps > 0:
             from corrdiff.gamma import perceptual_fitter
             from corrdiff.metrics import perceptual_metric

@@ -165,6 +165,10 @@ def test_bad_gamma_refinement_settings_are_refused():
         CodecSettings(gamma_learning_rate=0.0)
     with pytest.raises(ValueError, match="gamma_metric 'ssim' is not one of lpips-alex, lpips-vgg, dists"):
         CodecSettings(gamma_metric="ssim")
+    with pytest.raises(ValueError, match="invalid tile side 100"):
+        CodecSettings(tile=100)
+    with pytest.raises(ValueError, match="invalid tile overlap 48"):
+        CodecSettings(tile=64, tile_overlap=48)
 
 
 def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):
@@ -200,7 +204,7 @@ def test_rerun_after_a_crash_writes_only_the_missing_keys(ray_local, tiny_model,
 
 
 def test_an_image_that_kills_its_worker_is_an_error_row_and_a_rerun_retries_it(ray_local, tiny_model, tmp_path):
-    """A 2.25 Mpx image needs ~1.6 GB more than the worker's model (tiny model, measured),
+    """A 2.25 Mpx image coded in one tile needs ~1.6 GB more than the worker's model (tiny model, measured),
     over a 1.4 GiB memory cap; the photos need ~0.25 GB. The huge image's worker is killed
     at the cap each time it is tried; it becomes a retryable error row, and every photo
     around it is archived (before pipeline.isolation, Ray restarted the actor and retried
@@ -215,7 +219,10 @@ def test_an_image_that_kills_its_worker_is_an_error_row_and_a_rerun_retries_it(r
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "in" / "huge.png")
     Image.new("RGB", (6000, 6000), (9, 9, 9)).save(tmp_path / "in" / "bomb.png")
+    # One tile as large as the image: a 512 px tile bounds the memory of any image (that is
+    # what tiles are for), so the test codes the huge image whole to have it cross the cap.
     config = replace(_config(str(tmp_path / "in"), str(tmp_path / "archive"), tiny_model),
+                     codec=CodecSettings(model=str(tiny_model), device="cpu", tile=1536),
                      resources=ResourceSettings(rows_per_file=4, worker_memory_gb=1.4, image_worker_memory_gb=0.3),
                      max_pixels=40_000_000)
     summary = run_compress(config)

@@ -232,7 +232,7 @@ def _folding_filesystem(root: Path):
 def _batch(keys: list[str], pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"key": np.array(keys, dtype=object), "status": np.array(["ok"] * len(keys), dtype=object),
             "error": np.array([None] * len(keys), dtype=object), "pixels": pixels,
-            "model_id": np.array(["m"] * len(keys), dtype=object),
+            "model_id": np.array(["m"] * len(keys), dtype=object), "codec": np.array(["corrdiff"] * len(keys), dtype=object),
             "archive_file": np.array(["f"] * len(keys), dtype=object), "archive_row": np.arange(len(keys)),
             "seconds": np.zeros(len(keys))}
 
