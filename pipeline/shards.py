@@ -40,9 +40,9 @@ import hashlib
 import json
 import posixpath
 from collections import Counter
-from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
