@@ -142,8 +142,9 @@ class CompressConfig:
 
 
 # The codec settings that decide what is stored of an image (with the model and the floor):
-# the record's bytes (seed, steps, the gamma fit) and so which codec the floor chooses.
-DECIDING_CODEC_SETTINGS = ("seed", "steps", "gamma_refine_steps", "gamma_learning_rate", "gamma_metric")
+# the record's bytes (seed, steps, the gamma fit, the tiles) and so which codec the floor chooses.
+DECIDING_CODEC_SETTINGS = ("seed", "steps", "gamma_refine_steps", "gamma_learning_rate", "gamma_metric", "tile",
+                           "tile_overlap")
 
 
 def content_fingerprint(config: dict[str, Any], model_id: str) -> dict[str, Any]:

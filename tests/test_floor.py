@@ -338,3 +338,6 @@ def test_a_rerun_with_another_floor_is_refused_unless_allowed(mixed):
     check_config_change(archive, storage, content_fingerprint(config.to_dict(), model_id), allowed=False)
     with pytest.raises(ConfigChangeError, match="model_id"):
         check_config_change(archive, storage, content_fingerprint(config.to_dict(), "0" * 32), allowed=False)
+    retiled = replace(config, codec=replace(config.codec, tile=1024))  # other tiles, other record bytes
+    with pytest.raises(ConfigChangeError, match="tile: 512 -> 1024"):
+        check_config_change(archive, storage, content_fingerprint(retiled.to_dict(), model_id), allowed=False)
