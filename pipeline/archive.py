@@ -285,14 +285,14 @@ def done_keys(url: str, storage: StorageConfig, only: Callable[[str, str], bool]
     columns = ["key", "error"] + (["source_uri"] if only is not None else [])
     for path in list_data_files(url, storage):
         table = read_data_file(path, fs, columns)
-        _check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
+        check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
         uris = table["source_uri"].to_pylist() if only is not None else [None] * table.num_rows
         keys.update(key for key, error, uri in zip(table["key"].to_pylist(), table["error"].to_pylist(), uris)
                     if not is_retryable(error) and (only is None or only(key, uri)))
     return keys
 
 
-def _check_key_scheme(metadata: dict[bytes, bytes], path: str) -> None:
+def check_key_scheme(metadata: dict[bytes, bytes], path: str) -> None:
     """Refuse to resume over a data file whose keys this version would form differently."""
     scheme = metadata.get(b"corrdiff.key_scheme", b"").decode() or None
     try:

@@ -31,13 +31,14 @@ from corrdiff import weights
 from corrdiff.floor import Floor
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from corrdiff.tiling import Tiling, check_tiling
-from pipeline.archive import (ArchiveDatasink, clean_incomplete, done_keys, file_metadata, job_metadata,
-                              list_data_files)
+from pipeline.archive import ArchiveDatasink, clean_incomplete, file_metadata, job_metadata, list_data_files
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
-from pipeline.shards import SHARD_KINDS, resume_shards
-from pipeline.sources import Skipped, SourceConfig, list_items, read_source
+from pipeline.pending import pending_images
+from pipeline.shards import resume_shards
+from pipeline.skipped import Skipped
+from pipeline.sources import SHARD_KINDS, SourceConfig, list_images, list_shards, read_images, read_shards
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
@@ -258,22 +259,23 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
     inputs, the shards: finished before (skipped unread), read, and finished by this pass
     (pipeline.shards)."""
     removed = clean_incomplete(config.output, config.storage)
-    listing = list_items(config.input, config.storage)
+    plan = plan_resources(config.resources, ray.cluster_resources())
+    workers = f"{plan.actors} encode actor(s) x {plan.torch_threads} thread(s)" + (
+        f", removed {len(removed)} incomplete file(s)" if removed else "")
     resume = None
     if config.input.kind in SHARD_KINDS:
-        resume = resume_shards(config.output, config.storage, config.input.kind, listing, job_id)
-        listing, skip = resume.listing, resume.done
+        resume = resume_shards(config.output, config.storage, config.input.kind,
+                               list_shards(config.input, config.storage), job_id)
+        listing = resume.listing
+        print(f"job {job_id}: {resume.finished_before} shard(s) finished before, skipped unread; "
+              f"{listing.items.num_rows} to read, holding {len(resume.done)} keys already archived; {workers}")
+        if listing.items.num_rows == 0:  # every shard finished: nothing to start
+            return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
+        source = read_shards(config.input, config.storage, listing, done_keys=resume.done, ledger=resume.ledger)
     else:
-        skip = done_keys(config.output, config.storage)
-    plan = plan_resources(config.resources, ray.cluster_resources())
-    print(f"job {job_id}: " + (f"{resume.finished_before} shard(s) finished before, skipped unread; "
-                               f"{listing.items.num_rows} to read; " if resume else "")
-          + f"{len(skip)} keys already archived, {plan.actors} encode actor(s) x "
-          f"{plan.torch_threads} thread(s)" + (f", removed {len(removed)} incomplete file(s)" if removed else ""))
-    if resume is not None and listing.items.num_rows == 0:  # every shard finished: nothing to start
-        return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
-    source = read_source(config.input, config.storage, done_keys=skip, listing=listing,
-                         ledger=resume.ledger if resume else None)
+        pending = pending_images(list_images(config.input, config.storage), config.output, config.storage)
+        print(f"job {job_id}: {pending.archived} image(s) archived before, {pending.rows} to read; {workers}")
+        source = read_images(pending, config.input, config.storage)
     dataset = plan.image_stage(source.dataset, decode_batch, {"max_pixels": config.max_pixels}, batch_format="pyarrow")
     dataset = plan.model_stage(dataset, EncodeStage, {
         "models": ModelSources(config.output, config.storage), "model_id": model_id,
@@ -287,7 +289,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
                                            config.resources.rows_per_file,
                                            on_written=resume.progress() if resume else None))
     shards = None if resume is None else {
-        "finished_before": resume.finished_before, "read": listing.items.num_rows,
+        "finished_before": resume.finished_before, "read": resume.listing.items.num_rows,
         "finished_this_run": ray.get(resume.ledger.finished.remote())}
     return source.skipped(), shards
 

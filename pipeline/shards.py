@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
 MARKERS_DIR = "_shards"
-SHARD_KINDS = ("tar", "parquet")  # the source kinds resumed shard by shard
 _ID_HEX = 32  # 128 bits of SHA-256: no two shards of any collection share an id
 
 

@@ -1,15 +1,16 @@
-"""Where the images come from: a listing on the driver, the bytes fetched in Ray tasks.
+"""Where the images come from: listed in tasks (pipeline.listing), the bytes fetched in tasks.
 
 Four kinds of source (docs/sources.md): a folder or prefix of image files, a manifest of
 URIs, WebDataset tar shards, and Parquet files with a binary image column. Each becomes
 one Ray Dataset with the columns key, source_uri, data and error, one row per input image.
 
 Keys. A key names one image for good: the archive stores it, a rerun skips what is already
-archived by key (done_keys), and an audit finds the original by key years later. So a key
+archived by key (pipeline.pending, pipeline.shards), and an audit finds the original by key years later. So a key
 depends only on where the image sits inside the source, never on the bucket, the mount
 point or the time of the run, and it is unique within the source:
 - files: the path relative to the folder/prefix, with '/' separators ("sub/a.jpg");
-- manifest: the manifest's key column if it has one, else the URI as written;
+- manifest: the manifest's key column if it has one, else the URI as written (a manifest
+  that names a key twice is refused: pipeline.pending);
 - tar: "<shard path relative to the prefix>/<member name>", the shard's ".tar" kept
   ("train/shard-000001.tar/000001.jpg"): the shard ends at the key's first segment ending
   in ".tar" (case-insensitive), so shards a.tar (member b/x.jpg) and a/b.tar (member x.jpg)
@@ -43,37 +44,32 @@ and the compress job's summary reports them.
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.images import IMAGE_EXTENSIONS  # noqa: F401  (defined beside the decoder, re-exported here)
 from pipeline.errors import retryable
-from pipeline.storage import StorageConfig, filesystem, is_transient, read_bytes, with_retries
+from pipeline.listing import ImageListing, few, list_manifest, list_prefix
+from pipeline.pending import PendingImages
+from pipeline.skipped import Skipped
+from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
 SourceKind = Literal["files", "tar", "parquet", "manifest"]
+SHARD_KINDS = ("tar", "parquet")  # the source kinds read (and resumed) shard by shard: pipeline.shards
 
-# path: where the listing's filesystem finds the object; null for a manifest's URIs (read as written).
-# size, version: the object's size and version (ETag on S3, modification time on a local
-# disk) as the listing saw them, null for a manifest's URIs: a shard's marker holds them
-# (pipeline.shards), so that a shard changed since it was archived is read again.
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("path", pa.string()),
-                           ("size", pa.int64()), ("version", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [("key", pa.string()), ("source_uri", pa.string()), ("data", pa.binary()), ("error", pa.string())]
 )
@@ -82,13 +78,11 @@ SHARD_ERROR_SUFFIX = "#shard"
 FILE_ERROR_SUFFIX = "#file"
 _FETCH_THREADS = 16  # concurrent reads per block: object stores are latency-bound
 _TAR_BLOCK = 512
-_MANIFEST_FORMATS = (".txt", ".csv", ".parquet")
 # The largest encoded image read, per file, tar member or Parquet cell. An image within the
 # pixel limit (100 Mpx) is at most 800 MB uncompressed (16-bit RGBA; a 100 Mpx 16-bit RGB
 # TIFF is 600 MB), so 1 GiB refuses no image the decoder would accept, while bounding what
 # one row can make a worker hold. Lower it for collections of ordinary photos.
 DEFAULT_MAX_IMAGE_BYTES = 1 << 30
-SKIPPED_EXAMPLES = 5  # names shown per skipped extension
 
 Row = tuple[str, str, bytes | None, str | None]  # key, source_uri, data, error
 
@@ -110,50 +104,15 @@ class SourceConfig:
             raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
 
 
-@dataclass
-class Skipped:
-    """Names under the input that the extension filter left out (files, tar members).
-
-    Counted by lower-case extension ("" for none), with the first few names of each as
-    examples: a folder of formats the filter does not take must be reported, not become a
-    small archive in silence.
-    """
-
-    counts: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, name: str) -> None:
-        extension = posixpath.splitext(name)[1].lower()
-        self.counts[extension] += 1
-        shown = self.examples.setdefault(extension, [])
-        if len(shown) < SKIPPED_EXAMPLES:
-            shown.append(name)
-
-    def merge(self, other: Skipped) -> None:
-        for extension, count in other.counts.items():
-            self.counts[extension] += count
-            shown = self.examples.setdefault(extension, [])
-            shown.extend(other.examples[extension][: SKIPPED_EXAMPLES - len(shown)])
-
-    def report(self) -> dict[str, Any]:
-        """For the job summary: the total, then each extension (most common first)."""
-        return {
-            "count": sum(self.counts.values()),
-            "by_extension": {
-                extension: {"count": count, "examples": self.examples[extension]}
-                for extension, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))
-            },
-        }
-
-
 @dataclass(frozen=True)
 class Listing:
-    """The driver's listing: the items to read (key, source_uri, path), the files it skipped,
-    and the filesystem whose paths they are (None for a manifest: each URI names its own)."""
+    """The shards of a tar or Parquet source, held by the driver: one row per shard
+    (:data:`pipeline.listing.LISTING_SCHEMA`), the files skipped, and the filesystem whose
+    paths the rows hold."""
 
     items: pa.Table
     skipped: Skipped
-    filesystem: fsspec.AbstractFileSystem | None = None
+    filesystem: fsspec.AbstractFileSystem
 
 
 @dataclass(frozen=True)
@@ -195,47 +154,60 @@ class _MemberTally:
         return total
 
 
-def list_items(source: SourceConfig, storage: StorageConfig) -> Listing:
-    """The driver-side listing (key, source_uri), sorted by key, and the files it skipped.
-
-    One row per image for files and manifests; one row per shard or file for tar and
-    parquet (key = its path relative to the prefix), whose images are known only once read.
-    """
-    listers: dict[str, Callable[[SourceConfig, StorageConfig], Listing]] = {
-        "files": _list_files, "manifest": _list_manifest, "tar": _list_tar, "parquet": _list_parquet,
-    }
-    if source.kind not in listers:
-        raise ValueError(f"unknown source kind {source.kind!r}; expected one of {', '.join(listers)}")
-    listing = listers[source.kind](source, storage)
-    return Listing(listing.items.sort_by("key"), listing.skipped, listing.filesystem)
+def list_images(source: SourceConfig, storage: StorageConfig) -> ImageListing:
+    """The images of a files or manifest source, listed in tasks (pipeline.listing)."""
+    if source.kind == "files":
+        return list_prefix(source.url, storage, _lower(source.extensions), "images")
+    if source.kind == "manifest":
+        return list_manifest(source.url, storage, source.uri_column, source.key_column)
+    raise ValueError(f"{source.kind!r} is not a source of single images (files, manifest): list its shards")
 
 
-def read_source(
-    source: SourceConfig,
-    storage: StorageConfig,
-    done_keys: set[str] | frozenset[str] = frozenset(),
-    rows_per_block: int = 64,
-    listing: Listing | None = None,
-    ledger: ActorHandle | None = None,
-) -> SourceRead:
-    """A Dataset of (key, source_uri, data, error), one row per image not in done_keys.
+def list_shards(source: SourceConfig, storage: StorageConfig) -> Listing:
+    """The shards of a tar or Parquet source (one row per shard or file, key = its path
+    relative to the prefix), sorted by key: listed in tasks, then held by the driver (a
+    collection has thousands of shards where it has millions of images)."""
+    if source.kind not in SHARD_KINDS:
+        raise ValueError(f"unknown source kind {source.kind!r}; expected one of files, manifest, "
+                         f"{', '.join(SHARD_KINDS)}")
+    found = list_prefix(source.url, storage, (f".{source.kind}",), "tar shards" if source.kind == "tar"
+                        else "Parquet files")
+    listing = Listing(pa.concat_tables(ray.get(found.blocks)).sort_by("key"), found.skipped, found.filesystem)
+    if source.kind == "tar":
+        _check_tar_shards(listing)
+    else:
+        _check_parquet_files(listing, source, storage)
+    return listing
 
-    Files and manifests are filtered before any byte is fetched; tar and Parquet rows are
-    filtered as their shards are expanded, before their bytes leave the task. ``listing``:
-    what to read, if the caller has listed already (e.g. without the shards it knows are
-    finished); ``ledger``: a :class:`pipeline.shards.ShardLedger` told how many rows each
-    tar or Parquet shard gave once its reader reaches the shard's end.
-    """
+
+def read_images(pending: PendingImages, source: SourceConfig, storage: StorageConfig,
+                rows_per_block: int = 64) -> SourceRead:
+    """A Dataset of (key, source_uri, data, error), one row per pending image, fetched
+    ``rows_per_block`` at a time (16 reads at once per task)."""
     if rows_per_block < 1:
         raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
-    listing = listing or list_items(source, storage)
-    if source.kind in ("files", "manifest"):
-        todo = _without_done(listing.items, done_keys)
-        if todo.num_rows == 0:
-            return SourceRead(ray.data.from_arrow(OUTPUT_SCHEMA.empty_table()), listing.skipped)
-        fetch = partial(_fetch_batch, fs=listing.filesystem, storage=storage, max_bytes=source.max_image_bytes)
-        dataset = _blocks(todo, rows_per_block).map_batches(fetch, batch_format="pyarrow", batch_size=rows_per_block)
-        return SourceRead(dataset, listing.skipped)
+    if not pending.blocks:
+        return SourceRead(ray.data.from_arrow(OUTPUT_SCHEMA.empty_table()), pending.skipped)
+    fetch = partial(_fetch_batch, fs=pending.filesystem, storage=storage, max_bytes=source.max_image_bytes)
+    dataset = ray.data.from_arrow_refs(pending.blocks).map_batches(fetch, batch_format="pyarrow",
+                                                                    batch_size=rows_per_block)
+    return SourceRead(dataset, pending.skipped)
+
+
+def read_shards(
+    source: SourceConfig,
+    storage: StorageConfig,
+    listing: Listing,
+    done_keys: set[str] | frozenset[str] = frozenset(),
+    rows_per_block: int = 64,
+    ledger: ActorHandle | None = None,
+) -> SourceRead:
+    """A Dataset of (key, source_uri, data, error), one row per image of the listed tar or
+    Parquet shards not in ``done_keys``, filtered as the shards are expanded, before their
+    bytes leave the task. ``ledger``: a :class:`pipeline.shards.ShardLedger` told how many
+    rows each shard gave once its reader reaches the shard's end."""
+    if rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
     common = {"fs": listing.filesystem, "source": source, "storage": storage, "done": frozenset(done_keys),
               "rows_per_block": rows_per_block, "ledger": ledger}
     if source.kind == "tar":
@@ -250,151 +222,28 @@ def read_source(
     return SourceRead(dataset, listing.skipped, tally)
 
 
-# Listing -------------------------------------------------------------------------------
+# Checking a shard listing ----------------------------------------------------------------
 
 
-def _list_files(source: SourceConfig, storage: StorageConfig) -> Listing:
-    return _find(source, storage, _lower(source.extensions), "images")
-
-
-def _list_tar(source: SourceConfig, storage: StorageConfig) -> Listing:
-    """The shards; refused if one lies under a folder named "*.tar", where its members' keys
-    could not say where the shard ends (see the module docstring)."""
-    listing = _find(source, storage, (".tar",), "tar shards")
+def _check_tar_shards(listing: Listing) -> None:
+    """Refuse shards under a folder named "*.tar", where their members' keys could not say
+    where the shard ends (see the module docstring)."""
     nested = [key for key in listing.items["key"].to_pylist()
               if any(segment.lower().endswith(".tar") for segment in key.split("/")[:-1])]
     if nested:
         raise ValueError(
-            f"tar shards under a folder whose name ends in .tar: {_few(nested)}; a member's key "
+            f"tar shards under a folder whose name ends in .tar: {few(nested)}; a member's key "
             "<shard>.tar/<member> must show where the shard ends: rename the folder"
         )
-    return listing
 
 
-def _list_parquet(source: SourceConfig, storage: StorageConfig) -> Listing:
-    listing = _find(source, storage, (".parquet",), "Parquet files")
-    # One footer read catches a wrong column name before the job starts; a later file
-    # that differs is reported by its task as a '#file' error row.
+def _check_parquet_files(listing: Listing, source: SourceConfig, storage: StorageConfig) -> None:
+    """One footer read catches a wrong column name before the job starts; a later file
+    that differs is reported by its task as a '#file' error row."""
     first_uri, path = listing.items["source_uri"][0].as_py(), listing.items["path"][0].as_py()
     schema = with_retries(lambda: pq.read_schema(path, filesystem=listing.filesystem), storage,
                           f"read the schema of {first_uri}")
     _check_parquet_schema(schema, source, first_uri)
-    return listing
-
-
-def _find(source: SourceConfig, storage: StorageConfig, suffixes: tuple[str, ...], what: str) -> Listing:
-    """Files under the folder/prefix whose names end with a suffix (case-insensitive), and
-    the others, counted as skipped (named relative to the prefix)."""
-    fs, root = filesystem(source.url, storage)
-    fs.invalidate_cache(root)  # a driver that listed before must see what was added since
-    found = with_retries(lambda: fs.find(root, detail=True), storage, f"list {source.url}")
-    paths, sizes, versions, skipped = [], [], [], Skipped()
-    for path in sorted(found):
-        if path.lower().endswith(suffixes):
-            paths.append(path)
-            sizes.append(found[path].get("size"))
-            versions.append(_version(found[path]))
-        else:
-            skipped.add(_relative(path, root))
-    if not paths:
-        counted = "".join(f", {count} {extension or 'without extension'}"
-                          for extension, count in skipped.counts.most_common(SKIPPED_EXAMPLES))
-        raise FileNotFoundError(
-            f"no {what} ({', '.join(suffixes)}) under {source.url}"
-            + (f"; skipped {sum(skipped.counts.values())} other files{counted}" if skipped.counts else "")
-        )
-    keys = [_relative(path, root) for path in paths]
-    return Listing(_listing(keys, [_full_uri(fs, path, source.url) for path in paths], paths, sizes, versions),
-                   skipped, fs)
-
-
-def _version(info: dict[str, Any]) -> str | None:
-    """What changes when an object is rewritten, as a listing reports it: the ETag (S3,
-    GCS's md5), else the modification time (local disks), else nothing."""
-    for field_name in ("ETag", "etag", "md5Hash", "mtime", "LastModified"):
-        if info.get(field_name) is not None:
-            return f"{field_name}={info[field_name]}"
-    return None
-
-
-def _relative(path: str, root: str) -> str:
-    prefix = root.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
-
-
-def _full_uri(fs: fsspec.AbstractFileSystem, path: str, like_url: str) -> str:
-    """The path as a URL with the protocol the user gave; a plain local path stays plain."""
-    return path if fsspec.core.split_protocol(like_url)[0] is None else fs.unstrip_protocol(path)
-
-
-def _list_manifest(source: SourceConfig, storage: StorageConfig) -> Listing:
-    data = read_bytes(source.url, storage)
-    suffix = posixpath.splitext(source.url.lower())[1]
-    if suffix == ".txt":
-        lines = (line.strip() for line in data.decode("utf-8").splitlines())
-        uris = [line for line in lines if line and not line.startswith("#")]
-        keys = uris
-    elif suffix in (".csv", ".parquet"):
-        keys, uris = _manifest_columns(_manifest_table(data, suffix, source), source)
-    else:
-        raise ValueError(f"manifest {source.url} must end with one of {', '.join(_MANIFEST_FORMATS)}")
-    _check_manifest(keys, uris, source.url)
-    return Listing(_listing(keys, uris, [None] * len(uris)), Skipped())  # every URI listed is read, whatever its name
-
-
-def _manifest_table(data: bytes, suffix: str, source: SourceConfig) -> pa.Table:
-    if suffix == ".parquet":
-        return pq.read_table(pa.BufferReader(data))
-    # Read as text: inferred types would turn a key "000123" into the number 123.
-    as_text = {source.uri_column: pa.string(), source.key_column: pa.string()}
-    return pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(column_types=as_text))
-
-
-def _manifest_columns(table: pa.Table, source: SourceConfig) -> tuple[list[str], list[str]]:
-    if source.uri_column not in table.column_names:
-        raise ValueError(
-            f"manifest {source.url} has no column {source.uri_column!r} (columns: {', '.join(table.column_names)})"
-        )
-    uris = pc.cast(table[source.uri_column], pa.string()).to_pylist()
-    if source.key_column not in table.column_names:
-        return uris, uris
-    return pc.cast(table[source.key_column], pa.string()).to_pylist(), uris
-
-
-def _check_manifest(keys: list[str | None], uris: list[str | None], url: str) -> None:
-    """Refuse what would make keys ambiguous or reads depend on a worker's directory."""
-    if not uris:
-        raise ValueError(f"manifest {url} lists no URIs")
-    if any(not value for value in keys + uris):
-        raise ValueError(f"manifest {url} has rows with an empty key or URI")
-    relative = [uri for uri in uris if fsspec.core.split_protocol(uri)[0] is None and not posixpath.isabs(uri)]
-    if relative:
-        raise ValueError(f"manifest {url} has relative paths (use URLs or absolute paths): {_few(relative)}")
-    duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
-    if duplicates:
-        raise ValueError(
-            f"manifest {url} has {len(duplicates)} duplicate keys (keys must be unique): {_few(duplicates)}"
-        )
-
-
-def _few(values: list[str], shown: int = 5) -> str:
-    more = f" and {len(values) - shown} more" if len(values) > shown else ""
-    return ", ".join(repr(v) for v in values[:shown]) + more
-
-
-def _listing(keys: list[str], uris: list[str], paths: list[str | None], sizes: list[int | None] | None = None,
-             versions: list[str | None] | None = None) -> pa.Table:
-    unknown = [None] * len(keys)
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(uris, pa.string()), pa.array(paths, pa.string()),
-                                 pa.array(sizes or unknown, pa.int64()), pa.array(versions or unknown, pa.string())],
-                                schema=LISTING_SCHEMA)
-
-
-def _without_done(listing: pa.Table, done_keys: Iterable[str]) -> pa.Table:
-    done = pa.array(list(done_keys), pa.string())
-    if len(done) == 0:
-        return listing
-    return listing.filter(pc.invert(pc.is_in(listing["key"], value_set=done)))
 
 
 def _blocks(listing: pa.Table, rows_per_block: int) -> ray.data.Dataset:

@@ -16,7 +16,7 @@ from corrdiff.floor import fallback_share
 from pipeline.archive import list_data_files, read_columns
 from pipeline.errors import is_retryable
 from pipeline.models import archive_store
-from pipeline.sources import Skipped
+from pipeline.skipped import Skipped
 from pipeline.storage import StorageConfig, filesystem
 
 TOP_REASONS = 10

@@ -13,7 +13,7 @@ import ray
 
 from pipeline.archive import SCHEMA, data_file_bytes
 from pipeline.shards import ShardLedger, finished_shards, marker_name, resume_shards, shard_ref
-from pipeline.sources import SourceConfig, list_items
+from pipeline.sources import SourceConfig, list_shards
 from pipeline.storage import StorageConfig
 
 from archives import write_tar_shard
@@ -82,7 +82,7 @@ def test_a_rerun_reads_the_unfinished_shards_with_their_own_done_keys(ray_local,
     for name in ("a.tar", "b.tar"):
         write_tar_shard(tmp_path / "in" / name, {"0.jpg": b"x", "1.jpg": b"y"})
     source = SourceConfig(url=str(tmp_path / "in"), kind="tar")
-    listing = list_items(source, STORAGE)
+    listing = list_shards(source, STORAGE)
     archive = tmp_path / "archive"
     archive.mkdir()
     rows = [{"key": key, "source_uri": f"{tmp_path}/in/{key.replace('.tar/', '.tar#')}", "error": error,
@@ -103,11 +103,11 @@ def test_markers_on_s3_see_a_rewritten_shard(s3_server):
     """On S3 a shard's version is its ETag: rewritten with the same size, it is read again."""
     bucket = s3_server.make_bucket({"in/a.tar": b"1" * 1024, "in/b.tar": b"2" * 1024})
     source = SourceConfig(url=f"{bucket}/in", kind="tar")
-    items = list_items(source, s3_server.storage).items
+    items = list_shards(source, s3_server.storage).items
     assert all(version.startswith("ETag=") for version in items["version"].to_pylist())
     for key, size, version in zip(items["key"].to_pylist(), items["size"].to_pylist(), items["version"].to_pylist()):
         s3_server.put(f"{bucket}/archive/_shards/{marker_name(key, size, version)}", b"{}")
     assert finished_shards(f"{bucket}/archive", s3_server.storage, items) == {"a.tar", "b.tar"}
     s3_server.put(f"{bucket}/in/a.tar", b"3" * 1024)
-    items = list_items(source, s3_server.storage).items
+    items = list_shards(source, s3_server.storage).items
     assert finished_shards(f"{bucket}/archive", s3_server.storage, items) == {"b.tar"}

@@ -1,4 +1,5 @@
-"""Storage access and image sources: keys, URIs, bytes, resume filtering and failures as rows."""
+"""Storage access and image sources: listing in tasks, keys, URIs, bytes, resume filtering
+(the anti-join against the archive, done keys of shards) and failures as rows."""
 
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
 
+from pipeline import listing as listing_module
+from pipeline import pending as pending_module
 from pipeline import storage as storage_module
-from pipeline.errors import is_retryable
-from pipeline.sources import (OUTPUT_SCHEMA, Skipped, SourceConfig, SourceRead, _fetch_one, _parquet_tables,
-                              _tar_rows, list_items, read_source, split_parquet_uri, split_tar_uri)
+from pipeline.archive import SCHEMA, data_file_bytes
+from pipeline.errors import is_retryable, retryable
+from pipeline.listing import ImageListing, ManifestError
+from pipeline.pending import DuplicateKeysError, pending_images
+from pipeline.skipped import Skipped
+from pipeline.sources import (OUTPUT_SCHEMA, SourceConfig, SourceRead, _fetch_one, _parquet_tables, _tar_rows,
+                              list_images, list_shards, read_images, read_shards, split_parquet_uri, split_tar_uri)
 from pipeline.storage import StorageConfig, filesystem, is_transient, with_retries
 
 LOCAL = StorageConfig(retry_wait=0.01)
@@ -55,6 +62,36 @@ def collect(read: SourceRead) -> dict[str, dict]:
     rows = table.to_pylist()
     assert len({row["key"] for row in rows}) == len(rows), "keys must be unique"
     return {row["key"]: row for row in rows}
+
+
+def listed_keys(listing: ImageListing) -> list[str]:
+    return sorted(key for table in ray.get(listing.blocks) for key in table["key"].to_pylist())
+
+
+def write_archive(root: Path, keys: list[str], errors: list[str | None] | None = None,
+                  metadata: dict[str, str] | None = None) -> str:
+    """An archive folder with one data file (the project's schema and writer) holding a row
+    for each key: what a rerun finds already done."""
+    count = len(keys)
+    given = {"key": pa.array(keys, pa.string()), "source_uri": pa.array(keys, pa.string()),
+             "error": pa.array(errors or [None] * count, pa.string()), "job_id": pa.array(["test"] * count),
+             "created_at": pa.array([0] * count, pa.int64()).cast(pa.timestamp("us", tz="UTC"))}
+    table = pa.table({name: given.get(name, pa.nulls(count, SCHEMA.field(name).type)) for name in SCHEMA.names},
+                     schema=SCHEMA.with_metadata(metadata or {}))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "part-test-00000.parquet").write_bytes(data_file_bytes(table))
+    return str(root)
+
+
+def read_pending(source: SourceConfig, storage: StorageConfig, archive: str, rows_per_block: int = 64) -> SourceRead:
+    """What a compress run over a files or manifest source reads, given its archive."""
+    return read_images(pending_images(list_images(source, storage), archive, storage), source, storage,
+                       rows_per_block)
+
+
+def read_listed_shards(source: SourceConfig, storage: StorageConfig, done_keys: set[str] = frozenset(),
+                       rows_per_block: int = 64) -> SourceRead:
+    return read_shards(source, storage, list_shards(source, storage), done_keys, rows_per_block)
 
 
 def write_files(root: Path, files: dict[str, bytes]) -> None:
@@ -196,11 +233,11 @@ def test_files_local_keys_uris_bytes_resume_and_a_vanished_file(tmp_path, ray_lo
     write_files(tmp_path, {**files, "notes.txt": b"not an image", "sub/e.json": b"{}"})
     source = SourceConfig(url=str(tmp_path))
 
-    listing = list_items(source, LOCAL)
-    assert listing.items.column("key").to_pylist() == ["a.png", "sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
+    assert listed_keys(list_images(source, LOCAL)) == ["a.png", "sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
 
-    dataset = read_source(source, LOCAL, done_keys={"a.png"}, rows_per_block=2)
-    (tmp_path / "sub/d.png").unlink()  # listed on the driver, gone before the tasks read it
+    archive = write_archive(tmp_path.parent / f"{tmp_path.name}-archive", ["a.png"])
+    dataset = read_pending(source, LOCAL, archive, rows_per_block=2)
+    (tmp_path / "sub/d.png").unlink()  # listed, gone before the tasks read it
     rows = collect(dataset)
 
     assert sorted(rows) == ["sub/b.JPG", "sub/d.png", "sub/deeper/c.jpeg"]
@@ -210,8 +247,8 @@ def test_files_local_keys_uris_bytes_resume_and_a_vanished_file(tmp_path, ray_lo
     assert rows["sub/d.png"]["data"] is None
     assert rows["sub/d.png"]["error"] == "read failed: not found"
 
-    nothing_left = collect(read_source(source, LOCAL, done_keys=set(files)))
-    assert nothing_left == {}
+    write_archive(Path(archive), list(files))
+    assert collect(read_pending(source, LOCAL, archive)) == {}
 
 
 def test_files_on_s3_with_credentials_from_the_environment(s3_server, ray_local):
@@ -221,7 +258,8 @@ def test_files_on_s3_with_credentials_from_the_environment(s3_server, ray_local)
     environment_only = StorageConfig(endpoint_url=s3_server.endpoint_url)
     cap = len(big) - 1
 
-    read = read_source(SourceConfig(url=f"{bucket}/photos/", max_image_bytes=cap), environment_only)
+    read = read_pending(SourceConfig(url=f"{bucket}/photos/", max_image_bytes=cap), environment_only,
+                        f"{bucket}/archive/")
     rows = collect(read)
 
     assert sorted(rows) == ["a.jpg", "big.png", "sub/b.png"]  # photos2/ shares the prefix string, not the folder
@@ -233,20 +271,22 @@ def test_files_on_s3_with_credentials_from_the_environment(s3_server, ray_local)
     assert read.skipped().report() == {"count": 1, "by_extension": {".md": {"count": 1, "examples": ["readme.md"]}}}
 
 
-def test_no_images_is_an_error_not_an_empty_archive(tmp_path):
+def test_no_images_is_an_error_not_an_empty_archive(tmp_path, ray_local):
     write_files(tmp_path, {"notes.txt": b"x"})
     with pytest.raises(FileNotFoundError, match="no images"):
-        list_items(SourceConfig(url=str(tmp_path)), LOCAL)
+        list_images(SourceConfig(url=str(tmp_path)), LOCAL)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(SourceConfig(url=str(tmp_path / "does-not-exist")), LOCAL)
 
 
-def test_files_the_extension_filter_skips_are_counted_with_examples(tmp_path):
+def test_files_the_extension_filter_skips_are_counted_with_examples(tmp_path, ray_local):
     """A folder of camera raw files beside one JPEG must say what it left out."""
     raw = {f"raw/{i:02d}.CR2": b"raw sensor data" for i in range(7)}
     write_files(tmp_path, {"a.jpg": png(1), "notes.txt": b"x", "Makefile": b"all:", **raw})
 
-    listing = list_items(SourceConfig(url=str(tmp_path)), LOCAL)
+    listing = list_images(SourceConfig(url=str(tmp_path)), LOCAL)
 
-    assert listing.items.column("key").to_pylist() == ["a.jpg"]
+    assert listed_keys(listing) == ["a.jpg"]
     assert listing.skipped.report() == {"count": 9, "by_extension": {
         ".cr2": {"count": 7, "examples": [f"raw/{i:02d}.CR2" for i in range(5)]},
         "": {"count": 1, "examples": ["Makefile"]},
@@ -254,10 +294,47 @@ def test_files_the_extension_filter_skips_are_counted_with_examples(tmp_path):
     }}
 
 
-def test_no_images_says_what_it_skipped(tmp_path):
+def test_no_images_says_what_it_skipped(tmp_path, ray_local):
     write_files(tmp_path, {**{f"{i}.cr2": b"raw" for i in range(3)}, "notes.txt": b"x"})
     with pytest.raises(FileNotFoundError, match=r"no images .* skipped 4 other files, 3 \.cr2, 1 \.txt"):
-        list_items(SourceConfig(url=str(tmp_path), extensions=(".jpg",)), LOCAL)
+        list_images(SourceConfig(url=str(tmp_path), extensions=(".jpg",)), LOCAL)
+
+
+def test_a_deep_prefix_is_listed_level_by_level_in_several_tasks(tmp_path, ray_local, monkeypatch):
+    """Folders are listed a few per task, level after level; the keys are those of one find."""
+    monkeypatch.setattr(listing_module, "FOLDERS_PER_TASK", 2)
+    files = {f"{a}/{b}/{c}.png": png(1) for a in "xyz" for b in "pq" for c in range(2)} | {"top.png": png(2)}
+    write_files(tmp_path, {**files, "y/q/skip.txt": b"-"})
+
+    listing = list_images(SourceConfig(url=str(tmp_path)), LOCAL)
+
+    assert listed_keys(listing) == sorted(files)
+    assert listing.rows == len(files) and len(listing.blocks) > 2
+    assert listing.skipped.report()["by_extension"] == {".txt": {"count": 1, "examples": ["y/q/skip.txt"]}}
+
+
+def test_a_rerun_reads_what_the_archive_lacks_and_retries_retryable_errors(tmp_path, ray_local, monkeypatch):
+    """The anti-join runs in several partitions; a key whose only row is a retryable error
+    is read again, one with a final error is not."""
+    monkeypatch.setattr(pending_module, "PARTITION_ROWS", 3)
+    files = {f"{i:02d}.png": png(i) for i in range(11)}
+    write_files(tmp_path / "in", files)
+    archive = write_archive(tmp_path / "archive", ["00.png", "01.png", "02.png", "03.png", "04.png"],
+                            [None, None, retryable("read failed", "timeout"), "corrupt or truncated image: x", None])
+    listing = list_images(SourceConfig(url=str(tmp_path / "in")), LOCAL)
+
+    pending = pending_images(listing, archive, LOCAL)
+
+    assert (pending.rows, pending.archived) == (7, 4)
+    assert sorted(collect(read_images(pending, SourceConfig(url=str(tmp_path / "in")), LOCAL))) == \
+        ["02.png", *[f"{i:02d}.png" for i in range(5, 11)]]
+
+
+def test_a_rerun_over_an_archive_of_another_key_scheme_is_refused(tmp_path, ray_local):
+    write_files(tmp_path / "in", {"a.png": png(1)})
+    archive = write_archive(tmp_path / "archive", ["a.png"], metadata={"corrdiff.key_scheme": "1"})
+    with pytest.raises(ValueError, match="key scheme 1"):
+        pending_images(list_images(SourceConfig(url=str(tmp_path / "in")), LOCAL), archive, LOCAL)
 
 
 # Byte caps ----------------------------------------------------------------------------------
@@ -345,7 +422,8 @@ def test_manifest_on_s3_with_a_missing_object(form, s3_server, ray_local):
         manifest = "key,uri,note\n" + "".join(f"{k},{u},n\n" for k, u in zip(keys, uris))
     s3_server.put(f"{bucket}/lists/manifest.{form}", manifest.encode())
 
-    rows = collect(read_source(SourceConfig(url=f"{bucket}/lists/manifest.{form}", kind="manifest"), s3_server.storage))
+    rows = collect(read_pending(SourceConfig(url=f"{bucket}/lists/manifest.{form}", kind="manifest"),
+                                s3_server.storage, f"{bucket}/archive/"))
 
     assert sorted(rows) == sorted(keys)
     assert [rows[k]["source_uri"] for k in keys] == uris
@@ -355,17 +433,20 @@ def test_manifest_on_s3_with_a_missing_object(form, s3_server, ray_local):
 
 
 @pytest.mark.parametrize(
-    "manifest, message",
+    "manifest, error, message",
     [
-        ("key,uri\na,/x/1.jpg\nb,/x/2.jpg\na,/x/3.jpg\n", "1 duplicate keys.*'a'"),
-        ("uri\n/x/1.jpg\nrelative/2.jpg\n", "relative paths.*relative/2.jpg"),
-        ("url\n/x/1.jpg\n", "no column 'uri'"),
+        ("key,uri\na,/x/1.jpg\nb,/x/2.jpg\na,/x/3.jpg\n", DuplicateKeysError, "1 duplicate keys.*'a'"),
+        ("uri\n/x/1.jpg\nrelative/2.jpg\n", ManifestError, "relative paths.*relative/2.jpg"),
+        ("key,uri\na,/x/1.jpg\n,/x/2.jpg\n", ManifestError, "1 rows with an empty key or URI"),
+        ("url\n/x/1.jpg\n", ManifestError, "no column 'uri'"),
+        ("uri\n", ManifestError, "lists no URIs"),
     ],
 )
-def test_manifest_problems_are_refused_at_listing(tmp_path, manifest, message):
+def test_manifest_problems_are_refused_before_anything_is_read(tmp_path, manifest, error, message, ray_local):
     (tmp_path / "m.csv").write_text(manifest)
-    with pytest.raises(ValueError, match=message):
-        list_items(SourceConfig(url=str(tmp_path / "m.csv"), kind="manifest"), LOCAL)
+    source = SourceConfig(url=str(tmp_path / "m.csv"), kind="manifest")
+    with pytest.raises(error, match=message):
+        pending_images(list_images(source, LOCAL), str(tmp_path / "archive"), LOCAL)
 
 
 # tar --------------------------------------------------------------------------------------
@@ -393,7 +474,8 @@ def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
         url, storage = s3_server.make_bucket(shards), s3_server.storage
     shard_0_done = "train/shard-0.tar/000003.png"
 
-    rows = collect(read_source(SourceConfig(url=url, kind="tar"), storage, done_keys={shard_0_done}, rows_per_block=3))
+    rows = collect(read_listed_shards(SourceConfig(url=url, kind="tar"), storage, done_keys={shard_0_done},
+                                      rows_per_block=3))
 
     intact_keys = {f"train/shard-0.tar/{name}" for name in samples} - {shard_0_done}
     cut_keys = {f"train/shard-1.tar/{name}" for name in samples if layout[name][1] <= half}
@@ -411,7 +493,8 @@ def test_tar_shards_with_damage(where, tmp_path, s3_server, ray_local):
         assert row["source_uri"] == f"{url}/train/{shard}.tar"
     assert "end-of-archive" in rows["train/shard-2.tar/#shard"]["error"]
     # A rerun over everything archived: the damaged shards' rows are not written again.
-    assert collect(read_source(SourceConfig(url=url, kind="tar"), storage, done_keys=set(rows) | {shard_0_done})) == {}
+    assert collect(read_listed_shards(SourceConfig(url=url, kind="tar"), storage,
+                                      done_keys=set(rows) | {shard_0_done})) == {}
 
 
 def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local):
@@ -422,7 +505,7 @@ def test_tar_members_and_files_the_filter_skips_are_counted(tmp_path, ray_local)
         "README.md": b"# shards",
     })
 
-    read = read_source(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
+    read = read_listed_shards(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
 
     assert sorted(collect(read)) == ["a.tar/0.jpg", "b.tar/1.png"]
     assert read.skipped().report() == {"count": 4, "by_extension": {
@@ -438,18 +521,18 @@ def test_tar_member_keys_show_where_the_shard_ends(tmp_path, ray_local):
     write_files(tmp_path, {"a.tar": tar_bytes({"b/x.png": png(1)}), "a/b.tar": tar_bytes({"x.png": png(2)})})
     source = SourceConfig(url=str(tmp_path), kind="tar")
 
-    rows = collect(read_source(source, LOCAL))
+    rows = collect(read_listed_shards(source, LOCAL))
 
     assert {key: row["data"] for key, row in rows.items()} == {"a.tar/b/x.png": png(1), "a/b.tar/x.png": png(2)}
     assert rows["a/b.tar/x.png"]["source_uri"] == f"{tmp_path}/a/b.tar#x.png"
-    assert sorted(collect(read_source(source, LOCAL, done_keys={"a.tar/b/x.png"}))) == ["a/b.tar/x.png"]
+    assert sorted(collect(read_listed_shards(source, LOCAL, done_keys={"a.tar/b/x.png"}))) == ["a/b.tar/x.png"]
 
 
-def test_shards_under_a_folder_named_like_a_shard_are_refused(tmp_path):
+def test_shards_under_a_folder_named_like_a_shard_are_refused(tmp_path, ray_local):
     """x.tar/y.tar holding 0.png and x.tar holding y.tar/0.png would share a key again."""
     write_files(tmp_path, {"x.TAR/y.tar": tar_bytes({"0.png": png(0)}), "z.tar": tar_bytes({"0.png": png(0)})})
     with pytest.raises(ValueError, match=r"under a folder whose name ends in \.tar: 'x.TAR/y.tar'"):
-        list_items(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
+        list_shards(SourceConfig(url=str(tmp_path), kind="tar"), LOCAL)
 
 
 def test_names_with_double_colons_are_read_as_themselves(tmp_path, ray_local):
@@ -460,8 +543,8 @@ def test_names_with_double_colons_are_read_as_themselves(tmp_path, ray_local):
         "shards/s::1.tar": tar_bytes({"0.png": png(3)}), "shards/s": tar_bytes({"0.png": png(4)}),
     })
 
-    files = collect(read_source(SourceConfig(url=str(tmp_path / "files")), LOCAL))
-    shards = collect(read_source(SourceConfig(url=str(tmp_path / "shards"), kind="tar"), LOCAL))
+    files = collect(read_pending(SourceConfig(url=str(tmp_path / "files")), LOCAL, str(tmp_path / "archive")))
+    shards = collect(read_listed_shards(SourceConfig(url=str(tmp_path / "shards"), kind="tar"), LOCAL))
 
     assert {key: (row["data"], row["error"]) for key, row in files.items()} == {"a::b.png": (png(1), None)}
     assert {key: (row["data"], row["error"]) for key, row in shards.items()} == {"s::1.tar/0.png": (png(3), None)}
@@ -542,8 +625,9 @@ def test_parquet_rows_with_a_null_image_a_corrupt_file_and_resume(where, tmp_pat
         url, storage = s3_server.make_bucket(files), s3_server.storage
     source = SourceConfig(url=url, kind="parquet", key_column="id", image_column="bytes")
 
-    assert list_items(source, storage).items.column("key").to_pylist() == ["b.parquet", "c.parquet", "part/a.parquet"]
-    rows = collect(read_source(source, storage, done_keys={"img-3"}))
+    assert list_shards(source, storage).items.column("key").to_pylist() == ["b.parquet", "c.parquet",
+                                                                             "part/a.parquet"]
+    rows = collect(read_listed_shards(source, storage, done_keys={"img-3"}))
 
     assert sorted(rows) == ["c/#file", "img-0", "img-1", "img-2", "img-4"]
     assert rows["img-1"]["data"] is None and rows["img-1"]["error"] == "missing image bytes"
@@ -553,7 +637,7 @@ def test_parquet_rows_with_a_null_image_a_corrupt_file_and_resume(where, tmp_pat
     assert rows["c/#file"]["source_uri"] == f"{url}/c.parquet"
     assert rows["c/#file"]["data"] is None and rows["c/#file"]["error"].startswith("corrupt parquet file: ")
     # A rerun over everything archived: the damaged file's row is not written again.
-    assert collect(read_source(source, storage, done_keys=set(rows) | {"img-3"})) == {}
+    assert collect(read_listed_shards(source, storage, done_keys=set(rows) | {"img-3"})) == {}
 
 
 def test_storage_that_stays_down_gives_a_retryable_error_row():
@@ -570,7 +654,7 @@ def test_storage_that_stays_down_gives_a_retryable_error_row():
     assert error == "read failed: not found" and not is_retryable(error)
 
 
-def test_parquet_missing_columns_are_refused_at_listing(tmp_path):
+def test_parquet_missing_columns_are_refused_at_listing(tmp_path, ray_local):
     (tmp_path / "a.parquet").write_bytes(parquet_bytes(["a"], [b"x"]))
     with pytest.raises(ValueError, match="no column 'key', 'image'"):
-        list_items(SourceConfig(url=str(tmp_path), kind="parquet"), LOCAL)
+        list_shards(SourceConfig(url=str(tmp_path), kind="parquet"), LOCAL)
