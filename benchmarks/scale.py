@@ -10,11 +10,15 @@ encoding), and for each source kind a synthetic input whose keys are those of th
 killed run leaves them). Then, each in a fresh process (so that its peak RSS is its
 own), the driver's side of:
 
-- ``rerun_plan``: what a rerun does before the first task: the listing, then for a
-  manifest the anti-join of the listing against the archive's keys (``done_keys``); for tar
-  and Parquet shards the markers (``finished_shards``) and the done keys of the unfinished
-  shards only (``pipeline.shards.resume_shards`` without its actor). ``task_payload_mb``: the
-  pickled done set that every read task of a sharded source receives (a worker's memory);
+- ``rerun_plan``: what a rerun does before the first image is fetched, on a local Ray
+  cluster of this machine's cores: for a manifest, reading it in tasks and the
+  hash-partitioned anti-join of the listing against the archive's keys
+  (``pipeline.listing.list_manifest``, ``pipeline.pending.pending_images``); for tar and
+  Parquet shards the listing in tasks, the markers (``finished_shards``) and the done keys
+  of the unfinished shards only (``pipeline.shards.resume_shards`` without its actor).
+  ``worker_peak_rss_mb``: the largest Ray worker process seen (sampled every 0.1 s);
+  ``task_payload_mb``: the pickled done set that every read task of a sharded source
+  receives (a worker's memory);
 - ``summary``: the job summary (``pipeline.summary.summarize``);
 - ``verify_plan`` and ``audit_plan``: the footers and the selection of ``--verify-all``
   and of an audit sample of 1000 rows (``pipeline.selection``);
@@ -22,7 +26,7 @@ own), the driver's side of:
   (here one after another in this process): the row groups that can hold the keys.
 
 The files source kind is measured through a manifest: a real folder of 10 M files cannot be
-made here; its listing (one ``find`` on the driver) is the same anti-join after it.
+made here; its listing (delimiter listings in tasks) meets the same anti-join after it.
 
 Goals (issue 23): driver memory flat in the number of keys (at most 1 GB at 10 M keys),
 rerun planning of 10 M keys under a minute, a rerun over finished tar shards reads none of
@@ -39,6 +43,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -174,30 +179,38 @@ def _missing(kind: str, n: int) -> np.ndarray:
 
 
 def _measure(step: str, kind: str, root: Path) -> dict:
+    import ray
+
     from pipeline.archive import done_keys, read_data_file_rows
+    from pipeline.pending import pending_images
     from pipeline.selection import all_rows, archive_files, sample_rows
     from pipeline.shards import finished_shards, shard_ref
-    from pipeline.sources import SourceConfig, Skipped, _without_done, list_items
+    from pipeline.skipped import Skipped
+    from pipeline.sources import SourceConfig, list_images, list_shards
     from pipeline.storage import StorageConfig, filesystem
     from pipeline.summary import summarize
 
     storage, archive = StorageConfig(), str(root / "archive")
+    if step == "rerun_plan":  # planning runs in tasks: on a local cluster, its workers measured
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        workers = _WorkerPeak()
     baseline = _rss_mb()
     started = time.perf_counter()
     extra: dict = {}
     if step == "rerun_plan":
         if kind == "manifest":
-            listing = list_items(SourceConfig(url=str(root / "in" / "manifest.parquet"), kind="manifest"), storage)
-            todo = _without_done(listing.items, done_keys(archive, storage))
-            extra = {"to_read": todo.num_rows}
+            listing = list_images(SourceConfig(url=str(root / "in" / "manifest.parquet"), kind="manifest"), storage)
+            pending = pending_images(listing, archive, storage)
+            extra = {"to_read": pending.rows}
         else:
-            listing = list_items(SourceConfig(url=str(root / "in"), kind=kind), storage)
+            listing = list_shards(SourceConfig(url=str(root / "in"), kind=kind), storage)
             finished = finished_shards(archive, storage, listing.items)
             todo = [k for k in listing.items["key"].to_pylist() if k not in finished]
             refs = set(todo) if kind == "tar" else {str(root / "in" / k) for k in todo}
             done = done_keys(archive, storage, only=lambda key, uri: shard_ref(kind, key, uri) in refs)
             extra = {"shards": listing.items.num_rows, "shards_to_read": len(todo), "done_keys_held": len(done),
                      "task_payload_mb": round(len(pickle.dumps(frozenset(done))) / 2**20, 1)}
+        extra["worker_peak_rss_mb"] = workers.stop()
     elif step == "summary":
         summarize(archive, storage, "bench", 1.0, Skipped())
     elif step in ("verify_plan", "audit_plan"):
@@ -217,6 +230,29 @@ def _measure(step: str, kind: str, root: Path) -> dict:
         raise SystemExit(f"unknown step {step}")
     return {"seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_rss_mb(), 1),
             "baseline_rss_mb": round(baseline, 1), **extra}
+
+
+class _WorkerPeak:
+    """The largest RSS of any Ray worker process (``ray::...``) while it runs, sampled."""
+
+    def __init__(self) -> None:
+        self.peak, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.wait(0.1):
+            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                command = " ".join(process.info["cmdline"] or [])
+                if command.startswith("ray::") and process.info["memory_info"] is not None:
+                    self.peak = max(self.peak, process.info["memory_info"].rss)
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return round(self.peak / 2**20, 1)
 
 
 def _rss_mb() -> float:
