@@ -1,12 +1,12 @@
-"""Layers whose float results do not depend on the number of CPU threads.
+"""Layers that keep oneDNN's 1x1 kernels out of the float results' thread dependence.
 
 oneDNN's 1x1-convolution kernels (used by ``nn.Conv2d`` with a 1x1 kernel, and by
 compressai's GDN) split the channel reduction differently for different thread counts,
 so the same record decoded with 1 and with 2 threads would differ in the last bits.
 Written as one matrix product, a 1x1 convolution runs through a GEMM that keeps its
-reduction order (checked by tests/test_determinism.py). 3x3 and transposed convolutions
-are thread-invariant as they are.
-"""
+reduction order (checked by tests/test_determinism.py). Larger and transposed
+convolutions are invariant for most sizes but not all (docs/method.md, "Reproducible
+pixels"): another thread count can still move a pixel on a rounding boundary by one level."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ corrected like every other pixel.
 
 Every loop runs in a fixed order over a grid fixed by the record (corrdiff.tiling), each
 tile alone (batch one), so the encoder and every decoder compute the same floats in the
-same order: the decoder reproduces the encoder's pixels exactly, whatever the thread count.
+same order: the decoder reproduces the encoder's pixels exactly (with the encoder's thread
+count; another one can round a few pixels by one level, docs/method.md).
 """
 
 from __future__ import annotations

@@ -79,17 +79,22 @@ def _digest(images: list[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def test_same_bytes_with_one_and_two_threads(codec, encoded):
+def test_one_and_two_threads_decode_alike(codec, encoded):
+    """The thread count can move a pixel at a rounding boundary by one level (float kernels may
+    split their sums per thread count; docs/method.md, "Reproducible pixels"), never more."""
     records = [e.record for e in encoded]
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _digest(codec.decode(records))
+        one = codec.decode(records)
         torch.set_num_threads(2)
-        two = _digest(codec.decode(records))
+        two = codec.decode(records)
     finally:
         torch.set_num_threads(previous)
-    assert one == two == _digest([e.reconstruction for e in encoded])
+    for decoded in (one, two):
+        for image, e in zip(decoded, encoded):
+            difference = np.abs(image.astype(np.int16) - e.reconstruction.astype(np.int16))
+            assert difference.max() <= 1 and np.count_nonzero(difference) <= difference.size // 1000
 
 
 def test_same_bytes_in_a_fresh_process(codec, encoded, tmp_path):

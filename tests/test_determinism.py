@@ -1,4 +1,4 @@
-"""Float layers of the codec give the same bits for any CPU thread count."""
+"""The codec's matrix-product layers (1x1 convolutions, GDN) give the same bits for any CPU thread count."""
 
 from __future__ import annotations
 
