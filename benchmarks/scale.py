@@ -14,11 +14,11 @@ own), the driver's side of:
   cluster of this machine's cores: for a manifest, reading it in tasks and the
   hash-partitioned anti-join of the listing against the archive's keys
   (``pipeline.listing.list_manifest``, ``pipeline.pending.pending_images``); for tar and
-  Parquet shards the listing in tasks, the markers (``finished_shards``) and the done keys
-  of the unfinished shards only (``pipeline.shards.resume_shards`` without its actor).
+  Parquet shards the listing in tasks, the markers and the archived keys of the unfinished
+  shards only, grouped by shard (``pipeline.shards.resume_shards``).
   ``worker_peak_rss_mb``: the largest Ray worker process seen (sampled every 0.1 s);
-  ``task_payload_mb``: the pickled done set that every read task of a sharded source
-  receives (a worker's memory);
+  ``task_payload_mb``: the largest shard's pickled done keys, which its read task receives
+  (a worker's memory);
 - ``summary``: the job summary (``pipeline.summary.summarize``);
 - ``verify_plan`` and ``audit_plan``: the footers and the selection of ``--verify-all``
   and of an audit sample of 1000 rows (``pipeline.selection``);
@@ -181,10 +181,10 @@ def _missing(kind: str, n: int) -> np.ndarray:
 def _measure(step: str, kind: str, root: Path) -> dict:
     import ray
 
-    from pipeline.archive import done_keys, read_data_file_rows
+    from pipeline.archive import read_data_file_rows
     from pipeline.pending import pending_images
     from pipeline.selection import all_rows, archive_files, sample_rows
-    from pipeline.shards import finished_shards, shard_ref
+    from pipeline.shards import resume_shards
     from pipeline.skipped import Skipped
     from pipeline.sources import SourceConfig, list_images, list_shards
     from pipeline.storage import StorageConfig, filesystem
@@ -204,12 +204,11 @@ def _measure(step: str, kind: str, root: Path) -> dict:
             extra = {"to_read": pending.rows}
         else:
             listing = list_shards(SourceConfig(url=str(root / "in"), kind=kind), storage)
-            finished = finished_shards(archive, storage, listing.items)
-            todo = [k for k in listing.items["key"].to_pylist() if k not in finished]
-            refs = set(todo) if kind == "tar" else {str(root / "in" / k) for k in todo}
-            done = done_keys(archive, storage, only=lambda key, uri: shard_ref(kind, key, uri) in refs)
-            extra = {"shards": listing.items.num_rows, "shards_to_read": len(todo), "done_keys_held": len(done),
-                     "task_payload_mb": round(len(pickle.dumps(frozenset(done))) / 2**20, 1)}
+            resume = resume_shards(archive, storage, kind, listing, "bench")
+            done = resume.listing.items["done"].to_pylist()
+            extra = {"shards": listing.items.num_rows, "shards_to_read": resume.listing.items.num_rows,
+                     "done_keys_held": resume.done_keys,  # the largest shard's keys, as its read task gets them
+                     "task_payload_mb": round(max((len(pickle.dumps(keys)) for keys in done), default=0) / 2**20, 2)}
         extra["worker_peak_rss_mb"] = workers.stop()
     elif step == "summary":
         summarize(archive, storage, "bench", 1.0, Skipped())

@@ -21,7 +21,7 @@ import io
 import json
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,27 +269,39 @@ def read_columns(url: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
     return pa.concat_tables([read_data_file(path, fs, columns) for path in files])
 
 
-def done_keys(url: str, storage: StorageConfig, only: Callable[[str, str], bool] | None = None) -> set[str]:
+def done_keys(url: str, storage: StorageConfig) -> set[str]:
     """Keys already in the archive, the resume point of a rerun: every key with a row,
     except those whose only rows are retryable errors (pipeline.errors), tried again.
-    ``only(key, source_uri)``: keep just the keys it accepts (those of the shards a rerun
-    reads, pipeline.shards), so that memory holds those, not the archive's keys; files
-    are read one at a time.
 
     Refused (``ValueError``) if a data file's keys were formed otherwise than this version
     forms them (:data:`KEY_SCHEME`): a rerun would archive its images a second time under
     new keys, and say nothing.
     """
+    return {key for key, _ in _done_rows(url, storage, with_uris=False)}
+
+
+def done_keys_by(url: str, storage: StorageConfig, group: Callable[[str, str], str | None]) -> dict[str, set[str]]:
+    """The keys of :func:`done_keys`, grouped by ``group(key, source_uri)``; a key whose
+    group is None is left out. A rerun over shards (pipeline.shards) groups by shard and
+    keeps only the shards it reads, so that memory holds their keys, not the archive's, and
+    each shard's reader gets its own."""
+    grouped: dict[str, set[str]] = {}
+    for key, uri in _done_rows(url, storage, with_uris=True):
+        name = group(key, uri)
+        if name is not None:
+            grouped.setdefault(name, set()).add(key)
+    return grouped
+
+
+def _done_rows(url: str, storage: StorageConfig, with_uris: bool) -> Iterator[tuple[str, str | None]]:
+    """(key, source_uri or None) of each row that is not a retryable error, a file at a time."""
     fs, _ = filesystem(url, storage)
-    keys: set[str] = set()
-    columns = ["key", "error"] + (["source_uri"] if only is not None else [])
     for path in list_data_files(url, storage):
-        table = read_data_file(path, fs, columns)
+        table = read_data_file(path, fs, ["key", "error"] + (["source_uri"] if with_uris else []))
         check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
-        uris = table["source_uri"].to_pylist() if only is not None else [None] * table.num_rows
-        keys.update(key for key, error, uri in zip(table["key"].to_pylist(), table["error"].to_pylist(), uris)
-                    if not is_retryable(error) and (only is None or only(key, uri)))
-    return keys
+        uris = table["source_uri"].to_pylist() if with_uris else [None] * table.num_rows
+        yield from ((key, uri) for key, error, uri in zip(table["key"].to_pylist(), table["error"].to_pylist(), uris)
+                    if not is_retryable(error))
 
 
 def check_key_scheme(metadata: dict[bytes, bytes], path: str) -> None:

@@ -268,10 +268,10 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
                                list_shards(config.input, config.storage), job_id)
         listing = resume.listing
         print(f"job {job_id}: {resume.finished_before} shard(s) finished before, skipped unread; "
-              f"{listing.items.num_rows} to read, holding {len(resume.done)} keys already archived; {workers}")
+              f"{listing.items.num_rows} to read, with the {resume.done_keys} keys of theirs already archived; {workers}")
         if listing.items.num_rows == 0:  # every shard finished: nothing to start
             return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
-        source = read_shards(config.input, config.storage, listing, done_keys=resume.done, ledger=resume.ledger)
+        source = read_shards(config.input, config.storage, listing, ledger=resume.ledger)
     else:
         pending = pending_images(list_images(config.input, config.storage), config.output, config.storage)
         print(f"job {job_id}: {pending.archived} image(s) archived before, {pending.rows} to read; {workers}")

@@ -15,8 +15,8 @@ pipeline.errors), the run writes a marker ``ARCHIVE/_shards/<shard id>.<version 
 
 A rerun then reads only the shards without a matching marker (those a killed run left
 partly done, new ones, changed ones), each with the keys it already has in the archive
-(:func:`shard_of`), so the driver holds the keys of the unfinished shards, not of the
-archive, and shards that are finished cost one name in a listing.
+(:func:`with_done_keys`), so the driver holds the keys of the unfinished shards, not of the
+archive, each read task only its own shard's, and a finished shard costs one name in a listing.
 
 How a run knows that a shard is finished: the task that reads a shard reports how many
 rows it emitted once it reaches the shard's end (:meth:`ShardLedger.emitted`), and each
@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.archive import done_keys
+from pipeline.archive import done_keys_by
 from pipeline.errors import is_retryable
 from pipeline.sources import FILE_ERROR_SUFFIX, Listing, split_parquet_uri, tar_shard_key
 from pipeline.storage import StorageConfig, filesystem, with_retries
@@ -102,13 +102,14 @@ def shard_ref(kind: str, key: str, source_uri: str) -> str:
 
 @dataclass(frozen=True)
 class ShardResume:
-    """Where a run over a sharded source starts: the shards to read, the keys of theirs
-    already archived, how many shards were finished before (skipped unread), and the
-    ledger that marks the shards this run finishes."""
+    """Where a run over a sharded source starts: the shards to read (``listing.items``, each
+    with its own archived keys in a ``done`` column: :func:`with_done_keys`), how many keys
+    that is in all, how many shards were finished before (skipped unread), and the ledger
+    that marks the shards this run finishes."""
 
     kind: str
     listing: Listing
-    done: set[str]
+    done_keys: int
     finished_before: int
     ledger: ActorHandle
 
@@ -119,22 +120,34 @@ class ShardResume:
 
 def resume_shards(url: str, storage: StorageConfig, kind: str, listing: Listing, job_id: str) -> ShardResume:
     """Plan a run over tar or Parquet shards: the finished ones (markers) are left out of
-    the listing, and only the keys of the others are read from the archive."""
+    the listing, and only the keys of the others are read from the archive, grouped by
+    shard, so that each shard's reader gets its own keys and nothing more."""
     items = listing.items
     finished = finished_shards(url, storage, items)
     if finished:
         items = items.filter(pc.invert(pc.is_in(items["key"], value_set=pa.array(sorted(finished), pa.string()))))
-    refs = set(items["key" if kind == "tar" else "source_uri"].to_pylist())
+    ref_column = "key" if kind == "tar" else "source_uri"
+    refs = set(items[ref_column].to_pylist())
 
-    def in_todo(key: str, source_uri: str) -> bool:
+    def todo_shard(key: str, source_uri: str) -> str | None:
         try:
-            return shard_ref(kind, key, source_uri) in refs
+            ref = shard_ref(kind, key, source_uri)
         except ValueError:  # not a row of this kind of source: not one of these shards
-            return False
+            return None
+        return ref if ref in refs else None
 
-    done = done_keys(url, storage, only=in_todo) if items.num_rows else set()
+    done = done_keys_by(url, storage, todo_shard) if items.num_rows else {}
     ledger = ShardLedger.remote(url, storage, kind, job_id, items)
-    return ShardResume(kind, dataclasses.replace(listing, items=items), done, len(finished), ledger)
+    return ShardResume(kind, dataclasses.replace(listing, items=with_done_keys(items, ref_column, done)),
+                       sum(len(keys) for keys in done.values()), len(finished), ledger)
+
+
+def with_done_keys(items: pa.Table, ref_column: str, done: dict[str, set[str]]) -> pa.Table:
+    """``items`` (a shard listing) with a ``done`` column: the sorted keys each shard
+    (named by ``ref_column``) already has in the archive, which its reader skips
+    (pipeline.sources.read_shards)."""
+    column = pa.array([sorted(done.get(ref, ())) for ref in items[ref_column].to_pylist()], pa.list_(pa.string()))
+    return items.append_column("done", column)
 
 
 @dataclass

@@ -198,18 +198,18 @@ def read_shards(
     source: SourceConfig,
     storage: StorageConfig,
     listing: Listing,
-    done_keys: set[str] | frozenset[str] = frozenset(),
     rows_per_block: int = 64,
     ledger: ActorHandle | None = None,
 ) -> SourceRead:
     """A Dataset of (key, source_uri, data, error), one row per image of the listed tar or
-    Parquet shards not in ``done_keys``, filtered as the shards are expanded, before their
-    bytes leave the task. ``ledger``: a :class:`pipeline.shards.ShardLedger` told how many
-    rows each shard gave once its reader reaches the shard's end."""
+    Parquet shards; a shard whose listing row has a ``done`` column (its keys already
+    archived: pipeline.shards.with_done_keys) leaves those out as it is expanded, before
+    their bytes leave the task. ``ledger``: a :class:`pipeline.shards.ShardLedger` told how
+    many rows each shard gave once its reader reaches the shard's end."""
     if rows_per_block < 1:
         raise ValueError(f"rows_per_block must be at least 1, not {rows_per_block}")
-    common = {"fs": listing.filesystem, "source": source, "storage": storage, "done": frozenset(done_keys),
-              "rows_per_block": rows_per_block, "ledger": ledger}
+    common = {"fs": listing.filesystem, "source": source, "storage": storage, "rows_per_block": rows_per_block,
+              "ledger": ledger}
     if source.kind == "tar":
         tally = _MemberTally.remote()
         tables_of = partial(_tar_tables, tally=tally, **common)
@@ -361,11 +361,15 @@ def _rows_table(rows: list[Row]) -> pa.Table:
 # Expanding shards and files (tar, parquet) -------------------------------------------------
 
 
-def _expand(batch: pa.Table, tables_of: Callable[[str, str, str], Iterator[pa.Table]]) -> Iterator[pa.Table]:
-    """The output tables of each listed shard or file (key, uri, path) in a block, as they stream."""
+def _expand(batch: pa.Table,
+            tables_of: Callable[[str, str, str, frozenset[str]], Iterator[pa.Table]]) -> Iterator[pa.Table]:
+    """The output tables of each listed shard or file (key, uri, path, and the keys of it
+    already done) in a block, as they stream."""
     empty = True
-    for key, uri, path in zip(batch["key"].to_pylist(), batch["source_uri"].to_pylist(), batch["path"].to_pylist()):
-        for table in tables_of(key, uri, path):
+    done = batch["done"].to_pylist() if "done" in batch.column_names else [()] * batch.num_rows
+    for key, uri, path, keys in zip(batch["key"].to_pylist(), batch["source_uri"].to_pylist(),
+                                    batch["path"].to_pylist(), done):
+        for table in tables_of(key, uri, path, frozenset(keys)):
             empty = False
             yield table
     if empty:  # all done already: an empty table keeps the dataset's schema known downstream
@@ -376,8 +380,8 @@ def _expand(batch: pa.Table, tables_of: Callable[[str, str, str], Iterator[pa.Ta
 
 
 def _tar_tables(
-    shard_key: str, shard_uri: str, shard_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
-    storage: StorageConfig, done: frozenset[str], rows_per_block: int, tally: ActorHandle,
+    shard_key: str, shard_uri: str, shard_path: str, done: frozenset[str], fs: fsspec.AbstractFileSystem,
+    source: SourceConfig, storage: StorageConfig, rows_per_block: int, tally: ActorHandle,
     ledger: ActorHandle | None = None,
 ) -> Iterator[pa.Table]:
     """One shard's rows in tables; then its skipped members, reported to the tally, and its
@@ -480,8 +484,8 @@ class _RetryingReader:
 
 
 def _parquet_tables(
-    file_key: str, file_uri: str, file_path: str, fs: fsspec.AbstractFileSystem, source: SourceConfig,
-    storage: StorageConfig, done: frozenset[str], rows_per_block: int, ledger: ActorHandle | None = None,
+    file_key: str, file_uri: str, file_path: str, done: frozenset[str], fs: fsspec.AbstractFileSystem,
+    source: SourceConfig, storage: StorageConfig, rows_per_block: int, ledger: ActorHandle | None = None,
 ) -> Iterator[pa.Table]:
     """One file's rows in tables, its row count then told to the ledger (if any)."""
     yield from _counted(_parquet_file_tables(file_key, file_uri, file_path, fs, source, storage, done, rows_per_block),

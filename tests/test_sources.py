@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import socket
@@ -27,6 +28,7 @@ from pipeline.archive import SCHEMA, data_file_bytes
 from pipeline.errors import is_retryable, retryable
 from pipeline.listing import ImageListing, ManifestError
 from pipeline.pending import DuplicateKeysError, pending_images
+from pipeline.shards import with_done_keys
 from pipeline.skipped import Skipped
 from pipeline.sources import (OUTPUT_SCHEMA, SourceConfig, SourceRead, _fetch_one, _parquet_tables, _tar_rows,
                               list_images, list_shards, read_images, read_shards, split_parquet_uri, split_tar_uri)
@@ -91,7 +93,10 @@ def read_pending(source: SourceConfig, storage: StorageConfig, archive: str, row
 
 def read_listed_shards(source: SourceConfig, storage: StorageConfig, done_keys: set[str] = frozenset(),
                        rows_per_block: int = 64) -> SourceRead:
-    return read_shards(source, storage, list_shards(source, storage), done_keys, rows_per_block)
+    """The listed shards read with ``done_keys`` given to every shard (a shard skips those of its own)."""
+    listing = list_shards(source, storage)
+    items = with_done_keys(listing.items, "key", {shard: set(done_keys) for shard in listing.items["key"].to_pylist()})
+    return read_shards(source, storage, dataclasses.replace(listing, items=items), rows_per_block)
 
 
 def write_files(root: Path, files: dict[str, bytes]) -> None:
@@ -397,7 +402,7 @@ def test_a_parquet_cell_over_the_cap_is_an_error_row(tmp_path):
     source = SourceConfig(url=str(tmp_path), kind="parquet", key_column="id", image_column="bytes", max_image_bytes=cap)
 
     file = str(tmp_path / "a.parquet")
-    tables = list(_parquet_tables("a.parquet", file, file, LOCAL_FS, source, LOCAL, frozenset(), 64))
+    tables = list(_parquet_tables("a.parquet", file, file, frozenset(), LOCAL_FS, source, LOCAL, 64))
 
     rows = {row["key"]: (row["data"], row["error"]) for table in tables for row in table.to_pylist()}
     assert rows == {"a": (png(1), None), "b": (None, too_large(len(big), cap)), "c": (None, "missing image bytes")}
