@@ -232,7 +232,9 @@ def _measure(step: str, kind: str, root: Path) -> dict:
 
 
 class _WorkerPeak:
-    """The largest RSS of any Ray worker process (``ray::...``) while it runs, sampled."""
+    """The largest RSS of a worker process (``ray::...``) of this process's own Ray cluster
+    (its descendants: ``ray.init`` starts the raylet, the raylet the workers) while it runs,
+    sampled; other clusters' workers on the machine are not counted."""
 
     def __init__(self) -> None:
         self.peak, self._done = 0, threading.Event()
@@ -242,11 +244,14 @@ class _WorkerPeak:
     def _sample(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self._done.wait(0.1):
-            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                command = " ".join(process.info["cmdline"] or [])
-                if command.startswith("ray::") and process.info["memory_info"] is not None:
-                    self.peak = max(self.peak, process.info["memory_info"].rss)
+            for process in me.children(recursive=True):
+                try:
+                    if " ".join(process.cmdline()).startswith("ray::"):
+                        self.peak = max(self.peak, process.memory_info().rss)
+                except psutil.Error:  # ended between the listing and the look
+                    pass
 
     def stop(self) -> float:
         self._done.set()
