@@ -3,13 +3,16 @@
 Tiled coding (corrdiff.tiling) keeps two kinds of memory: the sampler's whole-image state,
 known exactly (:data:`STATE_BYTES_PER_PIXEL` per padded pixel, plus y_hat), and the
 networks' working set on one tile, which depends on the model and the tile, not the image.
-A pool sizes its workers as ``model + tile_working_bytes + image_bytes(largest image)``;
+A pool sizes its workers as ``model + tile_working_bytes + image_bytes(largest image)``
+(:func:`coding_bytes`);
 the second term is an estimate from the architecture (activations the U-Net keeps for its
 skips, plus a few of its largest working tensors), checked against the measured peaks of
 benchmarks/memory.py (docs/benchmarks.md, "Memory").
 """
 
 from __future__ import annotations
+
+import math
 
 from corrdiff.config import ModelConfig
 from corrdiff.latent_codec import LATENT_STRIDE
@@ -49,3 +52,12 @@ def tile_working_bytes(config: ModelConfig, tiling: Tiling) -> int:
     inputs = (6 * score.patch_size**2 + score.latent_cond_channels) * area
     decoder = config.decoder_channels * (tiling.tile // 2) ** 2 * 3  # D's last hidden layer, GDN's temporaries
     return FLOAT_BYTES * (skips + inputs + WORKING_TENSORS * widest + decoder)
+
+
+def coding_bytes(config: ModelConfig, tiling: Tiling, pixels: int) -> int:
+    """What coding an image of ``pixels`` pixels takes beyond the loaded model: the tile's
+    working set and the whole-image state, the image padded as a square would be (padding
+    adds at most 15 rows and columns; for a photograph's shape, well under 1 %)."""
+    side = math.isqrt(max(pixels, 1) - 1) + 1
+    padded = -(-side // LATENT_STRIDE) * LATENT_STRIDE
+    return tile_working_bytes(config, tiling) + image_bytes(config, padded, padded)

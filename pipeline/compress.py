@@ -29,6 +29,7 @@ import ray
 
 from corrdiff import weights
 from corrdiff.floor import Floor
+from corrdiff.memory import coding_bytes
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from corrdiff.tiling import Tiling, check_tiling
 from pipeline.archive import ArchiveDatasink, clean_incomplete, file_metadata, job_metadata, list_data_files
@@ -39,7 +40,7 @@ from pipeline.pending import pending_images
 from pipeline.shards import resume_shards
 from pipeline.skipped import Skipped
 from pipeline.sources import SHARD_KINDS, SourceConfig, list_images, list_shards, read_images, read_shards
-from pipeline.resources import ResourceSettings, plan_resources
+from pipeline.resources import ResourceSettings, model_worker_bytes, plan_resources
 from pipeline.stages import EncodeStage, decode_batch
 from pipeline.storage import StorageConfig
 from pipeline.supersede import finish_rewrites, supersede_retried
@@ -210,7 +211,11 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     started = time.time()
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
-    model_id = weights.model_id(weights.model_from_bytes(model_bytes, str(model_path))).hex()
+    model = weights.model_from_bytes(model_bytes, str(model_path))
+    model_id = weights.model_id(model).hex()
+    tiling = Tiling(config.codec.tile, config.codec.tile_overlap)
+    worker_bytes = model_worker_bytes(len(model_bytes), coding_bytes(model.config, tiling, config.max_pixels),
+                                      config.resources.actor_batch_size, config.max_pixels)
     fingerprint = content_fingerprint(config.to_dict(), model_id)
     with archive_lease(config.output, config.storage, job_id):
         check_config_change(config.output, config.storage, fingerprint, config.allow_config_change)
@@ -219,7 +224,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
         metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id) | {
             "corrdiff.fingerprint": fingerprint_hash(fingerprint)}
         finish_rewrites(config.output, config.storage)
-        (skipped, shards), resumes = _compress_resuming(config, model_id, job_id, metadata)
+        (skipped, shards), resumes = _compress_resuming(config, model_id, job_id, metadata, worker_bytes)
         superseded = supersede_retried(config.output, config.storage)
         summary = summarize(config.output, config.storage, job_id=job_id, seconds=time.time() - started,
                             skipped=skipped)
@@ -236,14 +241,14 @@ LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError
                       ray.exceptions.WorkerCrashedError)
 
 
-def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
-                       metadata: dict[str, str]) -> tuple[tuple[Skipped, dict[str, int] | None], int]:
+def _compress_resuming(config: CompressConfig, model_id: str, job_id: str, metadata: dict[str, str],
+                       worker_bytes: int) -> tuple[tuple[Skipped, dict[str, int] | None], int]:
     """Passes of :func:`_compress_missing` until one completes (at most
     ``lost_actor_resumes`` more after a lost worker); what was skipped, and how many resumes."""
     resumes = 0
     while True:
         try:
-            return _compress_missing(config, model_id, job_id, metadata), resumes
+            return _compress_missing(config, model_id, job_id, metadata, worker_bytes), resumes
         except LOST_WORKER_ERRORS as error:
             if resumes == config.resources.lost_actor_resumes:
                 raise
@@ -252,15 +257,17 @@ def _compress_resuming(config: CompressConfig, model_id: str, job_id: str,
                   f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
 
 
-def _compress_missing(config: CompressConfig, model_id: str, job_id: str,
-                      metadata: dict[str, str]) -> tuple[Skipped, dict[str, int] | None]:
+def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metadata: dict[str, str],
+                      worker_bytes: int) -> tuple[Skipped, dict[str, int] | None]:
     """One pass: every input key not yet in the archive -> decode -> encode -> archive files;
     returns what the input filter skipped (pipeline.sources) and, for tar and Parquet
     inputs, the shards: finished before (skipped unread), read, and finished by this pass
-    (pipeline.shards)."""
+    (pipeline.shards). ``worker_bytes``: what one encode actor may hold (the model, its
+    tile, the largest admitted image and its batch), which bounds how many actors run."""
     removed = clean_incomplete(config.output, config.storage)
-    plan = plan_resources(config.resources, ray.cluster_resources())
-    workers = f"{plan.actors} encode actor(s) x {plan.torch_threads} thread(s)" + (
+    plan = plan_resources(config.resources, ray.cluster_resources(), worker_bytes)
+    workers = (f"{plan.actors} encode actor(s) x {plan.torch_threads} thread(s), "
+               f"each up to {worker_bytes / 2**30:.1f} GiB") + (
         f", removed {len(removed)} incomplete file(s)" if removed else "")
     resume = None
     if config.input.kind in SHARD_KINDS:

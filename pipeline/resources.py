@@ -70,12 +70,26 @@ def _bytes(gib: float | None) -> int | None:
     return int(gib * 2**30) if gib is not None else None
 
 
+# What a model actor's child holds before its first image: the interpreter, torch and the
+# stage's imports (852 MB measured with the tiny model loaded, docs/benchmarks.md "Memory").
+RUNTIME_BYTES = 2**30
+DECODED_BYTES_PER_PIXEL = 3  # an RGB image of the batch, decoded, waiting for its turn
+
+
+def model_worker_bytes(weight_bytes: int, coding_bytes: int, batch_size: int, max_pixels: int) -> int:
+    """The most one model actor's child holds: the runtime, the model's weights, coding the
+    largest image the job admits (``coding_bytes``: corrdiff.memory.coding_bytes, set by the
+    tile and that image's whole-image state), and its batch's decoded images."""
+    return RUNTIME_BYTES + weight_bytes + coding_bytes + batch_size * max_pixels * DECODED_BYTES_PER_PIXEL
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     tasks: StageResources  # CPU tasks (reading, image decoding, PNG writing)
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
+    worker_bytes: int | None = None  # what one actor's child may hold (model_worker_bytes), if known
     limits: WorkerLimits = WorkerLimits()  # of a model actor's child process
     image_limits: WorkerLimits = WorkerLimits()  # of an image stage's decoding child (pipeline.image_decoder)
 
@@ -122,13 +136,16 @@ class ResourcePlan:
             )
 
 
-def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> ResourcePlan:
+def plan_resources(settings: ResourceSettings, cluster: dict[str, float],
+                   worker_bytes: int | None = None) -> ResourcePlan:
     """Size the model actor pool (encode, decode or audit) from the cluster, unless the settings fix it.
 
     GPUs: two actors per GPU (half a GPU each), so one actor's CPU work (entropy coding,
     batching) overlaps the other's GPU work. CPUs only: actors of up to 4 torch threads,
     each reserving at most (CPUs - 1) so that the read and decode tasks always keep a CPU
     (on 2 CPUs, two actors of one CPU each would starve the readers and deadlock).
+    ``worker_bytes`` (what one actor may hold: :func:`model_worker_bytes`): no more actors
+    than the cluster's memory (Ray's ``memory`` resource) holds, and at least one.
     """
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     if gpus >= 1:
@@ -141,6 +158,8 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> Res
         actors = settings.actors or max(1, int((cpus - 1) // threads))
         actor_gpus = 0.0
         actor_cpus = settings.actor_cpus if settings.actor_cpus is not None else max(0.5, min(threads, cpus - 1))
+    if worker_bytes is not None and not settings.actors and cluster.get("memory"):
+        actors = max(1, min(actors, int(cluster["memory"] // worker_bytes)))
     # Decode tasks ask for half a CPU: decoding is light, and a resource shape unlike the
     # actors' keeps Ray from fusing decode into the encode actors (which would then decode
     # serially between encodes instead of overlapping with them).
@@ -149,6 +168,7 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float]) -> Res
         actor=StageResources(num_cpus=actor_cpus, num_gpus=actor_gpus, batch_size=settings.actor_batch_size),
         actors=actors,
         torch_threads=threads,
+        worker_bytes=worker_bytes,
         limits=settings.worker_limits(),
         image_limits=settings.image_worker_limits(),
     )

@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from corrdiff import CorrDiffCodec
+from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import lpips_backbone_path, psnr
+from corrdiff.tiling import Tiling
 from pipeline.archive import KEY_SCHEME, SCHEMA, file_metadata, list_data_files, read_columns
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
-from pipeline.resources import ResourceSettings, plan_resources
+from pipeline.resources import ResourceSettings, model_worker_bytes, plan_resources
 from pipeline.images import decode_image
 from pipeline.sources import SourceConfig
 from pipeline.storage import StorageConfig
@@ -290,6 +291,22 @@ def test_plan_never_starves_the_readers():
     assert big.actors * big.actor.num_cpus <= 15.0 and big.actors == 3
     gpu = plan_resources(ResourceSettings(), {"CPU": 16.0, "GPU": 2.0})
     assert gpu.actors == 4 and gpu.actor.num_gpus == 0.5
+
+
+def test_plan_runs_no_more_actors_than_the_memory_holds():
+    """Each encode actor may hold the largest admitted image's state and its batch: the pool
+    is cut to what Ray's memory holds, never below one actor, unless the settings fix it."""
+    from corrdiff.memory import coding_bytes
+
+    config = tiny_config()
+    small = model_worker_bytes(10**6, coding_bytes(config, Tiling(), 10**6), 4, 10**6)
+    large = model_worker_bytes(10**6, coding_bytes(config, Tiling(), 10**8), 4, 10**8)
+    assert large - small > 10**8 * 42  # the sampler's whole-image state, at 42 bytes a pixel
+    cluster = {"CPU": 16.0, "memory": 2.5 * large}
+    assert plan_resources(ResourceSettings(), cluster, small).actors == 3  # as many as the CPUs allow
+    assert plan_resources(ResourceSettings(), cluster, large).actors == 2
+    assert plan_resources(ResourceSettings(), {"CPU": 16.0, "memory": large / 2}, large).actors == 1
+    assert plan_resources(ResourceSettings(actors=3), {"CPU": 16.0, "memory": large / 2}, large).actors == 3
 
 
 def test_s3_input_and_output(ray_local, s3_server, tiny_model):
