@@ -260,8 +260,8 @@ def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model,
     def kill_the_starting_actor() -> None:
         deadline = time.time() + 240
         while time.time() < deadline:
-            for process in psutil.process_iter(["cmdline"]):
-                if "pipeline.isolation" in (process.info["cmdline"] or []) and _is_encode_actor(process.parent()):
+            for process in _descendants(psutil.Process()):  # this cluster's, not another's on the machine
+                if _is_model_process(process) and _is_encode_actor(process.parent()):
                     process.parent().kill()  # not a decode task's: those run a decoding child too
                     files_at_kill.append(len(list(archive.glob("part-*.parquet"))))
                     return
@@ -274,6 +274,23 @@ def test_a_run_that_loses_its_encode_actor_resumes_itself(ray_local, tiny_model,
     keys = _archive(str(archive)).column("key").to_pylist()
     assert files_at_kill == [0] and summary["resumed_after_lost_workers"] == 1
     assert sorted(keys) == sorted(expected)
+
+
+def _descendants(process: psutil.Process) -> list[psutil.Process]:
+    """The processes under ``process``: the Ray cluster it started (raylet, workers, their
+    children), and nothing of another cluster that other test runs keep on this machine."""
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _is_model_process(process: psutil.Process) -> bool:
+    """Whether ``process`` is a stage's child process (pipeline.isolation)."""
+    try:
+        return "pipeline.isolation" in process.cmdline()
+    except psutil.Error:
+        return False
 
 
 def _is_encode_actor(process: psutil.Process | None) -> bool:
@@ -442,8 +459,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(store, seed, tiny_model, 
     worker_after, job_after = rng.uniform(4, 8), rng.uniform(2, 5)  # seconds into encoding; then after that
     deadline, worker_started, killed = time.time() + 300, None, []
     def encode_workers() -> list[psutil.Process]:  # the encode actor's model process, not a decode task's child
-        return [p for p in psutil.process_iter(["cmdline"])
-                if "pipeline.isolation" in (p.info["cmdline"] or []) and _is_encode_actor(p.parent())]
+        return [p for p in _descendants(psutil.Process(job.pid)) if _is_model_process(p) and _is_encode_actor(p.parent())]
 
     while time.time() < deadline and job.poll() is None and len(killed) < 2:
         if worker_started is None:
