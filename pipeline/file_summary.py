@@ -35,7 +35,7 @@ SUMMARY_VERSION = 1  # of the JSON under SUMMARY_KEY; another version is not tru
 # The columns a summary is computed from: all a file written before footers held summaries is read for.
 SUMMARY_COLUMNS = ["key", "error", "source_bytes", "bpp", "record_bytes", "width", "height", "model_id", "codec",
                    "job_id"]
-MAX_REASONS = 64  # error kinds kept per summary; the project writes about 20 kinds
+MAX_REASONS = 64  # error kinds kept per summary; the project writes fewer than 30 kinds
 MAX_REASON_CHARS = 200  # a kind longer than this (an error text without a colon) is cut here
 # Histogram bins: 32 per octave (each bin 2.2 % wide, a value read from it within 1.1 %), from
 # 2^-20 bpp (a blank gigapixel image) to 2^20 (far above a 1x1 image's 130 bpp); values
