@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 # photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
 ROW_GROUP_ROWS = 64
 
-FOOTER_THREADS = 32  # footers read at once by file_summaries: storage round trips, not CPU
+FOOTER_THREADS = 16  # footers read at once by file_summaries: storage round trips on object stores
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
