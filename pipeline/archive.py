@@ -2,9 +2,10 @@
 
 The schema (docs/archive.md) is versioned and self-contained: pyarrow, DuckDB or Spark can
 read an archive without this project, and each file's key-value metadata names the model
-and the job's config. The archive is also the job's checkpoint: a file appears under its
-final name only once it is complete (written under a hidden temporary name, then
-renamed; object stores make the upload itself atomic), so on a rerun every key found in a
+and the job's config and summarizes the file's rows (pipeline.file_summary), so that the
+archive's summary reads footers, not rows. The archive is also the job's checkpoint: a
+file appears under its final name only once it is complete (written under a hidden
+temporary name, then renamed; object stores make the upload itself atomic), so on a rerun every key found in a
 readable file is done and is skipped, and a half-written file from a crash is invisible
 (hidden names are ignored by Parquet readers) and is cleaned up.
 

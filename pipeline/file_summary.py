@@ -52,7 +52,8 @@ def error_reason(error: str) -> str:
 @dataclass(frozen=True)
 class BppHistogram:
     """Per-image rates in fixed log-spaced bins (``bins``: bin index -> count, nonzero bins only)
-    and their exact extremes: mergeable, at most a few KB whatever the number of images."""
+    and their exact extremes: mergeable, and bounded whatever the number of images (at most
+    1281 bins; the rates of a file of photos fill some dozens)."""
 
     bins: Mapping[int, int] = field(default_factory=dict)
     low: float | None = None
@@ -228,7 +229,7 @@ def _sum(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
 
 def _count(value: object) -> int:
     """A count read back from JSON: a non-negative int (a float, a bool, a string is refused)."""
-    if type(value) is not int or value < 0:  # noqa: E721 - bool is an int subclass and not a count
+    if type(value) is not int or value < 0:  # not isinstance: a bool is an int, and not a count
         raise ValueError(f"not a count: {value!r}")
     return value
 
