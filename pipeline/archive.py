@@ -2,9 +2,10 @@
 
 The schema (docs/archive.md) is versioned and self-contained: pyarrow, DuckDB or Spark can
 read an archive without this project, and each file's key-value metadata names the model
-and the job's config. The archive is also the job's checkpoint: a file appears under its
-final name only once it is complete (written under a hidden temporary name, then
-renamed; object stores make the upload itself atomic), so on a rerun every key found in a
+and the job's config and summarizes the file's rows (pipeline.file_summary), so that the
+archive's summary reads footers, not rows. The archive is also the job's checkpoint: a
+file appears under its final name only once it is complete (written under a hidden
+temporary name, then renamed; object stores make the upload itself atomic), so on a rerun every key found in a
 readable file is done and is skipped, and a half-written file from a crash is invisible
 (hidden names are ignored by Parquet readers) and is cleaned up.
 
@@ -19,9 +20,11 @@ import bisect
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data._internal.execution.interfaces import TaskContext
 
 from pipeline.errors import is_retryable
+from pipeline.file_summary import SUMMARY_COLUMNS, SUMMARY_KEY, FileSummary
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # 2: the codec column (a record may be a standard codec's file: corrdiff.floor) and the
@@ -71,9 +75,13 @@ SCHEMA = pa.schema([
     pa.field("job_id", pa.string(), nullable=False),
 ])
 
+logger = logging.getLogger(__name__)
+
 # Rows per row group of a data file: a key lookup reads one group (64 records, some MB for
 # photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
 ROW_GROUP_ROWS = 64
+
+FOOTER_THREADS = 16  # footers read at once by file_summaries: storage round trips on object stores
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
@@ -148,10 +156,16 @@ def data_file_bytes(table: pa.Table) -> bytes:
     pages, each with its CRC-32 (checked by :func:`read_data_file`). The key column's
     min/max per row group (Parquet statistics, in the footer) then tell a reader which row
     group can hold a key (:func:`read_data_file_rows`), so a restore of a few keys reads
-    footers and a few row groups, not the archive."""
+    footers and a few row groups, not the archive. The footer also carries the summary of
+    the rows (``corrdiff.summary``, pipeline.file_summary), computed here and so never
+    stale: a table read from another file (a rewrite) brings that file's, which is replaced."""
+    present = [c for c in SUMMARY_COLUMNS if c in table.column_names]
+    summary = FileSummary.of_rows(_as_current(table.select(present), SUMMARY_COLUMNS,
+                                              [c for c in SUMMARY_COLUMNS if c not in present]))
+    metadata = {**(table.schema.metadata or {}), SUMMARY_KEY.encode(): summary.to_json().encode()}
     buffer = io.BytesIO()
-    pq.write_table(table.sort_by("key"), buffer, compression="zstd", write_page_checksum=True,
-                   row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table.sort_by("key").replace_schema_metadata(metadata), buffer, compression="zstd",
+                   write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
@@ -193,7 +207,10 @@ def _as_current(table: pa.Table, columns: list[str] | None, missing: list[str]) 
         field = SCHEMA.field(name)  # a name that no schema version has raises KeyError
         values[name] = pc.if_else(ok, pa.scalar("corrdiff"), pa.scalar(None, pa.string())) if name == "codec" \
             else pa.nulls(table.num_rows, field.type)
-    return pa.table({name: values[name] for name in columns}).replace_schema_metadata(table.schema.metadata)
+    # Each field as the file has it (a key stays non-nullable), so that tables of both versions concatenate.
+    schema = pa.schema([table.schema.field(name) if name in table.column_names else SCHEMA.field(name)
+                        for name in columns], metadata=table.schema.metadata)
+    return pa.table([values[name] for name in columns], schema=schema)
 
 
 def read_data_file_rows(path: str, fs: AbstractFileSystem, columns: list[str] | None,
@@ -242,11 +259,51 @@ def _may_hold(column: pq.ColumnChunkMetaData, keys: Sequence[str]) -> bool:
 
 
 def list_data_files(url: str, storage: StorageConfig) -> list[str]:
+    return sorted(data_file_sizes(url, storage))
+
+
+def data_file_sizes(url: str, storage: StorageConfig) -> dict[str, int]:
+    """Every data file's path and size in bytes, from one listing (no request per file)."""
     fs, root = filesystem(url, storage)
     fs.invalidate_cache(root)  # other processes (the write tasks) add files: never list from a stale cache
     if not fs.exists(root):
-        return []
-    return sorted(p for p in fs.find(root) if is_data_file(p))
+        return {}
+    return {p: int(info["size"]) for p, info in fs.find(root, detail=True).items() if is_data_file(p)}
+
+
+def file_summaries(url: str, storage: StorageConfig) -> Iterator[tuple[int, FileSummary]]:
+    """Each data file's size and the summary of its rows, in path order: the summary from
+    its footer (:func:`footer_summary`), footers read by :data:`FOOTER_THREADS` threads at a
+    time (each is a round trip or two to storage, a few KB). A generator over bounded
+    batches, so that memory holds a batch of summaries, not one per file."""
+    fs, _ = filesystem(url, storage)
+    sizes = data_file_sizes(url, storage)
+    paths = sorted(sizes)
+    batch = 4 * FOOTER_THREADS
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        for start in range(0, len(paths), batch):
+            chunk = paths[start:start + batch]
+            yield from zip((sizes[p] for p in chunk), pool.map(lambda p: footer_summary(p, fs, storage), chunk))
+
+
+def footer_summary(path: str, fs: AbstractFileSystem, storage: StorageConfig) -> FileSummary:
+    """The summary of a data file's rows: the one in its footer, or, for a file written
+    before footers held one (or whose entry is damaged, or does not match its row count:
+    a file rewritten by another tool that copied the metadata), computed from its
+    :data:`SUMMARY_COLUMNS` (never its records)."""
+    metadata = with_retries(lambda: pq.read_metadata(path, filesystem=fs), storage, f"read the footer of {path}")
+    text = (metadata.metadata or {}).get(SUMMARY_KEY.encode())
+    if text is not None:
+        try:
+            summary = FileSummary.from_json(text)
+            if summary.rows == metadata.num_rows:
+                return summary
+            logger.warning("%s: its footer summary counts %d rows, the file holds %d: reading its rows instead",
+                           path, summary.rows, metadata.num_rows)
+        except ValueError as error:
+            logger.warning("%s: unusable footer summary (%s): reading its rows instead", path, error)
+    table = with_retries(lambda: read_data_file(path, fs, SUMMARY_COLUMNS), storage, f"read {path}")
+    return FileSummary.of_rows(table)
 
 
 def clean_incomplete(url: str, storage: StorageConfig) -> list[str]:

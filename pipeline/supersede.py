@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.archive import data_file_name, list_data_files, read_data_file, write_data_file
+from pipeline.archive import data_file_name, file_summaries, list_data_files, read_data_file, write_data_file
 from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem
 
@@ -41,7 +41,11 @@ class Superseded:
 
 
 def supersede_retried(url: str, storage: StorageConfig) -> Superseded:
-    """Drop the retryable error rows of keys that have a newer row (see the module)."""
+    """Drop the retryable error rows of keys that have a newer row (see the module). When no
+    file's footer summary counts a retryable error row, there is nothing to drop and no row
+    is read: the usual end of a run."""
+    if not any(summary.retryable_errors for _, summary in file_summaries(url, storage)):
+        return Superseded(rows=0, files=0)
     fs, root = filesystem(url, storage)
     files = list_data_files(url, storage)
     columns = {path: read_data_file(path, fs, ["key", "error", "created_at"]) for path in files}

@@ -7,11 +7,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from pipeline.archive import SCHEMA, data_file_bytes, done_keys, list_data_files, read_columns
 from pipeline.errors import is_retryable, retryable
 from pipeline.storage import StorageConfig
-from pipeline.supersede import REWRITES_DIR, finish_rewrites, supersede_retried
+from pipeline.supersede import REWRITES_DIR, Superseded, finish_rewrites, supersede_retried
 
 EARLY = datetime(2026, 1, 1, tzinfo=timezone.utc)
 STORAGE = StorageConfig()
@@ -94,3 +95,19 @@ def test_a_rewrite_killed_halfway_is_finished_or_forgotten_by_the_next_run(tmp_p
     assert not old.exists() and new.exists() and kept.exists() and outside.exists()
     assert list(journal.iterdir()) == []
     assert _rows(archive) == [("a", None), ("c", None)]
+
+
+def test_without_retryable_rows_nothing_is_read(tmp_path, monkeypatch):
+    """The footers say no file holds a retryable error row: no row is read, nothing rewritten."""
+    archive = tmp_path / "archive"
+    _file(archive, "part-1-x.parquet", [("a", None, EARLY), ("b", "not an image: text", EARLY)])
+    _file(archive, "part-2-y.parquet", [("a", None, EARLY + timedelta(hours=1))])
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("supersede read rows")
+
+    monkeypatch.setattr("pipeline.supersede.read_data_file", no_rows)
+    assert supersede_retried(str(archive), STORAGE) == Superseded(rows=0, files=0)
+    _file(archive, "part-3-z.parquet", [("c", retryable("read failed", "timeout"), EARLY)])
+    with pytest.raises(AssertionError, match="supersede read rows"):
+        supersede_retried(str(archive), STORAGE)
