@@ -42,7 +42,7 @@ from corrdiff import check_decode_mode
 from corrdiff.floor import fallback_share
 
 from pipeline.compress import new_job_id
-from pipeline.decode import DecodeStage
+from pipeline.restore_archive import DecodeStage
 from pipeline.image_decoder import Decode, isolated_decoder
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.isolation import WorkerLimits
@@ -117,19 +117,6 @@ class AuditConfig:
     @property
     def models(self) -> ModelSources:
         return ModelSources(self.archive, self.storage, self.model_stores)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AuditConfig:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown audit config keys: {', '.join(sorted(unknown))}")
-        data = dict(data)
-        data["storage"] = StorageConfig(**(data.get("storage") or {}))
-        data["resources"] = ResourceSettings(**(data.get("resources") or {}))
-        data["model_stores"] = tuple(data.get("model_stores") or ())
-        if data.get("thresholds") is None:
-            data.pop("thresholds", None)
-        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         """As recorded in the summary: credentials are never written out."""
