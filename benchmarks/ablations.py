@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -58,15 +57,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from corrdiff import CorrDiffCodec, weights
+from corrdiff.gamma import GammaFitter, perceptual_fitter
+from corrdiff.metrics import LPIPS, MetricReference, psnr
+from corrdiff.schedule import NoiseSchedule
+from pipeline.evaluation_report import strict_json
+from pipeline.image_folder import load_images
 
-from corrdiff import CorrDiffCodec, weights  # noqa: E402
-from corrdiff.gamma import GammaFitter, perceptual_fitter  # noqa: E402
-from corrdiff.metrics import LPIPS, MetricReference, psnr  # noqa: E402
-from corrdiff.schedule import NoiseSchedule  # noqa: E402
-from jobs.evaluate import strict_json  # noqa: E402
-from pipeline.image_folder import load_images  # noqa: E402
 
 @dataclass(frozen=True)
 class Setting:

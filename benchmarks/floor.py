@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,14 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from corrdiff import CorrDiffCodec  # noqa: E402
-from corrdiff.floor import (CORRDIFF, Floor, FloorMeter, StoredImage, smallest_meeting,  # noqa: E402
+from corrdiff import CorrDiffCodec
+from corrdiff.floor import (CORRDIFF, Floor, FloorMeter, StoredImage, smallest_meeting,
                             store_meeting)
-from corrdiff.metrics import LPIPS  # noqa: E402
-from pipeline.images import IMAGE_EXTENSIONS, decode_image  # noqa: E402
+from corrdiff.metrics import LPIPS
+from pipeline.images import IMAGE_EXTENSIONS, decode_image
 
 ARCHIVES = ("corrdiff only", "fallback only", "mixed, choose: corrdiff", "mixed, choose: smaller")
 

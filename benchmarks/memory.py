@@ -40,13 +40,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from corrdiff import CorrDiffCodec, tiny_config
+from corrdiff.config import DiffusionConfig, ModelConfig
+from corrdiff.memory import STATE_BYTES_PER_PIXEL, tile_working_bytes
+from corrdiff.tiling import Tiling
 
-from corrdiff import CorrDiffCodec, tiny_config  # noqa: E402
-from corrdiff.config import DiffusionConfig, ModelConfig  # noqa: E402
-from corrdiff.memory import STATE_BYTES_PER_PIXEL, tile_working_bytes  # noqa: E402
-from corrdiff.tiling import Tiling  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PHOTO = ROOT / "examples" / "photos" / "life.jpg"
 OPS = ("encode", "corrdiff", "e2e", "diffusion")

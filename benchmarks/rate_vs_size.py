@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from corrdiff import CorrDiffCodec  # noqa: E402
-from corrdiff.codec import image_to_tensor, tensor_to_image  # noqa: E402
-from corrdiff.latent_codec import pad_to_stride  # noqa: E402
-from corrdiff.metrics import psnr  # noqa: E402
-from pipeline.image_folder import load_images  # noqa: E402
+from corrdiff import CorrDiffCodec
+from corrdiff.codec import image_to_tensor, tensor_to_image
+from corrdiff.latent_codec import pad_to_stride
+from corrdiff.metrics import psnr
+from pipeline.image_folder import load_images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

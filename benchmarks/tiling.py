@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,12 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from corrdiff import CorrDiffCodec  # noqa: E402
-from corrdiff.metrics import LPIPS, psnr  # noqa: E402
-from corrdiff.tiling import Tiling  # noqa: E402
+from corrdiff import CorrDiffCodec
+from corrdiff.metrics import LPIPS, psnr
+from corrdiff.tiling import Tiling
 
 SEAM_SIDE = 96  # px of the original around a seam, magnified 4x
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+
+from corrdiff.typed_config import ConfigError, parse_config
 
 
 @dataclass(frozen=True)
@@ -67,24 +68,13 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a (possibly partial) dict, e.g. a YAML section; missing keys keep defaults."""
-        unknown = set(data) - {"latent", "score", "diffusion", "decoder_channels"}
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        score = dict(data.get("score", {}))
-        if "channel_mults" in score:
-            score["channel_mults"] = tuple(score["channel_mults"])
-        return cls(
-            latent=LatentConfig(**data.get("latent", {})),
-            score=ScoreNetConfig(**score),
-            diffusion=DiffusionConfig(**data.get("diffusion", {})),
-            decoder_channels=data.get("decoder_channels", cls.decoder_channels),
-        )
-
-    @classmethod
     def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
+        """The config stored in a weights file (``to_json``); missing keys keep their defaults."""
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"model config is not JSON: {error}") from None
+        return parse_config(cls, data, "model config")
 
 
 def tiny_config() -> ModelConfig:

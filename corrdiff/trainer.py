@@ -20,8 +20,9 @@ state in shards); ``precision: bf16`` autocasts the score network and a training
 ``crops_on_device`` cuts the crops on the GPU; ``lpips: optional`` skips the phases that
 need LPIPS, saying so, where it cannot be loaded, instead of failing.
 
-Plain PyTorch: the photos come from the caller (jobs/train.py reads them from storage with
-``pipeline.image_folder``), and progress goes to the ``corrdiff.trainer`` logger.
+Plain PyTorch: the photos come from the caller (``pipeline.train.run_train`` reads them from
+storage with ``pipeline.image_folder``), and progress goes to the ``corrdiff.trainer`` logger
+(and a tqdm bar per phase, in a terminal).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from tqdm import tqdm
 
 from corrdiff.codec import pick_device
 from corrdiff.config import ModelConfig
@@ -85,7 +86,8 @@ class PhaseConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run, as its YAML config (configs/train/) gives it."""
+    """One training run, as its YAML config (configs/train/) gives it
+    (``corrdiff.typed_config.load_config(TrainConfig, path, flags)``)."""
 
     name: str
     data: str  # URL of the photos, which the caller reads (with storage_options) for load_images
@@ -123,13 +125,6 @@ class TrainConfig:
             warnings.warn(f"{self.crop} px crops give a hyper-latent of {-(-self.crop // HYPER_STRIDE)}x"
                           f"{-(-self.crop // HYPER_STRIDE)}, all border: the model will mispredict the rate of "
                           f"larger images; use crops of at least {MIN_CROP} px", stacklevel=3)
-
-    @classmethod
-    def from_yaml(cls, path: str, overrides: dict) -> TrainConfig:
-        raw = yaml.safe_load(Path(path).read_text()) | {k: v for k, v in overrides.items() if v is not None}
-        raw["model"] = ModelConfig.from_dict(raw.get("model", {}))
-        raw["phases"] = [PhaseConfig(**p) for p in raw["phases"]]
-        return cls(**raw)
 
 
 def train(config: TrainConfig, load_images: Callable[[], Sequence[np.ndarray]]) -> Path:
@@ -241,7 +236,10 @@ def train(config: TrainConfig, load_images: Callable[[], Sequence[np.ndarray]]) 
                 return row
 
             lr, step_seconds = phase.lr, 0.0  # step_seconds: a running mean of one step's time
-            for step in range(first, phase.steps):
+            # A bar in a terminal only (disable=None): a log gets the logged rows instead.
+            bar = tqdm(range(first, phase.steps), desc=f"phase index {index} (phase {phase.phase})", unit="step",
+                       initial=first, total=phase.steps, disable=None, leave=False)
+            for step in bar:
                 now = time.monotonic()
                 if end is not None and now + step_seconds >= end:  # stop rather than run past the end
                     log.info(f"phase index {index} (phase {phase.phase}): its time is up after step {done} of {phase.steps}")
@@ -269,11 +267,13 @@ def train(config: TrainConfig, load_images: Callable[[], Sequence[np.ndarray]]) 
                 step_seconds = took if step == first else 0.8 * step_seconds + 0.2 * took
                 if measure:
                     write_row(row_of(result, x, lr))
+                    bar.set_postfix(loss=round(result.loss.item(), 5), refresh=False)
                     logged = done
                 by_clock = config.checkpoint_seconds and time.monotonic() - last_checkpoint >= config.checkpoint_seconds
                 if (done % config.checkpoint_every == 0 or by_clock) and done < phase.steps:
                     checkpoint(index, done, optimizer, aux_optimizer, elapsed=time.monotonic() - started)
                     last_checkpoint = time.monotonic()
+            bar.close()
             if done > logged:  # stopped by the clock between two logged steps: measure where it ended
                 x = phase_crops.batch(config.batch_size).to(device, non_blocking=True)
                 with torch.no_grad():

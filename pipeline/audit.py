@@ -42,7 +42,6 @@ from corrdiff import check_decode_mode
 from corrdiff.floor import fallback_share
 
 from pipeline.compress import new_job_id
-from pipeline.decode import DecodeStage
 from pipeline.image_decoder import Decode, isolated_decoder
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.isolation import WorkerLimits
@@ -51,6 +50,7 @@ from pipeline.originals import Original, read_originals
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RecordDecoder
+from pipeline.restore_archive import DecodeStage
 from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
                                 read_selected, sample_rows, sample_size, split_file_rows, with_read_failures)
 from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
@@ -117,19 +117,6 @@ class AuditConfig:
     @property
     def models(self) -> ModelSources:
         return ModelSources(self.archive, self.storage, self.model_stores)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AuditConfig:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown audit config keys: {', '.join(sorted(unknown))}")
-        data = dict(data)
-        data["storage"] = StorageConfig(**(data.get("storage") or {}))
-        data["resources"] = ResourceSettings(**(data.get("resources") or {}))
-        data["model_stores"] = tuple(data.get("model_stores") or ())
-        if data.get("thresholds") is None:
-            data.pop("thresholds", None)
-        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         """As recorded in the summary: credentials are never written out."""

@@ -116,26 +116,6 @@ class CompressConfig:
     allow_config_change: bool = False
     job_id: str | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown compress config keys: {', '.join(sorted(unknown))}")
-        source = dict(data.get("input") or {})
-        if "extensions" in source:
-            source["extensions"] = tuple(source["extensions"])
-        return cls(
-            input=SourceConfig(**source),
-            output=data["output"],
-            storage=StorageConfig(**(data.get("storage") or {})),
-            codec=CodecSettings(**(data.get("codec") or {})),
-            resources=ResourceSettings(**(data.get("resources") or {})),
-            max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
-            floor=FloorSettings(**data["floor"]) if data.get("floor") is not None else None,
-            allow_config_change=bool(data.get("allow_config_change", False)),
-            job_id=data.get("job_id"),
-        )
-
     def to_dict(self) -> dict[str, Any]:
         """The config as recorded in the archive: credentials are never written out."""
         data = dataclasses.asdict(self)

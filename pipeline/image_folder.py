@@ -1,6 +1,6 @@
 """A folder of photos at any fsspec URL: listing and decoding.
 
-Training (jobs/train.py), evaluation (jobs/evaluate.py) and the benchmarks all read their
+Training (pipeline/train.py), evaluation (pipeline/evaluate.py) and the benchmarks all read their
 photos through :func:`load_images`, so they skip the same files for the same reasons.
 """
 

@@ -32,7 +32,7 @@ Injective is not enough where names are compared case- or normalisation-insensit
 decomposed (NFD), are distinct keys whose paths name one file there. :func:`fold` is that
 comparison; a restore gives every key but one of a group whose paths fold together its
 :func:`alternative_path`, and checks at write time which key an existing file holds
-(``pipeline.decode``).
+(``pipeline.restore_archive``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Records are CorrDiff's or, where an image met a quality floor only so, a standard codec's
 file (the row's ``codec``, corrdiff.floor), decoded without a model.
 
-Shared by the decode job (which writes the pixels as PNG), the audit (which scores them)
+Shared by the restore job (which writes the pixels as PNG), the audit (which scores them)
 and the verify pass (which only needs to know that they decode). Each record's outcome is
 one of :data:`STATUSES`; an exception never escapes, because a corrupt record is a finding
 to report, not a reason to stop restoring the others.

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 LPIPS_FEATURES = "lpips-alexnet-features-fp16.safetensors"  # written by scripts/device_prepare.py
 LPIPS_CHECK = "lpips-check.json"
 OPTIONAL_MODULES = ("compressai", "lpips", "pytorch_msssim", "ray", "pyarrow", "fsspec", "PIL", "safetensors",
-                    "yaml", "skimage", "torchvision")
+                    "yaml", "skimage", "torchvision", "pydantic", "tqdm")
 CHECK_PHOTO = ROOT / "examples" / "photos" / "life.jpg"
 
 

@@ -56,11 +56,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 from s3 import s3_server  # noqa: F401,E402
 from ray_fixture import ray_local  # noqa: F401,E402
 from archives import tiny_model  # noqa: F401,E402
-
-
-def train_on_folder(config):
-    """``corrdiff.trainer.train`` on the photos of ``config.data``, read as jobs/train.py reads them."""
-    from corrdiff.trainer import train
-    from pipeline.image_folder import load_images
-
-    return train(config, lambda: [image for _, image in load_images(config.data, config.crop, config.storage_options)])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +21,15 @@ from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import lpips_backbone_path
 from corrdiff.weights import WEIGHTS_SUFFIX, bundled_model
 from pipeline.archive import read_columns
+from pipeline.cli import main as cli
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
-from pipeline.decode import DecodeConfig, run_decode
 from pipeline.models import MODELS_DIR, PRESENT, REPLACED, WRITTEN, archive_models, store_model
 from pipeline.resources import ResourceSettings
+from pipeline.restore_archive import RestoreConfig, run_restore
 from pipeline.sources import SourceConfig
 from pipeline.storage import StorageConfig
 
 from archives import EXAMPLES
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-import audit as audit_job  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not lpips_backbone_path("alex").exists(),
                                 reason="LPIPS weights not installed (scripts/setup.sh)")
@@ -59,7 +54,7 @@ def _compress(source: str, archive: str, model: Path, storage: StorageConfig) ->
 def _audit(archive: str, report: Path, config: str, *args: str) -> tuple[int, dict]:
     config_file = report.parent / f"{report.name}.yaml"
     config_file.write_text(config)
-    code = audit_job.main(["--archive", archive, "--report", str(report), "--config", str(config_file), *args])
+    code = cli(["audit", "--archive", archive, "--report", str(report), "--config", str(config_file), *args])
     return code, json.loads((report / "latest.json").read_text())
 
 
@@ -85,7 +80,7 @@ def test_a_local_archive_restores_audits_and_verifies_from_its_own_models(ray_lo
     assert not list((archive / MODELS_DIR).glob(".tmp-*"))
     model_path.unlink()  # from now on only the archive has the model
 
-    decoded = run_decode(DecodeConfig(archive=str(archive), output=str(tmp_path / "out"), device="cpu", run_id="r"))
+    decoded = run_restore(RestoreConfig(archive=str(archive), output=str(tmp_path / "out"), device="cpu", run_id="r"))
     assert decoded["statuses"] == {"ok": 2}
     table = pq.read_table(archive).to_pylist()
     for row in table:  # the archive's copy is the model that wrote the records: the same pixels
@@ -102,7 +97,7 @@ def test_a_local_archive_restores_audits_and_verifies_from_its_own_models(ray_lo
 
     # A tampered copy is refused: the records cannot be restored, and verify says why.
     stored.write_bytes(_tamper(weights_file))
-    refused = run_decode(DecodeConfig(archive=str(archive), output=str(tmp_path / "out2"), device="cpu", run_id="r"))
+    refused = run_restore(RestoreConfig(archive=str(archive), output=str(tmp_path / "out2"), device="cpu", run_id="r"))
     assert refused["statuses"] == {"model_missing": 2}
     manifest = pq.read_table(tmp_path / "out2" / "_restore" / "r.parquet").to_pylist()
     error = manifest[0]["error"]
@@ -116,7 +111,7 @@ def test_a_local_archive_restores_audits_and_verifies_from_its_own_models(ray_lo
     store = tmp_path / "store"
     store.mkdir()
     (store / f"{codec.model_id_hex}{WEIGHTS_SUFFIX}").write_bytes(weights_file)
-    from_store = run_decode(DecodeConfig(archive=str(archive), output=str(tmp_path / "out3"), device="cpu",
+    from_store = run_restore(RestoreConfig(archive=str(archive), output=str(tmp_path / "out3"), device="cpu",
                                          model_stores=(str(store),)))
     assert from_store["statuses"] == {"ok": 2}
 
@@ -141,7 +136,7 @@ def test_an_s3_archive_restores_audits_and_verifies_from_its_own_models(s3_serve
     assert store_model(archive, s3_server.storage, codec.model_id_hex, weights_file) == PRESENT
     model_path.unlink()
 
-    decoded = run_decode(DecodeConfig(archive=archive, output=f"{bucket}/restored", device="cpu",
+    decoded = run_restore(RestoreConfig(archive=archive, output=f"{bucket}/restored", device="cpu",
                                       storage=s3_server.storage, run_id="r"))
     assert decoded["statuses"] == {"ok": 2}
     png = s3_server.client.get_object(Bucket=bucket_name, Key=f"restored/{PHOTOS[0].name}.png")["Body"].read()

@@ -1,5 +1,6 @@
-"""jobs/audit.py on archives written by the compress job: locally and on S3, passing and
-failing thresholds, damaged records and files, missing and changed originals, the report."""
+"""The audit command (pipeline.cli, as jobs/audit.py runs it) on archives written by the
+compress job: locally and on S3, passing and failing thresholds, damaged records and files,
+missing and changed originals, the report."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,16 +20,13 @@ import pytest
 from PIL import Image
 
 from corrdiff.metrics import lpips_backbone_path
+from pipeline.cli import main as cli
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.resources import ResourceSettings
 from pipeline.sources import SourceConfig
 
 from archives import EXAMPLES, photo_folder, write_tar_shard
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-import audit as audit_job  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not lpips_backbone_path("alex").exists(),
                                 reason="LPIPS weights not installed (scripts/setup.sh)")
@@ -61,7 +58,7 @@ def archive(ray_local, tiny_model, tmp_path_factory) -> Path:
 def _audit(tmp_path: Path, *args: str, config: str = LOOSE) -> tuple[int, dict]:
     config_file = tmp_path / f"audit-{len(list(tmp_path.glob('audit-*.yaml')))}.yaml"
     config_file.write_text(config + "device: cpu\nworst: 2\ncrop: 64\n")
-    code = audit_job.main([*args, "--config", str(config_file)])
+    code = cli(["audit", *args, "--config", str(config_file)])
     report = Path(args[args.index("--report") + 1])
     return code, json.loads((report / "latest.json").read_text())
 
@@ -148,7 +145,7 @@ def test_thresholds_fail_with_banner_exit_code_and_trend(archive, tmp_path):
 def test_bad_config_exits_2(archive, tmp_path, capsys, yaml_text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    assert audit_job.main(["--archive", str(archive), "--report", str(tmp_path / "r"), "--config", str(config)]) == 2
+    assert cli(["audit", "--archive", str(archive), "--report", str(tmp_path / "r"), "--config", str(config)]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -222,7 +219,7 @@ def test_audit_on_s3(s3_server, ray_local, tiny_model, tmp_path):
     code, _ = 0, None
     config_file = tmp_path / "s3.yaml"
     config_file.write_text(config + "device: cpu\nworst: 1\ncrop: 64\n")
-    code = audit_job.main(["--archive", f"{bucket}/archive", "--report", f"{bucket}/audits", "--sample", "3",
+    code = cli(["audit", "--archive", f"{bucket}/archive", "--report", f"{bucket}/audits", "--sample", "3",
                            "--audit-id", "s3", "--config", str(config_file)])
     assert code == 0
     bucket_name = bucket.removeprefix("s3://")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pipeline.resources import ResourceSettings, model_worker_bytes, plan_resour
 from pipeline.images import decode_image
 from pipeline.sources import SourceConfig
 from pipeline.storage import StorageConfig
+from pipeline.summary_text import compress_summary_text
 
 from archives import photo_folder as _photo_folder
 from archives import write_tar_shard
@@ -75,14 +75,6 @@ def test_folder_to_archive_loses_nothing(ray_local, tiny_model, tmp_path):
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
 
 
-def _compress_job():
-    """jobs/compress.py as a module (it is a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location("compress_job", ROOT / "jobs" / "compress.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_formats_people_have_are_archived_and_skipped_files_reported(ray_local, tiny_model, tmp_path):
     """HEIC, JPEG XL, AVIF, GIF and the PNM family decode in the Ray workers (the plugins
     register where decode_image runs); what the extension filter leaves out is in the summary."""
@@ -109,7 +101,7 @@ def test_the_formats_people_have_are_archived_and_skipped_files_reported(ray_loc
         ".txt": {"count": 1, "examples": ["notes.txt"]},
     }}
     assert json.loads((tmp_path / "archive" / "_summary.json").read_text()) == summary
-    printed = _compress_job().format_summary(summary)
+    printed = compress_summary_text(summary)
     assert ("skipped        3 files or tar members without an image extension: "
             ".cr2 2 (e.g. raw/1.CR2, raw/2.CR2); .txt 1 (e.g. notes.txt)") in printed.splitlines()
 

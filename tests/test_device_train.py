@@ -28,10 +28,11 @@ from corrdiff.model import CorrDiffModel
 from corrdiff.train_runtime import CheckpointStore, DeviceCrops, RandomCrops, cosine_lr, phase_ends
 from corrdiff.training import phase0_loss, phase1_loss, phase2_loss, trainable_parameters
 from pipeline.image_folder import load_images
+from corrdiff.trainer import PhaseConfig, TrainConfig
+from corrdiff.typed_config import load_config
+from pipeline.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-from conftest import train_on_folder
-from corrdiff.trainer import PhaseConfig, TrainConfig
 
 PHOTOS = ROOT / "examples" / "photos"
 REHEARSAL = "configs/train/rehearsal-tiny.yaml"
@@ -179,9 +180,9 @@ def test_a_run_killed_mid_phase_leaves_a_loadable_model_and_a_resumable_state(tm
     assert state["phase_index"] == 0 and state["step"] > 0 and state["optimizer"]["state"]
     stopped_at, rows_kept = state["step"], state["log_rows"]
 
-    resumed = TrainConfig.from_yaml(str(config), {"max_seconds": 25, "max_file_mib": 1.3})
+    resumed = load_config(TrainConfig, str(config), {"max_seconds": 25, "max_file_mib": 1.3})
     resumed.phases[0].steps = stopped_at + 10
-    train_on_folder(resumed)
+    run_train(resumed)
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "log.csv"))]
     assert len(steps) == rows_kept + len([s for s in steps if s > stopped_at])
     assert steps == sorted(steps) and steps[-1] == stopped_at + 10  # it went on, not from 0
@@ -309,7 +310,7 @@ def test_a_model_too_large_for_a_file_is_refused_before_training(tmp_path):
                          phases=[PhaseConfig(0, 5, 1e-3)], model=tiny_config(), crop=64, batch_size=1,
                          device="cpu", max_file_mib=0.5)
     with pytest.raises(ValueError, match="exported model takes"):
-        train_on_folder(config)
+        run_train(config)
     assert not (tmp_path / "run" / "log.csv").exists()
 
 
@@ -344,10 +345,10 @@ def test_a_budgeted_run_without_lpips_skips_the_phases_that_need_it(tmp_path, mo
                                  PhaseConfig(2, 10**6, 1e-4, perceptual_weight=1.0, fraction=0.5)],
                          model=tiny_config(), crop=64, batch_size=1, log_every=5, device="cpu", threads=1)
     with pytest.raises(RuntimeError, match="--lpips optional"):
-        train_on_folder(config)
+        run_train(config)
     config.lpips, config.max_seconds = "optional", 12.0
     started = time.monotonic()
-    train_on_folder(config)
+    run_train(config)
     assert time.monotonic() - started < 12.0 + 4.0
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert rows and {r["phase"] for r in rows} == {"0"} and not any(r["lpips"] for r in rows)
@@ -361,9 +362,7 @@ def test_the_training_path_imports_without_ray_pyarrow_lpips_or_msssim_extras():
         import sys
         for name in ("ray", "pyarrow", "lpips", "boto3", "s3fs"):
             sys.modules[name] = None
-        import importlib.util
-        job = importlib.util.spec_from_file_location("train_job", "jobs/train.py")
-        job.loader.exec_module(importlib.util.module_from_spec(job))
+        import pipeline.cli, pipeline.train  # the train command and what it runs
         from corrdiff.train_runtime import optional_lpips
         metric, why = optional_lpips("cpu")
         assert metric is None and "lpips" in why, why

@@ -1,4 +1,4 @@
-"""Classic baselines at a matched rate, and the evaluation job end to end on the tiny model.
+"""Classic baselines at a matched rate, and the evaluate command end to end on the tiny model.
 
 Why: a comparison is only fair if the baselines really run at CorrDiff's rate and the rate
 is measured on the bytes a reader stores; and the report's files are what people read.
@@ -6,9 +6,7 @@ is measured on the bytes a reader stores; and the report's files are what people
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,10 @@ from PIL import Image, features
 from conftest import smooth_image
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.baselines import CLASSIC_CODECS, QUALITY_RANGE, decode_classic, encode_classic, match_bpp
+from corrdiff.evaluation import wins
 from corrdiff.metrics import LPIPS, lpips_backbone_path
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from pipeline.cli import main as cli
+from pipeline.evaluation_report import LABELS
 
 @pytest.fixture(scope="module")
 def grace_hopper() -> np.ndarray:
@@ -66,17 +64,8 @@ needs_lpips = pytest.mark.skipif(not (lpips_backbone_path("alex").is_file() and 
                                  reason="LPIPS AlexNet and VGG weights not installed (scripts/setup.sh)")
 
 
-@pytest.fixture(scope="module")
-def evaluate_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_lpips
-def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
     model_path = tmp_path / "tiny.safetensors"
     codec.save_pretrained(model_path)
@@ -88,8 +77,8 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
         Image.fromarray(image).save(image_dir / name)
     output = tmp_path / "eval"
 
-    evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
-                       "--curve-qualities", "20,60"])
+    assert cli(["evaluate", "--images", str(image_dir), "--model", str(model_path), "--output", str(output),
+                "--curve-qualities", "20,60"]) == 0
 
     printed = capsys.readouterr().out
     assert "skipping" in printed and "too_small.png" in printed
@@ -114,7 +103,7 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     for name in CLASSIC_CODECS:
         assert [point["quality"] for point in report["curves"][name]] == [20, 60]
         assert report["curves"][name][0]["bpp"] < report["curves"][name][1]["bpp"]
-        assert "dists" not in report["curves"][name][0]  # matched-rate rows only (jobs/evaluate.py)
+        assert "dists" not in report["curves"][name][0]  # matched-rate rows only (corrdiff/evaluation.py)
     jpeg_60 = [(8 * len(data) / (image.shape[0] * image.shape[1]), LPIPS("vgg")(image, decode_classic(data)))
                for image in (images["a.png"], images["b.png"]) for data in [encode_classic(image, "jpeg", 60)]]
     assert report["curves"]["jpeg"][1]["bpp"] == pytest.approx(np.mean([bpp for bpp, _ in jpeg_60]), rel=1e-12)
@@ -133,10 +122,10 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
     table = (output / "eval.md").read_text()
     averages, counts = table.split("Images where the corrdiff decode does better")
     rows = [line for line in averages.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split(" | ")[0][2:] for row in rows] == [evaluate_job.LABELS[m] for m in methods]
+    assert [row.split(" | ")[0][2:] for row in rows] == [LABELS[m] for m in methods]
     assert "| LPIPS-alex | LPIPS-vgg | DISTS |" in averages
     count_rows = [line for line in counts.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split(" | ")[0][2:] for row in count_rows] == [evaluate_job.LABELS[m] for m in methods[1:]]
+    assert [row.split(" | ")[0][2:] for row in count_rows] == [LABELS[m] for m in methods[1:]]
     jpeg_row = count_rows[2].split(" | ")
     assert jpeg_row[2] == f"{report['wins']['jpeg']['lpips']['better']} of 2"
     assert jpeg_row[4] == f"{report['wins']['jpeg']['dists']['better']} of 2 |"
@@ -145,7 +134,7 @@ def test_evaluate_job_end_to_end(tmp_path: Path, evaluate_job, capsys: pytest.Ca
         assert plot.format == "PNG" and plot.width > 500
 
 
-def test_wins_count_strict_improvements_and_skip_undefined_values(evaluate_job) -> None:
+def test_wins_count_strict_improvements_and_skip_undefined_values() -> None:
     def image(corrdiff: dict, jpeg: dict) -> dict:
         return {"methods": {"corrdiff": corrdiff, "jpeg": jpeg}}
 
@@ -157,17 +146,17 @@ def test_wins_count_strict_improvements_and_skip_undefined_values(evaluate_job) 
         image({"psnr": None, "lpips": 0.1, "lpips_vgg": 0.1, "dists": 0.1},
               {"psnr": 40.0, "lpips": 0.2, "lpips_vgg": 0.2, "dists": 0.3}),
     ]
-    assert evaluate_job.wins(per_image) == {"jpeg": {
+    assert wins(per_image) == {"jpeg": {
         "psnr": {"better": 1, "of": 2},  # identical images (PSNR undefined) are not counted
         "lpips": {"better": 2, "of": 3},
         "lpips_vgg": {"better": 2, "of": 3},  # a tie is not a win
         "dists": {"better": 2, "of": 3},
     }}
-    assert evaluate_job.wins([{"methods": {"e2e": per_image[0]["methods"]["jpeg"]}}]) == {}
+    assert wins([{"methods": {"e2e": per_image[0]["methods"]["jpeg"]}}]) == {}
 
 
 @needs_lpips
-def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -> None:
+def test_evaluate_command_in_perceptual_mode_says_so(tmp_path: Path) -> None:
     """The perceptual gamma fit changes what the sampler is told, never the record's size."""
     codec = CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu")
     model_path = tmp_path / "tiny.safetensors"
@@ -178,9 +167,9 @@ def test_evaluate_job_in_perceptual_mode_says_so(tmp_path: Path, evaluate_job) -
     Image.fromarray(image).save(image_dir / "b.png")
     output = tmp_path / "eval"
 
-    evaluate_job.main(["--images", str(image_dir), "--model", str(model_path), "--output", str(output),
-                       "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "",
-                       "--gamma-refine-steps", "2", "--gamma-lr", "0.2", "--gamma-metric", "dists"])
+    assert cli(["evaluate", "--images", str(image_dir), "--model", str(model_path), "--output", str(output),
+                "--modes", "corrdiff", "--baselines", "jpeg", "--curve-qualities", "",
+                "--gamma-refine-steps", "2", "--gamma-lr", "0.2", "--gamma-metric", "dists"]) == 0
 
     report = json.loads((output / "eval.json").read_text())
     assert report["gamma_fit"] == "closed-form MSE, then 2 Adam steps (lr 0.2) on MSE + DISTS"

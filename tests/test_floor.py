@@ -154,10 +154,11 @@ def test_standard_records_are_untrusted_bytes(monkeypatch):
     ({"psnr": 30, "choose": "best"}, "choose"),
 ])
 def test_bad_floor_settings_are_refused(settings, message):
+    from corrdiff.typed_config import ConfigError, parse_config
     from pipeline.compress import CompressConfig
 
-    with pytest.raises(ValueError, match=message):
-        CompressConfig.from_dict({"input": {"url": "in"}, "output": "out", "floor": settings})
+    with pytest.raises(ConfigError, match=message):
+        parse_config(CompressConfig, {"input": {"url": "in"}, "output": "out", "floor": settings}, "compress.yaml")
 
 
 def _stage(stage, floor) -> object:

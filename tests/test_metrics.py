@@ -156,7 +156,7 @@ def test_tensor_face_scores_like_the_array_face_and_passes_gradients_to_the_imag
     import torch
 
     metric = perceptual_metric(name)
-    assert metric.name.lower() == name  # how jobs/evaluate.py finds its loaded copy
+    assert metric.name.lower() == name  # how corrdiff.evaluation.Scorer finds its loaded copy
     crop = photo[:96, :128]
     damaged = decode_classic(encode_classic(crop, "jpeg", 10))
     a, b = (torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0 for x in (crop, damaged))

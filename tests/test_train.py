@@ -1,4 +1,4 @@
-"""jobs/train.py: the three phases run, log, checkpoint, resume and export a loadable model."""
+"""Training (pipeline.train.run_train): the three phases run, log, checkpoint, resume and export a loadable model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from corrdiff import CorrDiffCodec, tiny_config
 from corrdiff.metrics import lpips_backbone_path
 from corrdiff.training import coded_latent, phase0_loss
+from corrdiff.trainer import MIN_CROP, PhaseConfig, TrainConfig
+from pipeline.train import run_train
+
+from conftest import smooth_image
 
 ROOT = Path(__file__).resolve().parents[1]
-from conftest import smooth_image, train_on_folder
-from corrdiff.trainer import MIN_CROP, PhaseConfig, TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +49,13 @@ def _config(tmp_path: Path, steps: tuple[int, int, int]) -> TrainConfig:
 @pytest.mark.skipif(not lpips_backbone_path("alex").exists(), reason="LPIPS weights not installed (scripts/setup.sh)")
 def test_phases_run_resume_and_export(tmp_path):
     _two_photos(tmp_path / "photos")
-    train_on_folder(_config(tmp_path, (3, 2, 1)))
+    run_train(_config(tmp_path, (3, 2, 1)))
     log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [(r["phase"], r["step"]) for r in log] == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2"), ("2", "1")]
     assert float(log[0]["bpp"]) > 0 and float(log[0]["psnr"]) > 0 and float(log[-1]["lpips"]) > 0
 
     # A rerun of a finished run trains nothing more: it only exports again.
-    train_on_folder(_config(tmp_path, (3, 2, 1)))
+    run_train(_config(tmp_path, (3, 2, 1)))
     assert len(list(csv.DictReader(open(tmp_path / "run" / "log.csv")))) == 6
 
     codec = CorrDiffCodec.from_pretrained(tmp_path / "run" / "tiny-test.safetensors", device="cpu")
@@ -71,11 +73,11 @@ def test_train_latent_false_keeps_the_codec_and_every_record_byte(tmp_path, phas
     _two_photos(tmp_path / "photos")
     base = _config(tmp_path, (2, 0, 0))
     base.phases = base.phases[:1]
-    base_path = train_on_folder(base)
+    base_path = run_train(base)
     tuned = _config(tmp_path, (0, 0, 0))
     tuned.phases = [PhaseConfig(phase, 2, 1e-3, perceptual_weight=1.0, train_latent=False)]
     tuned.init, tuned.output = str(base_path), str(tmp_path / "tuned")
-    tuned_path = train_on_folder(tuned)
+    tuned_path = run_train(tuned)
     log = list(csv.DictReader(open(tmp_path / "tuned" / "log.csv")))
     assert [r["phase"] for r in log] == [str(phase)] * 2 and all(float(r["lpips"]) > 0 for r in log)
 
@@ -123,7 +125,7 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     config.phases = config.phases[:1]
     config.checkpoint_every = 2
     config.phases[0].steps = 2
-    train_on_folder(config)  # runs steps 1-2 and marks phase 0 complete
+    run_train(config)  # runs steps 1-2 and marks phase 0 complete
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (state["phase_index"], state["step"]) == (1, 0)
     # Simulate a kill at step 2 of 4: the checkpoint says phase 0, step 2 (no optimizer state:
@@ -131,7 +133,7 @@ def test_resume_continues_a_phase_mid_way(tmp_path):
     state["phase_index"], state["step"] = 0, 2
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     config.phases[0].steps = 4
-    train_on_folder(config)
+    run_train(config)
     steps = [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
     assert steps == ["1", "2", "3", "4"]
 
@@ -152,10 +154,10 @@ def test_a_killed_run_resumes_with_one_row_per_step_and_a_continuous_clock(tmp_p
 
     monkeypatch.setattr(train_module, "_loss", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train_on_folder(config)
+        run_train(config)
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))] == ["1", "2", "3"]
     monkeypatch.setattr(train_module, "_loss", real_loss)
-    train_on_folder(config)
+    run_train(config)
     log = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [r["step"] for r in log] == ["1", "2", "3", "4", "5"]  # step 3 redone, logged once
     seconds = [float(r["seconds"]) for r in log]

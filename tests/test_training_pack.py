@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,10 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from build_training_pack import (  # noqa: E402
+from build_training_pack import (
     MANIFEST_FIELDS,
     MANIFEST_NAME,
     SUMMARY_NAME,
@@ -33,8 +29,8 @@ from build_training_pack import (  # noqa: E402
     make_views,
     signature,
 )
-from resource_bundles import BundleFormatError, eet_entries, eet_jpegs, rcc_entries  # noqa: E402
-from training_pack_sources import (  # noqa: E402
+from resource_bundles import BundleFormatError, eet_entries, eet_jpegs, rcc_entries
+from training_pack_sources import (
     COLLECTORS,
     GCOMPRIS_GROUPS,
     Licence,
@@ -48,9 +44,10 @@ from training_pack_sources import (  # noqa: E402
     parse_desktop_entry,
     path_matches,
 )
-
 from corrdiff.train_runtime import RandomCrops
-from pipeline.image_folder import load_images  # noqa: E402
+from pipeline.image_folder import load_images
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 # Small enough for 480 px examples: every photo gets s1 (a window), s2 and s4.

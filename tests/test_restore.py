@@ -1,10 +1,10 @@
-"""jobs/decode.py and the decode pipeline, on archives written by the compress job."""
+"""The restore command (pipeline.cli, as jobs/restore.py runs it) and the restore pipeline,
+on archives written by the compress job."""
 
 from __future__ import annotations
 
 import io
 import shutil
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -16,18 +16,14 @@ import pytest
 from PIL import Image
 
 from corrdiff import CorrDiffCodec
+from pipeline.cli import main as cli
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
-from pipeline.decode import DecodeConfig, fold_aside, run_decode, write_png
 from pipeline.keys import alternative_path, fold, key_to_path
 from pipeline.resources import ResourceSettings
+from pipeline.restore_archive import RestoreConfig, fold_aside, run_restore, write_png
 from pipeline.sources import SourceConfig
 
 from archives import EXAMPLES, photo_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-import decode as decode_job  # noqa: E402
 
 
 def _compress(source: str, output: str, model: Path, **source_options) -> None:
@@ -50,7 +46,7 @@ def _rows(archive: Path) -> dict[str, dict]:
 
 def test_restores_every_key_bit_exactly(archive, tiny_model, tmp_path):
     out = tmp_path / "restored"
-    summary = run_decode(DecodeConfig(archive=str(archive), output=str(out), device="cpu", run_id="all"))
+    summary = run_restore(RestoreConfig(archive=str(archive), output=str(out), device="cpu", run_id="all"))
     rows = _rows(archive)
     assert summary["rows"] == len(rows) == 10 and summary["restored"] == 6
     assert summary["statuses"] == {"compress_error": 4, "ok": 6}
@@ -70,12 +66,12 @@ def test_restores_every_key_bit_exactly(archive, tiny_model, tmp_path):
 
 def test_selected_keys_modes_and_keys_not_in_archive(archive, tmp_path):
     key = "photos/life.jpg"
-    summary = run_decode(DecodeConfig(archive=str(archive), output=str(tmp_path / "out"), keys=(key, "nope.jpg"),
+    summary = run_restore(RestoreConfig(archive=str(archive), output=str(tmp_path / "out"), keys=(key, "nope.jpg"),
                                       mode="e2e", device="cpu", run_id="some"))
     assert summary["statuses"] == {"not_in_archive": 1, "ok": 1}
     assert [p.name for p in (tmp_path / "out" / "photos").iterdir()] == ["life.jpg.png"]
     e2e = np.asarray(Image.open(tmp_path / "out" / "photos" / "life.jpg.png"))
-    full = run_decode(DecodeConfig(archive=str(archive), output=str(tmp_path / "full"), keys=(key,), device="cpu"))
+    full = run_restore(RestoreConfig(archive=str(archive), output=str(tmp_path / "full"), keys=(key,), device="cpu"))
     assert full["restored"] == 1
     assert not np.array_equal(e2e, np.asarray(Image.open(tmp_path / "full" / "photos" / "life.jpg.png")))
 
@@ -87,7 +83,7 @@ def test_unsafe_keys_stay_inside_the_output(ray_local, tiny_model, tmp_path):
     pq.write_table(pa.table({"key": keys, "image": [p.read_bytes() for p in photos]}), tmp_path / "table" / "t.parquet")
     _compress(str(tmp_path / "table"), str(tmp_path / "archive"), tiny_model, kind="parquet")
     out = tmp_path / "deep" / "out"
-    summary = run_decode(DecodeConfig(archive=str(tmp_path / "archive"), output=str(out), device="cpu"))
+    summary = run_restore(RestoreConfig(archive=str(tmp_path / "archive"), output=str(out), device="cpu"))
     assert summary["restored"] == 3
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert written == sorted(key_to_path(k) for k in keys)
@@ -110,7 +106,7 @@ def test_corrupt_record_and_missing_model_are_reported(archive, tmp_path):
     shutil.copytree(archive / "_models", bad / "_models")  # the damaged archive keeps its model
     pq.write_table(table.set_column(table.schema.get_field_index("record"), "record", pa.array(records, pa.binary())),
                    bad / "part-0.parquet")
-    summary = run_decode(DecodeConfig(archive=str(bad), output=str(tmp_path / "out"), device="cpu", run_id="r"))
+    summary = run_restore(RestoreConfig(archive=str(bad), output=str(tmp_path / "out"), device="cpu", run_id="r"))
     assert summary["statuses"] == {"compress_error": 4, "corrupt": 1, "model_missing": 1, "ok": 4}
     manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_restore" / "r.parquet").to_pylist()}
     assert "checksum" in manifest[table["key"][ok[0]].as_py()]["error"]
@@ -119,15 +115,15 @@ def test_corrupt_record_and_missing_model_are_reported(archive, tmp_path):
 
 def test_unknown_mode_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown decode mode 'ee2e'"):
-        DecodeConfig(archive=str(tmp_path / "missing"), output=str(tmp_path / "out"), mode="ee2e")
+        RestoreConfig(archive=str(tmp_path / "missing"), output=str(tmp_path / "out"), mode="ee2e")
 
 
 def test_job_cli_exit_codes(archive, tmp_path, capsys):
-    assert decode_job.main(["--archive", str(archive), "--output", str(tmp_path / "a"), "--device", "cpu",
+    assert cli(["restore", "--archive", str(archive), "--output", str(tmp_path / "a"), "--device", "cpu",
                             "--keys", "photos/life.jpg", "--mode", "e2e"]) == 0
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("photos/life.jpg\nbad/empty.png\n")
-    assert decode_job.main(["--archive", str(archive), "--output", str(tmp_path / "b"), "--device", "cpu",
+    assert cli(["restore", "--archive", str(archive), "--output", str(tmp_path / "b"), "--device", "cpu",
                             "--keys-file", str(keys_file), "--mode", "e2e"]) == 1
     assert '"compress_error": 1' in capsys.readouterr().out
 
@@ -137,7 +133,7 @@ def test_restore_from_s3_to_s3(s3_server, ray_local, tiny_model):
     bucket = s3_server.make_bucket({f"in/{key}": data for key, data in photos.items()})
     run_compress(CompressConfig(input=SourceConfig(url=f"{bucket}/in"), output=f"{bucket}/archive",
                                 storage=s3_server.storage, codec=CodecSettings(model=str(tiny_model), device="cpu")))
-    summary = run_decode(DecodeConfig(archive=f"{bucket}/archive", output=f"{bucket}/restored", mode="e2e",
+    summary = run_restore(RestoreConfig(archive=f"{bucket}/archive", output=f"{bucket}/restored", mode="e2e",
                                       device="cpu", storage=s3_server.storage, run_id="s3"))
     assert summary["restored"] == 2 and summary["rows"] == 2
     name = bucket.removeprefix("s3://")
@@ -161,7 +157,7 @@ def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
     path = sorted(damaged.glob("part-*.parquet"))[0]
     held = pq.read_table(path, columns=["key"])["key"].to_pylist()
     damage_a_page(path, "key")
-    summary = run_decode(DecodeConfig(archive=str(damaged), output=str(tmp_path / "out"), keys=(held[0], "nope.jpg"),
+    summary = run_restore(RestoreConfig(archive=str(damaged), output=str(tmp_path / "out"), keys=(held[0], "nope.jpg"),
                                       device="cpu", run_id="r"))
     assert summary["statuses"] == {"unreadable_file": 3}  # the file, and each asked-for key
     manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_restore" / "r.parquet").to_pylist()}
@@ -195,7 +191,7 @@ def test_keys_that_fold_together_or_clash_as_file_and_folder_each_keep_their_own
     out = tmp_path / "out"
     paths = {}
     for run in ("first", "again"):
-        summary = run_decode(DecodeConfig(archive=str(tmp_path / "archive"), output=str(out), device="cpu",
+        summary = run_restore(RestoreConfig(archive=str(tmp_path / "archive"), output=str(out), device="cpu",
                                           run_id=run))
         assert summary["statuses"] == {"ok": len(keys)}
         manifest = {r["key"]: r["path"] for r in pq.read_table(out / "_restore" / f"{run}.parquet").to_pylist()}
@@ -242,13 +238,13 @@ def test_on_a_folding_file_system_no_key_replaces_another_keys_file(tmp_path, mo
     key's name is read for the key it holds, not judged by its name. Another key's file, or a
     file without a key, is left as it is and the key goes to its alternative path; the same
     key's file (a rerun) is overwritten; with both names taken the key is ``write_failed``."""
-    import pipeline.decode
+    import pipeline.restore_archive
 
     from pipeline.storage import StorageConfig
 
     out = tmp_path / "out"
     fs = _folding_filesystem(out)
-    monkeypatch.setattr(pipeline.decode, "filesystem", lambda output, storage: (fs, str(out)))
+    monkeypatch.setattr(pipeline.restore_archive, "filesystem", lambda output, storage: (fs, str(out)))
 
     def restore(keys: list[str], seed: int) -> dict[str, dict]:
         pixels = [np.full((3, 2, 3), seed * 10 + i, np.uint8) for i in range(len(keys))]

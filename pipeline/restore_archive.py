@@ -1,4 +1,4 @@
-"""The decode pipeline: archive -> records (tasks) -> pixels (actor pool) -> PNG files (tasks).
+"""The restore pipeline: archive -> records (tasks) -> pixels (actor pool) -> PNG files (tasks).
 
     footers (driver) -> read selected rows (tasks, one per archive file)
         -> DecodeStage (actors: the models, GPUs where there are any)
@@ -67,7 +67,7 @@ MANIFEST_SCHEMA = pa.schema([
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class RestoreConfig:
     archive: str
     output: str
     keys: tuple[str, ...] | None = None  # None = every key
@@ -276,7 +276,7 @@ def _planned_aside(files: list[ArchiveFile], storage: StorageConfig, keys: froze
                       if h in shared)
 
 
-def run_decode(config: DecodeConfig) -> dict[str, Any]:
+def run_restore(config: RestoreConfig) -> dict[str, Any]:
     """Restore the selected keys (all by default) as PNG under ``config.output``; return the summary.
 
     Ray must be initialised by the caller.
@@ -304,7 +304,7 @@ def run_decode(config: DecodeConfig) -> dict[str, Any]:
     return summary
 
 
-def _write_manifest(dataset: ray.data.Dataset, files: list, keys: frozenset[str] | None, config: DecodeConfig,
+def _write_manifest(dataset: ray.data.Dataset, files: list, keys: frozenset[str] | None, config: RestoreConfig,
                     run_id: str) -> pa.Table:
     """Stream the manifest rows into OUTPUT/_restore/<run>.parquet, adding a row for each
     unreadable archive file and for each asked-for key that no readable file holds.
@@ -342,7 +342,7 @@ def _write_manifest(dataset: ray.data.Dataset, files: list, keys: frozenset[str]
     return manifest
 
 
-def _summarize(manifest: pa.Table, config: DecodeConfig, run_id: str, seconds: float) -> dict[str, Any]:
+def _summarize(manifest: pa.Table, config: RestoreConfig, run_id: str, seconds: float) -> dict[str, Any]:
     statuses = Counter(manifest["status"].to_pylist())
     return {
         "run_id": run_id, "archive": config.archive, "output": config.output, "mode": config.mode,
@@ -353,7 +353,7 @@ def _summarize(manifest: pa.Table, config: DecodeConfig, run_id: str, seconds: f
     }
 
 
-def _public(config: DecodeConfig) -> dict[str, Any]:
+def _public(config: RestoreConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data["storage"] = config.storage.public()
     data["keys"] = len(config.keys) if config.keys is not None else None
