@@ -8,8 +8,10 @@
    --implementation cp --platform manylinux_2_34_x86_64`` and the older manylinux tags
    that glibc 2.34 runs): compressai 1.2.8 (its rANS extension is built for cp312),
    pytorch-msssim 1.0.0 (compressai imports it at import time, although nothing here calls
-   it), lpips 0.1.4 (pure Python), and pillow-heif 1.8.1 and pillow-jxl-plugin 1.3.8
-   (pipeline.images registers them at import, and training reads its photos through it).
+   it), lpips 0.1.4 (pure Python), pillow-heif 1.8.1 and pillow-jxl-plugin 1.3.8
+   (pipeline.images registers them at import, and training reads its photos through it),
+   and pydantic 2.14.4 with pydantic-core 2.50.5, annotated-types, typing-inspection and
+   typing-extensions (corrdiff's config layer validates every config and model config).
 2. Writes ``.whl/lpips-alexnet-features-fp16.safetensors``: the convolutional layers of the
    AlexNet backbone that LPIPS-alex needs, from torch's cache here (scripts/setup.sh puts
    them there), in float16 (4.9 MB instead of 233 MB for the whole torchvision file;
@@ -35,7 +37,10 @@ sys.path.insert(0, str(ROOT))
 from scripts.device_train import LPIPS_CHECK, LPIPS_FEATURES, lpips_check_value, write_alexnet_backbone  # noqa: E402
 
 WHEELS = ("compressai==1.2.8", "pytorch-msssim==1.0.0", "lpips==0.1.4", "pillow-heif==1.8.1",
-          "pillow-jxl-plugin==1.3.8")
+          "pillow-jxl-plugin==1.3.8",
+          # corrdiff's config layer (corrdiff.typed_config): pydantic and what it needs, as pinned here
+          "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
+          "typing-extensions==4.16.0")
 # pip matches --platform exactly: the device's glibc 2.34 runs wheels built for older ones too
 # (pillow-heif ships manylinux_2_28, pillow-jxl-plugin manylinux_2_17).
 PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64")
