@@ -23,7 +23,8 @@ own), the driver's side of:
 - ``verify_plan`` and ``audit_plan``: the footers and the selection of ``--verify-all``
   and of an audit sample of 1000 rows (``pipeline.selection``);
 - ``decode_keys``: ``decode --keys`` of 10 keys: the footers, then what the read tasks do
-  (here one after another in this process): the row groups that can hold the keys.
+  (here one after another in this process): the files whose key range can hold the keys,
+  their row groups that can, and the records of those that do.
 
 The files source kind is measured through a manifest: a real folder of 10 M files cannot be
 made here; its listing (delimiter listings in tasks) meets the same anti-join after it.
@@ -183,7 +184,7 @@ def _measure(step: str, kind: str, root: Path) -> dict:
 
     from pipeline.archive import read_data_file_rows
     from pipeline.pending import pending_images
-    from pipeline.selection import all_rows, archive_files, sample_rows
+    from pipeline.selection import all_rows, archive_files, key_rows, sample_rows
     from pipeline.shards import resume_shards
     from pipeline.skipped import Skipped
     from pipeline.sources import SourceConfig, list_images, list_shards
@@ -220,11 +221,12 @@ def _measure(step: str, kind: str, root: Path) -> dict:
         files = archive_files(archive, storage)
         keys = tuple(sorted(_keys(kind, 10)[0]))  # ten archived keys (the first ten)
         fs, _ = filesystem(archive, storage)
+        selections = key_rows(files, frozenset(keys))
         found = 0
-        for file in files:
-            table, _ = read_data_file_rows(file.path, fs, ["key", "record"], keys=keys)
-            found += sum(key in keys for key in table["key"].to_pylist())
-        extra = {"found": found}
+        for selection in selections:
+            table, _ = read_data_file_rows(selection.path, fs, ["key", "record"], keys=keys)
+            found += table.num_rows
+        extra = {"found": found, "files_read": len(selections)}
     else:
         raise SystemExit(f"unknown step {step}")
     return {"seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": round(_rss_mb(), 1),

@@ -1,10 +1,11 @@
 """The mean-scale hyperprior latent codec: x -> (z, y) bitstreams -> y_hat.
 
 Training uses compressai's differentiable entropy models (likelihoods, noisy
-quantization). Coding uses compressai's rANS coder with CDF tables that are computed once
-by :meth:`LatentCodec.freeze` and stored as buffers, and a fixed-point hyper-synthesis
-(:mod:`corrdiff.fixed_point`), so that everything that selects a CDF, and y_hat itself,
-is bit-identical on the encoder and on any decoder.
+quantization). Coding uses the same models' own ``compress``/``decompress`` (compressai's
+rANS coder) with CDF tables that are computed once by :meth:`LatentCodec.freeze` and stored
+as buffers; what is ours is the fixed-point hyper-synthesis (:mod:`corrdiff.fixed_point`)
+that gives the means and CDF indexes of y, so that everything that selects a CDF, and y_hat
+itself, is bit-identical on the encoder and on any decoder, and the block-by-block layout.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from compressai.ans import RansDecoder, RansEncoder
-from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from corrdiff.layers import GDN
 from torch import Tensor, nn
 
@@ -109,8 +109,6 @@ class LatentCodec(nn.Module):
         self.log_scale_step = (math.log(config.scale_max) - self.log_scale_min) / (config.scale_levels - 1)
         table = [math.exp(self.log_scale_min + i * self.log_scale_step) for i in range(config.scale_levels)]
         self.gaussian_conditional = GaussianConditional(table)
-        self._rans_encoder = RansEncoder()
-        self._rans_decoder = RansDecoder()
 
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor) -> LatentForward:
@@ -147,30 +145,28 @@ class LatentCodec(nn.Module):
         """A batch of padded images' latent exactly as :meth:`compress` codes it, without the
         entropy coding: training on a frozen codec needs y_hat at every step, the bytes rarely."""
         y = self.g_a(x)
-        z = self.h_a(y)
-        z_symbols = torch.round(z - self._z_medians()).to(torch.int64)
+        z_symbols = self._z_symbols(self.h_a(y))
         means, indexes = self._y_parameters(z_symbols)
-        y_symbols = torch.round(y.double() - means).to(torch.int64)
+        y_symbols = self.gaussian_conditional.quantize(y.double(), "symbols", means).to(torch.int64)
         return QuantizedLatent(z_symbols=z_symbols, y_symbols=y_symbols, means=means, indexes=indexes)
 
     @torch.no_grad()
     def compress(self, x: Tensor) -> tuple[list[LatentBitstreams], Tensor]:
         """Code a batch of padded images; also return y_hat exactly as a decoder will see it."""
-        q = self.quantize(x)
-        z_strings = self._encode(self.entropy_bottleneck, q.z_symbols, self._z_indexes(q.z_symbols.shape))
-        y_strings = self._encode(self.gaussian_conditional, q.y_symbols, q.indexes)
+        y = self.g_a(x)
+        z = self.h_a(y)
+        means, indexes = self._y_parameters(self._z_symbols(z))
+        z_strings = self.entropy_bottleneck.compress(z)
+        y_strings = self.gaussian_conditional.compress(y.double(), indexes, means)
         streams = [LatentBitstreams(z=zs, y=ys) for zs, ys in zip(z_strings, y_strings)]
-        return streams, q.y_hat
+        return streams, self.gaussian_conditional.quantize(y.double(), "dequantize", means).float()
 
     @torch.no_grad()
     def decompress(self, streams: list[LatentBitstreams], padded_size: tuple[int, int]) -> Tensor:
         """Decode y_hat for a batch of images that share one padded size."""
-        height, width = padded_size
-        z_shape = (len(streams), self.config.hyper_channels, height // HYPER_STRIDE, width // HYPER_STRIDE)
-        z_symbols = self._decode(self.entropy_bottleneck, [s.z for s in streams], self._z_indexes(z_shape))
+        z_symbols = self._decode_z([s.z for s in streams], padded_size)
         means, indexes = self._y_parameters(z_symbols)
-        y_symbols = self._decode(self.gaussian_conditional, [s.y for s in streams], indexes)
-        return (y_symbols + means).float()
+        return self._decode_y([s.y for s in streams], means, indexes)
 
     @torch.no_grad()
     def compress_tiled(self, pixels: PixelSource, padded_size: tuple[int, int], tile: int,
@@ -198,14 +194,14 @@ class LatentCodec(nn.Module):
             (top, bottom), (left, right) = (halo(s, HYPER_ANALYSIS_HALO, LATENT_STRIDE, n) for s, n in ((r, height), (c, width)))
             crop = self.h_a(y[..., top:bottom, left:right])
             z[_hyper(r, c)] = crop[_hyper(r, c, top // ratio, left // ratio)]
-        z_symbols = torch.round(z - self._z_medians()).to(torch.int64)
-        [z_string] = self._encode(self.entropy_bottleneck, z_symbols, self._z_indexes(z_symbols.shape))
+        z_symbols = self._z_symbols(z)
+        [z_string] = self.entropy_bottleneck.compress(z)
         y_strings = []
         for r, c in grid:
             means, indexes = self._block_parameters(z_symbols, r, c, padded_size)
-            symbols = torch.round(y[_latent(r, c)].double() - means).to(torch.int64)
-            y_strings += self._encode(self.gaussian_conditional, symbols, indexes)
-            y[_latent(r, c)] = (symbols + means).float()
+            block = y[_latent(r, c)].double()
+            y_strings += self.gaussian_conditional.compress(block, indexes, means)
+            y[_latent(r, c)] = self.gaussian_conditional.quantize(block, "dequantize", means).float()
         return TiledBitstreams(z=z_string, y=y_strings), y
 
     @torch.no_grad()
@@ -213,14 +209,12 @@ class LatentCodec(nn.Module):
                          device: torch.device) -> Tensor:
         """y_hat of one image coded by :meth:`compress_tiled`, decoded one block at a time."""
         height, width = padded_size
-        z_shape = (1, self.config.hyper_channels, height // HYPER_STRIDE, width // HYPER_STRIDE)
-        z_symbols = self._decode(self.entropy_bottleneck, [streams.z], self._z_indexes(z_shape).to(device))
+        z_symbols = self._decode_z([streams.z], padded_size).to(device)
         y_hat = torch.empty((1, self.config.latent_channels, height // LATENT_STRIDE, width // LATENT_STRIDE), device=device)
         grid = [(r, c) for r in blocks(height, tile) for c in blocks(width, tile)]
         for (r, c), string in zip(grid, streams.y, strict=True):
             means, indexes = self._block_parameters(z_symbols, r, c, padded_size)
-            symbols = self._decode(self.gaussian_conditional, [string], indexes)
-            y_hat[_latent(r, c)] = (symbols + means).float()
+            y_hat[_latent(r, c)] = self._decode_y([string], means, indexes)
         return y_hat
 
     def _block_parameters(self, z_symbols: Tensor, r: Span, c: Span, padded_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -234,10 +228,29 @@ class LatentCodec(nn.Module):
     def _z_medians(self) -> Tensor:
         return self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
 
-    def _z_indexes(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        """z element -> CDF index: the factorized prior has one CDF per channel."""
-        batch, channels, height, width = shape
-        return torch.arange(channels, device=self._z_medians().device).view(1, -1, 1, 1).expand(batch, channels, height, width)
+    def _z_symbols(self, z: Tensor) -> Tensor:
+        """z's integer symbols as the EntropyBottleneck codes them: round(z - median).
+
+        The same function of the decoded z_hat (symbol + median in float32) gives the symbols
+        back exactly: both roundings together are off by less than 1/4 for any symbol below
+        2^22, and a real z is many orders of magnitude smaller.
+        """
+        return self.entropy_bottleneck.quantize(z, "symbols", self._z_medians()).to(torch.int64)
+
+    def _decode_z(self, strings: list[bytes], padded_size: tuple[int, int]) -> Tensor:
+        """The integer z symbols of a batch of z strings for images of one padded size."""
+        height, width = padded_size
+        size = (height // HYPER_STRIDE, width // HYPER_STRIDE)
+        symbols = self.config.hyper_channels * size[0] * size[1]
+        z_hat = self.entropy_bottleneck.decompress([readable_string(s, symbols) for s in strings], size)
+        return self._z_symbols(z_hat)
+
+    def _decode_y(self, strings: list[bytes], means: Tensor, indexes: Tensor) -> Tensor:
+        """y_hat (symbols + the exact means) of y strings coded with these means and indexes."""
+        symbols = indexes[0].numel()
+        y_hat = self.gaussian_conditional.decompress([readable_string(s, symbols) for s in strings], indexes,
+                                                     means=means)
+        return y_hat.float()
 
     def _y_parameters(self, z_symbols: Tensor) -> tuple[Tensor, Tensor]:
         """Exact means (float64) and CDF indexes of y from the integer z symbols."""
@@ -248,36 +261,6 @@ class LatentCodec(nn.Module):
         indexes = torch.floor((positions_fixed + half) * 2.0**-ACT_FRAC_BITS)
         indexes = indexes.clamp(0, self.config.scale_levels - 1).to(torch.int64)
         return means, indexes
-
-    def _encode(self, model: EntropyModel, symbols: Tensor, indexes: Tensor) -> list[bytes]:
-        cdfs, lengths, offsets = _cdf_tables(model)
-        return [
-            self._rans_encoder.encode_with_indexes(
-                symbols[i].reshape(-1).tolist(), indexes[i].reshape(-1).tolist(), cdfs, lengths, offsets,
-            )
-            for i in range(symbols.shape[0])
-        ]
-
-    def _decode(self, model: EntropyModel, strings: list[bytes], indexes: Tensor) -> Tensor:
-        cdfs, lengths, offsets = _cdf_tables(model)
-        symbols = indexes[0].numel()
-        decoded = [
-            self._rans_decoder.decode_with_indexes(
-                readable_string(string, symbols), indexes[i].reshape(-1).tolist(), cdfs, lengths, offsets,
-            )
-            for i, string in enumerate(strings)
-        ]
-        return torch.tensor(decoded, dtype=torch.int64, device=indexes.device).view(indexes.shape)
-
-
-def _cdf_tables(model: EntropyModel) -> tuple[list[list[int]], list[int], list[int]]:
-    if model._quantized_cdf.numel() == 0:
-        raise RuntimeError("entropy model has no CDF tables: call LatentCodec.freeze() after training")
-    return (
-        model._quantized_cdf.tolist(),
-        model._cdf_length.reshape(-1).tolist(),
-        model._offset.reshape(-1).tolist(),
-    )
 
 
 def readable_string(string: bytes, symbols: int) -> bytes:

@@ -1,6 +1,7 @@
 """The restore pipeline: archive -> records (tasks) -> pixels (actor pool) -> PNG files (tasks).
 
-    footers (driver) -> read selected rows (tasks, one per archive file)
+    footers (driver) -> read selected rows (tasks, one per archive file; with keys, only the files
+        whose key range can hold one, and of those the records of the row groups that hold one)
         -> DecodeStage (actors: the models, GPUs where there are any)
         -> write_png (CPU tasks; PNG encoding stays off the GPU actors)
         -> manifest: OUTPUT/_restore/<run>.parquet (key -> file, status) + <run>.json
@@ -50,7 +51,8 @@ from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
 from pipeline.resources import ResourceSettings, plan_resources
 from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
-from pipeline.selection import ArchiveFile, all_rows, archive_files, read_selected, split_file_rows, with_read_failures
+from pipeline.selection import (FileSelection, all_rows, archive_files, key_rows, read_selected, split_file_rows,
+                                with_read_failures)
 from pipeline.stages import EMPTY_PIXELS, ragged_column
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
@@ -252,7 +254,8 @@ def fold_aside(keys: Iterable[str]) -> frozenset[str]:
     return frozenset(k for group in groups.values() for k in sorted(group)[1:])
 
 
-def _planned_aside(files: list[ArchiveFile], storage: StorageConfig, keys: frozenset[str] | None) -> frozenset[str]:
+def _planned_aside(selections: list[FileSelection], storage: StorageConfig,
+                   keys: frozenset[str] | None) -> frozenset[str]:
     """:func:`fold_aside` over the selected keys of a run, read from the key (and error) columns alone.
 
     Two passes keep the driver's memory at 8 bytes a key: first a 64-bit hash of each
@@ -263,7 +266,7 @@ def _planned_aside(files: list[ArchiveFile], storage: StorageConfig, keys: froze
                          for k in batch["key"].to_pylist()], dtype=np.uint64)
 
     def selected_keys() -> Iterable[pa.Table]:
-        dataset = read_selected(all_rows(files), storage, keys=keys, columns=["key", "error"])
+        dataset = read_selected(selections, storage, keys=keys, columns=["key", "error"])
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             yield split_file_rows(batch)[0]
 
@@ -288,8 +291,9 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"no archive data files under {config.archive}")
     plan = plan_resources(config.resources, ray.cluster_resources())
     keys = frozenset(config.keys) if config.keys is not None else None
-    aside = _planned_aside(files, config.storage, keys)
-    dataset = read_selected(all_rows(files), config.storage, keys=keys)
+    selections = key_rows(files, keys) if keys is not None else all_rows(files)
+    aside = _planned_aside(selections, config.storage, keys)
+    dataset = read_selected(selections, config.storage, keys=keys)
     dataset = plan.model_stage(dataset, DecodeStage, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": config.mode,

@@ -1,9 +1,10 @@
 """Which rows of an archive a decode, audit or verify job reads, and reading them in tasks.
 
 A job never pulls an archive through the driver. The driver reads only Parquet footers
-(row counts: a few KB per file, whatever the archive's size) and decides, per file, which
-rows to read: all of them, a seeded sample, or those whose key is asked for. Tasks then
-read those rows (with the record bytes) one file at a time.
+(row counts and key ranges: a few KB per file, whatever the archive's size) and decides,
+per file, which rows to read: all of them, a seeded sample, or those whose key is asked
+for (only in the files whose key range can hold one). Tasks then read those rows (with
+the record bytes) one file at a time.
 
 Sampling is stratified by file: the sample size is split over files in proportion to
 their row counts (largest remainders), then each file's rows are drawn uniformly without
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.archive import SCHEMA, list_data_files, read_data_file_rows
+from pipeline.archive import SCHEMA, key_range, list_data_files, range_may_hold, read_data_file_rows
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # The archive columns the decode/audit stages need; never "gammas" or other bulk.
@@ -35,11 +36,12 @@ UNREADABLE_FILE_KEY = "#file"  # the key of a row that stands for an unreadable 
 
 @dataclass(frozen=True)
 class ArchiveFile:
-    """A data file of the archive, its row count from the footer, or why it is unreadable."""
+    """A data file of the archive, its row count and key range from the footer, or why it is unreadable."""
 
     path: str  # full URL
     rows: int
     error: str | None = None
+    keys: tuple[str, str] | None = None  # its smallest and largest key (archive.key_range); None: unknown
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,15 @@ class FileSelection:
 
 
 def archive_files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
-    """Every data file with its row count; a file whose footer cannot be read is kept, with
-    its error, so that jobs report it instead of failing or silently skipping it."""
+    """Every data file with its row count and key range; a file whose footer cannot be read
+    is kept, with its error, so that jobs report it instead of failing or silently skipping it."""
     fs, _ = filesystem(url, storage)
     files = []
     for path in list_data_files(url, storage):
         full = fs.unstrip_protocol(path)
         try:
             metadata = with_retries(lambda p=path: pq.read_metadata(p, filesystem=fs), storage, f"read {full}")
-            files.append(ArchiveFile(full, metadata.num_rows))
+            files.append(ArchiveFile(full, metadata.num_rows, keys=key_range(metadata)))
         except Exception as error:  # noqa: BLE001 - a broken file is a finding, not a crash
             files.append(ArchiveFile(full, 0, f"unreadable archive file: {type(error).__name__}: {error}"))
     return files
@@ -122,10 +124,20 @@ def all_rows(files: list[ArchiveFile]) -> list[FileSelection]:
     return [FileSelection(f.path) for f in files if f.error is None and f.rows > 0]
 
 
+def key_rows(files: list[ArchiveFile], keys: frozenset[str]) -> list[FileSelection]:
+    """The files whose key range can hold one of ``keys``: the only ones a restore of those
+    keys opens (:func:`read_selected` with ``keys`` then reads, of each, the row groups
+    that can hold them, and their records only where a key is there)."""
+    wanted = sorted(keys)
+    return [FileSelection(f.path) for f in files
+            if f.error is None and f.rows > 0 and range_may_hold(f.keys, wanted)]
+
+
 def read_selected(selections: list[FileSelection], storage: StorageConfig, keys: frozenset[str] | None = None,
                   columns: list[str] = ROW_COLUMNS) -> ray.data.Dataset:
     """The selected rows as a Dataset (one read task per file), with ``archive_file`` and
-    ``archive_row`` saying where each row lives; ``keys`` keeps only rows with those keys."""
+    ``archive_row`` saying where each row lives; ``keys`` keeps only rows with those keys
+    (select the files with :func:`key_rows`)."""
     items = pa.table({"path": [s.path for s in selections],
                       "rows": pa.array([list(s.rows) if s.rows is not None else None for s in selections],
                                        pa.list_(pa.int64()))})
@@ -138,7 +150,8 @@ def read_selected(selections: list[FileSelection], storage: StorageConfig, keys:
 def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: tuple[str, ...] | None,
                     columns: list[str]) -> pa.Table:
     """The selected rows of each file of a block, reading only the row groups that hold
-    them (sampled positions, or keys: ``archive.read_data_file_rows``)."""
+    them (sampled positions, or keys: ``archive.read_data_file_rows``, which keeps only the
+    rows of those keys)."""
     tables = []
     for path, rows in zip(batch["path"].to_pylist(), batch["rows"].to_pylist()):
         fs, stripped = filesystem(path, storage)
@@ -151,8 +164,6 @@ def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: tuple[str, ..
             continue
         table = table.append_column("archive_file", pa.array([path] * table.num_rows, pa.string()))
         table = table.append_column("archive_row", positions)
-        if keys is not None:
-            table = table.filter(pc.is_in(table["key"], pa.array(keys, pa.string())))
         tables.append(table)
     return pa.concat_tables(tables)
 

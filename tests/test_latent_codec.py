@@ -23,8 +23,7 @@ def test_decoded_latent_equals_the_quantized_latent(codec):
     decoded = latent.decompress(streams, (128, 192))
     assert torch.equal(decoded, y_hat)
     # y_hat is on the quantization grid: symbols are integers around the exact means.
-    means, _ = latent._y_parameters(latent._decode(latent.entropy_bottleneck, [s.z for s in streams],
-                                                    latent._z_indexes((2, 8, 2, 3))))
+    means, _ = latent._y_parameters(latent._decode_z([s.z for s in streams], (128, 192)))
     symbols = y_hat.double() - means
     assert torch.equal(symbols, torch.round(symbols))
 
@@ -44,8 +43,23 @@ def test_rans_round_trips_any_symbols(codec, seed, magnitude):
     rng = np.random.default_rng(seed)
     indexes = torch.from_numpy(rng.integers(0, latent.config.scale_levels, (1, 12, 3, 4)))
     symbols = torch.from_numpy(rng.integers(-magnitude, magnitude + 1, (1, 12, 3, 4)))
-    (string,) = latent._encode(latent.gaussian_conditional, symbols, indexes)
-    assert torch.equal(latent._decode(latent.gaussian_conditional, [string], indexes), symbols)
+    means = torch.zeros(symbols.shape, dtype=torch.float64)
+    (string,) = latent.gaussian_conditional.compress(symbols.double(), indexes, means)
+    assert torch.equal(latent._decode_y([string], means, indexes), symbols.float())
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 2**21))
+def test_z_symbols_come_back_exactly_from_the_decoded_z(codec, seed, magnitude):
+    """The decoder's z is symbol + median in float32; the symbols it gives back are the encoder's,
+    for symbols far beyond any real z (escape coded)."""
+    latent = codec.model.latent
+    rng = np.random.default_rng(seed)
+    channels = latent.config.hyper_channels
+    symbols = torch.from_numpy(rng.integers(-magnitude, magnitude + 1, (1, channels, 2, 3)))
+    z = symbols.float() + latent._z_medians()
+    (string,) = latent.entropy_bottleneck.compress(z)
+    assert torch.equal(latent._decode_z([string], (128, 192)), symbols)
 
 
 def test_bits_follow_the_information(codec):
@@ -54,6 +68,7 @@ def test_bits_follow_the_information(codec):
     indexes = torch.zeros((1, 12, 8, 8), dtype=torch.int64)  # the narrowest Gaussian
     quiet = torch.zeros((1, 12, 8, 8), dtype=torch.int64)
     loud = torch.from_numpy(np.random.default_rng(0).integers(-3, 4, (1, 12, 8, 8)))
-    (quiet_bytes,) = latent._encode(latent.gaussian_conditional, quiet, indexes)
-    (loud_bytes,) = latent._encode(latent.gaussian_conditional, loud, indexes)
+    means = torch.zeros(quiet.shape, dtype=torch.float64)
+    (quiet_bytes,) = latent.gaussian_conditional.compress(quiet.double(), indexes, means)
+    (loud_bytes,) = latent.gaussian_conditional.compress(loud.double(), indexes, means)
     assert len(quiet_bytes) < 16 < len(loud_bytes)

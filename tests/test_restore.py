@@ -158,7 +158,7 @@ def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
     held = pq.read_table(path, columns=["key"])["key"].to_pylist()
     damage_a_page(path, "key")
     summary = run_restore(RestoreConfig(archive=str(damaged), output=str(tmp_path / "out"), keys=(held[0], "nope.jpg"),
-                                      device="cpu", run_id="r"))
+                                        device="cpu", run_id="r"))
     assert summary["statuses"] == {"unreadable_file": 3}  # the file, and each asked-for key
     manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_restore" / "r.parquet").to_pylist()}
     assert set(manifest) == {None, held[0], "nope.jpg"}
@@ -166,6 +166,24 @@ def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
     for key in (held[0], "nope.jpg"):
         assert manifest[key]["status"] == "unreadable_file" and path.name in manifest[key]["error"]
         assert manifest[key]["archive_file"].endswith(path.name)
+
+
+def test_a_few_keys_read_records_only_where_the_keys_are(archive, tmp_path):
+    """decode --keys reads the records of a file only where an asked-for key is there: a
+    file whose key range holds an absent key, its record pages damaged, is never read past
+    its key column (were it, the checksum would fail and the key would be ``unreadable_file``)."""
+    from archives import damage_a_page
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(archive, damaged)
+    path = next(p for p in sorted(damaged.glob("part-*.parquet"))
+                if pq.read_metadata(p).num_rows - pq.read_table(p, columns=["record"])["record"].null_count >= 2)
+    held = sorted(pq.read_table(path, columns=["key"])["key"].to_pylist())
+    damage_a_page(path, "record")
+    absent = held[0] + "\x01"  # between two of its keys
+    summary = run_restore(RestoreConfig(archive=str(damaged), output=str(tmp_path / "out"), keys=(absent,),
+                                        device="cpu", run_id="r"))
+    assert summary["statuses"] == {"not_in_archive": 1}
 
 
 def _pngs(out: Path) -> dict[str, np.ndarray]:
