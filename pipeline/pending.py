@@ -6,9 +6,10 @@ and a manifest must not name one key twice. Both are questions about all keys at
 asked on the driver they cost memory linear in the collection (about 2 GB at 10 M keys,
 issue 23). Here they are answered the way a distributed join answers them:
 
-1. every listing block, and every archive data file (its ``key`` and ``error`` columns
-   only), is split by a task into ``partitions`` parts by a hash of the key (CRC-32: the
-   same in every process, unlike Python's ``hash``). A key whose only rows are retryable
+1. the listing blocks, and the archive's data files (their ``key`` and ``error`` columns
+   only), are split by a few tasks (:data:`SPLIT_TASKS` a side, each a share) into
+   ``partitions`` parts by a hash of the key (CRC-32: the same in every process, unlike
+   Python's ``hash``). A key whose only rows are retryable
    errors (pipeline.errors) counts as not archived: the rerun tries it again;
 2. one task per partition takes that partition's parts from both sides: keys listed
    twice are duplicates (counted, a few named), listed keys with an archived row are left
@@ -25,8 +26,9 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -40,9 +42,18 @@ from pipeline.listing import ImageListing, few
 from pipeline.skipped import Skipped
 from pipeline.storage import StorageConfig, filesystem
 
-PARTITION_ROWS = 250_000  # listed keys per partition: a join task's memory is about this many keys of each side
+PARTITION_ROWS = 1_000_000  # listed keys per partition: a join task's memory is about this many keys of each side
 MAX_PARTITIONS = 4096
+# Split tasks per side: each takes a share of the listing blocks or of the archive's files.
+# Ray keeps a task's returns under 100 KB in the memory of the process that called it (here
+# the driver), so parts must be large: with one split task per archive file, a 10 M-key
+# archive of 1000 files made 40,000 small parts, 0.9 GB on the driver. A task's parts hold
+# about its share of keys / partitions keys each.
+SPLIT_TASKS = 32
+READ_THREADS = 8  # data files a split task reads at once (object stores answer slowly, in parallel)
 BLOCK_ROWS = 1024  # listing rows per block to fetch: a fetch task's share, and what a retry redoes
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,10 +77,10 @@ def pending_images(listing: ImageListing, archive: str, storage: StorageConfig) 
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(listing.rows / PARTITION_ROWS)))
     fs, _ = filesystem(archive, storage)
     files = list_data_files(archive, storage)
-    listed = [_split.options(num_returns=partitions + 1).remote(block, partitions)[:partitions]
-              for block in listing.blocks]
-    archived_parts = [_split_archived.options(num_returns=partitions + 1).remote(fs, path, partitions)
-                      for path in files]
+    listed = [_split.options(num_returns=partitions + 1).remote(partitions, *blocks)[:partitions]
+              for blocks in _shares(listing.blocks)]
+    archived_parts = [_split_archived.options(num_returns=partitions + 1).remote(fs, paths, partitions)
+                      for paths in _shares(files)]
     for problem in ray.get([parts[partitions] for parts in archived_parts]):
         if problem:
             raise ValueError(problem)
@@ -105,24 +116,37 @@ def _parts(table: pa.Table, partitions: int) -> list[pa.Table]:
     return [ordered.slice(bounds[p], bounds[p + 1] - bounds[p]) for p in range(partitions)]
 
 
+def _shares(items: list[T]) -> list[list[T]]:
+    """``items`` in at most :data:`SPLIT_TASKS` contiguous shares, none empty."""
+    count = min(len(items), SPLIT_TASKS)
+    if count == 0:
+        return []
+    bounds = [len(items) * i // count for i in range(count + 1)]
+    return [items[start:stop] for start, stop in zip(bounds, bounds[1:])]
+
+
 @ray.remote(num_cpus=0.25)
-def _split(block: pa.Table, partitions: int) -> tuple[pa.Table | None, ...]:
-    """A listing block's parts (one extra return: Ray wants two at least)."""
-    return (*_parts(block, partitions), None)
+def _split(partitions: int, *blocks: pa.Table) -> tuple[pa.Table | None, ...]:
+    """Listing blocks' rows in parts (one extra return: Ray wants two at least)."""
+    return (*_parts(pa.concat_tables(blocks), partitions), None)
 
 
 @ray.remote(num_cpus=0.25, max_retries=3)
-def _split_archived(fs: fsspec.AbstractFileSystem, path: str, partitions: int) -> tuple[pa.Table | str | None, ...]:
-    """An archive data file's done keys (every key with a row that is not a retryable
-    error), in parts; the last return is why the file cannot be resumed over, or None."""
-    table = read_data_file(path, fs, ["key", "error"])
-    try:
-        check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
-    except ValueError as error:
-        return (*[None] * partitions, str(error))
-    errors = table["error"].to_pylist()
-    done = table.select(["key"]).filter(pa.array([not is_retryable(error) for error in errors], pa.bool_()))
-    return (*_parts(done, partitions), None)
+def _split_archived(fs: fsspec.AbstractFileSystem, paths: list[str],
+                    partitions: int) -> tuple[pa.Table | str | None, ...]:
+    """Archive data files' done keys (every key with a row that is not a retryable error),
+    in parts; the last return is why a file cannot be resumed over, or None."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        tables = list(pool.map(lambda path: read_data_file(path, fs, ["key", "error"]), paths))
+    done = []
+    for path, table in zip(paths, tables):
+        try:
+            check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
+        except ValueError as error:
+            return (*[None] * partitions, str(error))
+        errors = table["error"].to_pylist()
+        done.append(table.select(["key"]).filter(pa.array([not is_retryable(error) for error in errors], pa.bool_())))
+    return (*_parts(pa.concat_tables(done, promote_options="permissive"), partitions), None)
 
 
 @ray.remote(num_cpus=0.25, num_returns="streaming")
