@@ -106,14 +106,19 @@ def _restore_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="fsspec URL of the folder/prefix for the PNG files")
     parser.add_argument("--keys", nargs="+", help="restore only these keys")
     parser.add_argument("--keys-file", help="restore only the keys in this file, one per line ('-' = stdin)")
-    parser.add_argument("--mode", choices=DECODE_MODES,
-                        help="corrdiff (default: the archived quality), e2e (fastest), diffusion")
+    parser.add_argument("--config", help="YAML config file (configs/restore.yaml documents every key)")
+    parser.add_argument("--run-id", help="name of this run's manifest (default: time + random suffix)")
+    _decoding_flags(parser, mode_help="corrdiff (default: the archived quality), e2e (fastest), diffusion")
+
+
+def _decoding_flags(parser: argparse.ArgumentParser, mode_help: str) -> None:
+    """The flags of the commands that decode records (restore, audit): how, with which
+    model, on which device, from which storage and cluster."""
+    parser.add_argument("--mode", choices=DECODE_MODES, help=mode_help)
     parser.add_argument("--model", help="decode every record with this model (default: each record's own)")
     parser.add_argument("--model-store", action="append", default=[], metavar="URL", help=MODEL_STORE_HELP)
     parser.add_argument("--device", help="auto (default), cpu or cuda")
-    parser.add_argument("--config", help="YAML config file (configs/restore.yaml documents every key)")
     parser.add_argument("--endpoint-url", help=ENDPOINT_HELP)
-    parser.add_argument("--run-id", help="name of this run's manifest (default: time + random suffix)")
     parser.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
 
 
@@ -159,13 +164,8 @@ def _audit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/audit.yaml documents every key)")
     parser.add_argument("--verify-all", action="store_true",
                         help="check every record's checksum and decodability (fast e2e decoder), no scoring")
-    parser.add_argument("--mode", choices=DECODE_MODES, help="decoder to score (default corrdiff)")
-    parser.add_argument("--model", help="decode every record with this model (default: each record's own)")
-    parser.add_argument("--model-store", action="append", default=[], metavar="URL", help=MODEL_STORE_HELP)
-    parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--endpoint-url", help=ENDPOINT_HELP)
     parser.add_argument("--audit-id", help="id of this audit (default: time + random suffix)")
-    parser.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
+    _decoding_flags(parser, mode_help="decoder to score (default corrdiff)")
 
 
 def _audit(args: argparse.Namespace) -> int:
