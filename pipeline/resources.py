@@ -89,7 +89,6 @@ class ResourcePlan:
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
-    worker_bytes: int | None = None  # what one actor's child may hold (model_worker_bytes), if known
     limits: WorkerLimits = WorkerLimits()  # of a model actor's child process
     image_limits: WorkerLimits = WorkerLimits()  # of an image stage's decoding child (pipeline.image_decoder)
 
@@ -168,7 +167,6 @@ def plan_resources(settings: ResourceSettings, cluster: dict[str, float],
         actor=StageResources(num_cpus=actor_cpus, num_gpus=actor_gpus, batch_size=settings.actor_batch_size),
         actors=actors,
         torch_threads=threads,
-        worker_bytes=worker_bytes,
         limits=settings.worker_limits(),
         image_limits=settings.image_worker_limits(),
     )
