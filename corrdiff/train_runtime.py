@@ -17,6 +17,7 @@ Nothing here imports Ray, pyarrow or pytorch-msssim: a GPU machine may lack them
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import uuid
@@ -32,6 +33,8 @@ from torch import Tensor
 
 from corrdiff.model import CorrDiffModel
 from corrdiff.weights import load_state, save_model
+
+logger = logging.getLogger(__name__)
 
 MIB = 2**20
 # Room left in each file of a size-bounded checkpoint for what pickling adds to the tensors.
@@ -237,8 +240,8 @@ class CheckpointStore:
             path = self.shard_path(index)
             part = torch.load(path, map_location=map_location, weights_only=True) if path.exists() else None
             if part is None or part.get("generation") != generation:
-                print(f"{path.name} is missing or from another checkpoint (a kill between writes): "
-                      "resuming with a fresh optimizer state")
+                logger.warning("%s is missing or from another checkpoint (a kill between writes): "
+                               "resuming with a fresh optimizer state", path.name)
                 state["optimizer"] = {}
                 return state
             merged.update(part["state"])

@@ -3,29 +3,28 @@
 Audit (a seeded sample, scored)::
 
     footers (driver) -> sample rows, stratified by file -> read them (tasks)
-        -> fetch_originals (CPU tasks): fetch each archived image's original (a file, a tar
+        -> FetchOriginals (CPU tasks): fetch each archived image's original (a file, a tar
            member, a Parquet cell: pipeline/originals.py), check its SHA-256, decode it
-        -> AuditStage (actors): decode the record, score PSNR / MS-SSIM / LPIPS / bpp
+        -> ScoreRecords (actors): restore the record, score PSNR / MS-SSIM / LPIPS / bpp
            (and DISTS with ``dists: true``)
-        -> the worst images again through AuditStage with crops (a second, tiny pass)
+        -> the worst images again: FetchOriginals -> CropWorst (a second, tiny pass)
         -> REPORT/<audit id>/metrics.parquet, summary.json, report.html
 
 Verify (``--verify-all``; every record, no scoring)::
 
-    footers -> every row -> DecodeStage (e2e: the fast decoder; checksum, format, model,
+    footers -> every row -> RestoreRecords (e2e: the fast decoder; checksum, format, model,
         entropy decoding all exercised) -> REPORT/<audit id>/problems.parquet, summary.json,
         report.html
 
 Both end in checks against the configured thresholds (pipeline/thresholds.py) and compare
 with the earlier audits under the same report prefix. Nothing found is ever an exception:
-a corrupt record, a missing original or an unreadable file is a row and a count.
+a corrupt record, a missing original or an unreadable file is a row and a count. The
+stages are in pipeline/audit_stages.py (and pipeline/restore.py: RestoreRecords).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,46 +35,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from PIL import Image
 
 from corrdiff import check_decode_mode
 from corrdiff.floor import fallback_share
 
-from pipeline.compress import new_job_id
-from pipeline.image_decoder import Decode, isolated_decoder
+from pipeline.audit_stages import (CROP_SCHEMA, METRICS_SCHEMA, ORIGINAL_CHANGED, ORIGINAL_MISSING,
+                                   ORIGINAL_NO_CHECKSUM, ORIGINAL_UNREADABLE, UNREADABLE_FILE, CropWorst,
+                                   FetchOriginals, ScoreRecords)
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.isolation import WorkerLimits
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
-from pipeline.originals import Original, read_originals
 from pipeline.report import worst_first, write_report
 from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
-from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RecordDecoder
-from pipeline.restore_archive import DecodeStage
-from pipeline.selection import (UNREADABLE_FILE_KEY, ArchiveFile, FileSelection, all_rows, archive_files,
-                                read_selected, sample_rows, sample_size, split_file_rows, with_read_failures)
+from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RestoreRecords
+from pipeline.run_ids import new_run_id
+from pipeline.selection import (ArchiveFile, FileSelection, all_rows, archive_files, read_selected, sample_rows,
+                                sample_size, split_file_rows, with_read_failures)
 from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
-from pipeline.stages import EMPTY_PIXELS, ragged_column
+from pipeline.stage import ModelStage
 from pipeline.storage import StorageConfig
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
 
-# Original statuses: what fetching source_uri and hashing it found.
-ORIGINAL_OK, ORIGINAL_MISSING, ORIGINAL_CHANGED = "ok", "missing", "changed"
-ORIGINAL_UNREADABLE, ORIGINAL_NO_CHECKSUM = "unreadable", "no_checksum"
-UNREADABLE_FILE = "unreadable_file"  # record status of a row standing for a whole unreadable data file
 DAMAGED_MODEL_FILE = "damaged_model_file"  # status of a row standing for a _models/ file that fails verification
 
 DEFAULT_THRESHOLDS = {"integrity_failures": {"max": 0}}
-
-METRICS_SCHEMA = pa.schema([
-    ("key", pa.string()), ("archive_file", pa.string()), ("archive_row", pa.int64()), ("source_uri", pa.string()),
-    ("model_id", pa.string()), ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("record_bytes", pa.int64()),
-    ("bpp", pa.float64()), ("psnr", pa.float64()), ("ms_ssim", pa.float64()), ("lpips", pa.float64()),
-    ("dists", pa.float64()), ("archived_psnr", pa.float64()), ("record_status", pa.string()), ("original_status", pa.string()),
-    ("error", pa.string()), ("seconds", pa.float64()),
-])
-CROP_SCHEMA = pa.schema([("key", pa.string()), ("original_png", pa.binary()), ("restored_png", pa.binary()),
-                         ("crop_box", pa.list_(pa.int32()))])
 
 
 @dataclass(frozen=True)
@@ -125,165 +107,23 @@ class AuditConfig:
         return data
 
 
-def fetch_originals(batch: pa.Table, storage: StorageConfig, max_pixels: int, max_image_bytes: int,
-                    limits: WorkerLimits) -> pa.Table:
-    """CPU task: each row's original, fetched where its source_uri says (pipeline/originals.py:
-    the shards and Parquet files of a batch each read once), checked against the archived
-    SHA-256 and decoded, with its status. Fetching and image decoding run here, in tasks, so
-    that object-store latency never idles the model actors (and their GPUs). The originals
-    are decoded in a child process bounded by ``limits`` (pipeline.image_decoder): one that
-    crashes the decoder gets the error ``original does not decode: decode crashed
-    (retryable): ...``, and the others are scored.
-
-    Error rows (``error`` set: no record, nothing to score) and rows standing for unreadable
-    data files are not fetched: their original status is null."""
-    rows = batch.select(["key", "archive_file", "archive_row", "source_uri", "source_sha256", "error"]).to_pylist()
-    wanted = [row for row in rows if row["error"] is None and not _stands_for_file(row)]
-    fetched = iter(read_originals(wanted, storage, max_image_bytes))
-    pixels, statuses, errors = [], [], []
-    with isolated_decoder(max_pixels, limits) as decode:
-        for row in rows:
-            original, status, error = (None, None, None) if row["error"] is not None or _stands_for_file(row) else \
-                _original(next(fetched), row["source_uri"], row["source_sha256"], decode)
-            pixels.append(original if original is not None else EMPTY_PIXELS)
-            statuses.append(status)
-            errors.append(error)
-    return (batch.append_column("original_status", pa.array(statuses, pa.string()))
-            .append_column("original_error", pa.array(errors, pa.string()))
-            .append_column("original", ragged_column(pixels)))
-
-
-def _stands_for_file(row: dict[str, Any]) -> bool:
-    """Whether a row stands for a whole unreadable data file (pipeline.selection)."""
-    return row["key"] == UNREADABLE_FILE_KEY and row["archive_row"] == -1
-
-
-def _original(fetched: Original, uri: str, sha256: str | None,
-              decode: Decode) -> tuple[np.ndarray | None, str, str | None]:
-    """The original's pixels if it is there and unchanged, its status, and why not."""
-    if isinstance(fetched, FileNotFoundError):
-        return None, ORIGINAL_MISSING, f"original missing: {uri}"
-    if isinstance(fetched, Exception):
-        return None, ORIGINAL_UNREADABLE, f"original unreadable: {type(fetched).__name__}: {fetched}"
-    if sha256 is None:
-        status = ORIGINAL_NO_CHECKSUM
-    elif hashlib.sha256(fetched).hexdigest() != sha256:
-        return None, ORIGINAL_CHANGED, "original changed since it was archived (SHA-256 differs)"
-    else:
-        status = ORIGINAL_OK
-    decoded = decode(fetched)
-    if isinstance(decoded, str):  # e.g. an original that never decoded
-        return None, status, f"original does not decode: {decoded}"
-    return decoded, status, None
-
-
-class AuditStage:
-    """Actor stage: decode each row's record and score it against its original
-    (``crop`` > 0: cut the worst region of both instead)."""
-
-    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None, mode: str,
-                 lpips_net: str, dists: bool = False, crop: int = 0) -> None:
-        self.models, self.model, self.device, self.torch_threads, self.mode = models, model, device, torch_threads, mode
-        self.lpips_net, self.score_dists, self.crop = lpips_net, dists, crop
-        self.setup()
-
-    def setup(self) -> None:
-        from corrdiff.codec import pick_device
-        from corrdiff.metrics import DISTS, LPIPS
-
-        self.decoder = RecordDecoder(self.models, self.model, self.device, self.torch_threads)
-        device = pick_device(self.decoder.device)
-        self.lpips = LPIPS(self.lpips_net, device=device)
-        self.dists = DISTS(device=device) if self.score_dists and not self.crop else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        originals = batch.column("original").combine_chunks().to_numpy()
-        rows = [self._one(row, original if original.size else None)
-                for row, original in zip(batch.drop_columns(["original"]).to_pylist(), originals)]
-        if self.crop:
-            return pa.Table.from_pylist([r for r in rows if "original_png" in r], schema=CROP_SCHEMA)
-        return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
-
-    @classmethod
-    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
-        """Rows for records whose restore or scoring killed the worker (pipeline.isolation);
-        no crops of them."""
-        if settings["crop"]:
-            return CROP_SCHEMA.empty_table()
-        rows = [_identity(row) | {"record_status": WORKER_DIED, "error": reason, "seconds": 0.0}
-                for row in batch.drop_columns(["original"]).to_pylist()]
-        return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
-
-    def _one(self, row: dict[str, Any], original: np.ndarray | None) -> dict[str, Any]:
-        from corrdiff.metrics import bits_per_pixel, ms_ssim, psnr
-
-        started = time.perf_counter()
-        out = _identity(row)
-        if _stands_for_file(row):
-            return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
-        restored = self.decoder.restore(row["record"], row["error"], self.mode, row["codec"])
-        out |= {"record_status": restored.status, "model_id": restored.model_id or row.get("model_id"),
-                "error": restored.error or row["original_error"]}
-        if row["record"] is not None and row["width"] and row["height"]:
-            out["bpp"] = bits_per_pixel(len(row["record"]), row["height"], row["width"])
-        if restored.status == OK and original is not None:
-            if original.shape != restored.pixels.shape:
-                out["error"] = f"original is {original.shape[1]}x{original.shape[0]}, restored image " \
-                               f"{restored.pixels.shape[1]}x{restored.pixels.shape[0]}"
-            elif self.crop:
-                return {"key": row["key"], **_crops(original, restored.pixels, self.crop)}
-            else:
-                out["psnr"] = psnr(original, restored.pixels)
-                out["ms_ssim"] = ms_ssim(original, restored.pixels)
-                if min(original.shape[:2]) >= self.lpips.min_side:
-                    out["lpips"] = self.lpips(original, restored.pixels)
-                if self.dists is not None:
-                    out["dists"] = self.dists(original, restored.pixels)
-        out["seconds"] = time.perf_counter() - started
-        return out
-
-
-def _identity(row: dict[str, Any]) -> dict[str, Any]:
-    """What a metrics row says of the archive row it scores, before any scoring."""
-    out = {name: row.get(name) for name in ("key", "archive_file", "archive_row", "source_uri", "width",
-                                            "height", "record_bytes", "model_id", "codec", "original_status")}
-    return out | {"archived_psnr": row.get("psnr")}
-
-
-def _crops(original: np.ndarray, restored: np.ndarray, side: int) -> dict[str, Any]:
-    """The ``side`` x ``side`` window with the largest squared error, from both images, as PNG."""
-    height, width = original.shape[:2]
-    h, w = min(side, height), min(side, width)
-    error = ((original.astype(np.float64) - restored.astype(np.float64)) ** 2).sum(axis=2)
-    integral = np.pad(error.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    sums = integral[h:, w:] - integral[:-h, w:] - integral[h:, :-w] + integral[:-h, :-w]
-    step_y, step_x = max(1, h // 4), max(1, w // 4)
-    grid = sums[::step_y, ::step_x]
-    iy, ix = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    top, left = iy * step_y, ix * step_x
-    pngs = []
-    for image in (original, restored):
-        buffer = io.BytesIO()
-        Image.fromarray(image[top:top + h, left:left + w]).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
-    return {"original_png": pngs[0], "restored_png": pngs[1], "crop_box": [left, top, w, h]}
-
-
 # Running ------------------------------------------------------------------------------
 
 
 def run_audit(config: AuditConfig) -> dict[str, Any]:
     """Sample, score, report; return the summary (with its verdict). Ray must be initialised."""
-    audit_id = config.audit_id or new_job_id()
+    audit_id = config.audit_id or new_run_id()
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
     files = _files(config.archive, config.storage)
     selections = sample_rows(files, config.sample, config.seed)
     plan = plan_resources(config.resources, ray.cluster_resources())
-    scored, failures = split_file_rows(_score(selections, config, plan, crop=0))
+    scored, failures = split_file_rows(_on_originals(selections, config, plan, ScoreRecords, {
+        "lpips_net": config.lpips_net, "dists": config.dists}, METRICS_SCHEMA))
     files = with_read_failures(files, failures)
     metrics = pa.concat_tables([scored, _unreadable_file_rows(files)])
-    crops = _score(_selection_of(_worst(metrics, config.worst)), config, plan, crop=config.crop)
+    crops = _on_originals(_selection_of(_worst(metrics, config.worst)), config, plan, CropWorst,
+                          {"side": config.crop}, CROP_SCHEMA)
     measures = audit_measures(metrics, files)
     summary = _summary("audit", audit_id, config, files, measures, evaluate(thresholds, measures), started)
     summary["by_codec"] = by_codec(metrics)
@@ -294,17 +134,17 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
 
 def run_verify(config: AuditConfig) -> dict[str, Any]:
     """Check every record's checksum and decodability (e2e decoder), without scoring."""
-    audit_id = config.audit_id or new_job_id()
+    audit_id = config.audit_id or new_run_id()
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
     files = _files(config.archive, config.storage)
     plan = plan_resources(config.resources, ray.cluster_resources())
     dataset = read_selected(all_rows(files), config.storage,
                             columns=["key", "record", "codec", "error", "model_id", "width", "height"])
-    dataset = plan.model_stage(dataset, DecodeStage, {
+    dataset = plan.apply(dataset, RestoreRecords, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": "e2e", "keep_pixels": False,
-    }, batch_format="pyarrow")
+    })
     statuses: Counter[str] = Counter()
     codecs: Counter[str] = Counter()
     models: set[str | None] = set()
@@ -340,20 +180,21 @@ def _files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
     return files
 
 
-def _score(selections: list[FileSelection], config: AuditConfig, plan: ResourcePlan, crop: int) -> pa.Table:
-    """Run AuditStage over the selected rows: metrics, or (``crop`` > 0) worst-region crops."""
-    schema = CROP_SCHEMA if crop else METRICS_SCHEMA
+def _on_originals(selections: list[FileSelection], config: AuditConfig, plan: ResourcePlan, stage: type[ModelStage],
+                  settings: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """The selected rows with their originals (FetchOriginals), through ``stage`` (ScoreRecords
+    or CropWorst, built with the restore settings and ``settings``): its rows, in ``schema``."""
     if not selections:
         return schema.empty_table()
     dataset = read_selected(selections, config.storage)
-    dataset = plan.image_stage(dataset, fetch_originals, {
+    dataset = plan.apply(dataset, FetchOriginals, {
         "storage": config.storage, "max_pixels": config.max_pixels, "max_image_bytes": config.max_image_bytes,
-    }, batch_format="pyarrow")
-    dataset = plan.model_stage(dataset, AuditStage, {
+        "limits": plan.image_limits,
+    })
+    dataset = plan.apply(dataset, stage, {
         "models": config.models, "model": config.model, "device": config.device,
-        "torch_threads": plan.torch_threads, "mode": config.mode,
-        "lpips_net": config.lpips_net, "dists": config.dists, "crop": crop,
-    }, batch_format="pyarrow")
+        "torch_threads": plan.torch_threads, "mode": config.mode, **settings,
+    })
     tables = [t for t in dataset.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 

@@ -88,6 +88,7 @@ def _compress(args: argparse.Namespace) -> int:
         "codec.device": args.device, "storage.endpoint_url": args.endpoint_url, "job_id": args.job_id,
         "allow_config_change": args.allow_config_change})
     connect(args.ray_address)
+    _job_log()
     print(compress_summary_text(run_compress(config)))
     return EXIT_OK
 
@@ -131,6 +132,7 @@ def _restore(args: argparse.Namespace) -> int:
         "model": args.model, "device": args.device, "storage.endpoint_url": args.endpoint_url,
         "run_id": args.run_id}, extend={"model_stores": args.model_store})
     connect(args.ray_address)
+    _job_log()
     summary = run_restore(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return EXIT_OK if summary["restored"] == summary["rows"] else EXIT_FAILED
@@ -178,6 +180,7 @@ def _audit(args: argparse.Namespace) -> int:
         "model": args.model, "device": args.device, "audit_id": args.audit_id,
         "storage.endpoint_url": args.endpoint_url}, extend={"model_stores": args.model_store})
     connect(args.ray_address)
+    _job_log()
     summary = run_verify(config) if args.verify_all else run_audit(config)
     print(audit_summary_text(summary))
     return EXIT_OK if summary["verdict"] == "PASS" else EXIT_FAILED
@@ -265,6 +268,14 @@ def _names(text: str) -> list[str]:
 
 def _qualities(text: str) -> list[int]:
     return [int(item) for item in _names(text)]
+
+
+def _job_log() -> None:
+    """The library's progress lines (its ``logging`` at INFO: what a run found to do, a
+    resume) on stdout before the summary; other libraries' loggers stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    for package in ("pipeline", "corrdiff"):
+        logging.getLogger(package).setLevel(logging.INFO)
 
 
 def _progress_log() -> AbstractContextManager[None]:

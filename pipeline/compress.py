@@ -1,9 +1,9 @@
 """The compress pipeline: object storage -> decode (CPU tasks) -> encode (actor pool) -> archive.
 
     model: resolved and verified (driver) -> ARCHIVE/_models/<model id>.safetensors
-    source listing (driver) -> fetch bytes (tasks) -> decode_batch (tasks, each decoding
+    source listing (driver) -> fetch bytes (tasks) -> DecodeImages (tasks, each decoding
         in a child process: pipeline.image_decoder)
-        -> EncodeStage (actors, loading the model from the archive's _models/: GPUs where
+        -> EncodeImages (actors, loading the model from the archive's _models/: GPUs where
            there are any, CPU threads otherwise)
         -> ArchiveDatasink (one Parquet file per write task, atomic)
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import ray
@@ -33,6 +32,7 @@ from corrdiff.memory import coding_bytes
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from corrdiff.tiling import Tiling, check_tiling
 from pipeline.archive import ArchiveDatasink, clean_incomplete, file_metadata, job_metadata, list_data_files
+from pipeline.compress_stages import DecodeImages, EncodeImages
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
 from pipeline.models import MODELS_DIR, ModelSources, store_model
@@ -41,10 +41,12 @@ from pipeline.shards import resume_shards
 from pipeline.skipped import Skipped
 from pipeline.sources import SHARD_KINDS, SourceConfig, list_images, list_shards, read_images, read_shards
 from pipeline.resources import ResourceSettings, model_worker_bytes, plan_resources
-from pipeline.stages import EncodeStage, decode_batch
+from pipeline.run_ids import new_run_id
 from pipeline.storage import StorageConfig
 from pipeline.supersede import finish_rewrites, supersede_retried
 from pipeline.summary import summarize, write_summary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,6 @@ def check_config_change(url: str, storage: StorageConfig, fingerprint: dict[str,
         "this config (each data file records the config and model that made its rows), or write a new archive")
 
 
-def new_job_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
 def run_compress(config: CompressConfig) -> dict[str, Any]:
     """Compress everything under ``config.input`` not yet in the archive; return the summary.
 
@@ -187,7 +185,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     cannot kill it, pipeline.isolation) resumes itself from what the archive holds, at most
     ``resources.lost_actor_resumes`` times, then fails with Ray's error; nothing written is lost.
     """
-    job_id = config.job_id or new_job_id()
+    job_id = config.job_id or new_run_id()
     started = time.time()
     model_path = weights.resolve(config.codec.model)
     model_bytes = weights.read_weights(model_path)
@@ -200,7 +198,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     with archive_lease(config.output, config.storage, job_id):
         check_config_change(config.output, config.storage, fingerprint, config.allow_config_change)
         stored = store_model(config.output, config.storage, model_id, model_bytes)
-        print(f"job {job_id}: model {model_path.stem} ({model_id}, {stored} in {MODELS_DIR}/)")
+        logger.info("job %s: model %s (%s, %s in %s/)", job_id, model_path.stem, model_id, stored, MODELS_DIR)
         metadata = job_metadata(model_path.stem, model_id, config.to_dict(), job_id) | {
             "corrdiff.fingerprint": fingerprint_hash(fingerprint)}
         finish_rewrites(config.output, config.storage)
@@ -233,8 +231,8 @@ def _compress_resuming(config: CompressConfig, model_id: str, job_id: str, metad
             if resumes == config.resources.lost_actor_resumes:
                 raise
             resumes += 1
-            print(f"job {job_id}: lost a worker ({type(error).__name__}: {_first_line(error)}); "
-                  f"resuming from the archive ({resumes} of at most {config.resources.lost_actor_resumes})")
+            logger.warning("job %s: lost a worker (%s: %s); resuming from the archive (%d of at most %d)", job_id,
+                           type(error).__name__, _first_line(error), resumes, config.resources.lost_actor_resumes)
 
 
 def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metadata: dict[str, str],
@@ -254,24 +252,26 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metada
         resume = resume_shards(config.output, config.storage, config.input.kind,
                                list_shards(config.input, config.storage), job_id)
         listing = resume.listing
-        print(f"job {job_id}: {resume.finished_before} shard(s) finished before, skipped unread; "
-              f"{listing.items.num_rows} to read, with the {resume.done_keys} keys of theirs already archived; {workers}")
+        logger.info("job %s: %d shard(s) finished before, skipped unread; %d to read, with the %d keys of theirs "
+                    "already archived; %s", job_id, resume.finished_before, listing.items.num_rows, resume.done_keys,
+                    workers)
         if listing.items.num_rows == 0:  # every shard finished: nothing to start
             return Skipped(), {"finished_before": resume.finished_before, "read": 0, "finished_this_run": 0}
         source = read_shards(config.input, config.storage, listing, ledger=resume.ledger)
     else:
         pending = pending_images(list_images(config.input, config.storage), config.output, config.storage)
-        print(f"job {job_id}: {pending.archived} image(s) archived before, {pending.rows} to read; {workers}")
+        logger.info("job %s: %d image(s) archived before, %d to read; %s", job_id, pending.archived, pending.rows,
+                    workers)
         source = read_images(pending, config.input, config.storage)
-    dataset = plan.image_stage(source.dataset, decode_batch, {"max_pixels": config.max_pixels}, batch_format="pyarrow")
-    dataset = plan.model_stage(dataset, EncodeStage, {
+    dataset = plan.apply(source.dataset, DecodeImages, {"max_pixels": config.max_pixels, "limits": plan.image_limits})
+    dataset = plan.apply(dataset, EncodeImages, {
         "models": ModelSources(config.output, config.storage), "model_id": model_id,
         "device": config.codec.device, "seed": config.codec.seed,
         "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
         "tiling": Tiling(config.codec.tile, config.codec.tile_overlap),
         "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
-    }, batch_format="numpy")
+    })
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file,
                                            on_written=resume.progress() if resume else None))

@@ -6,7 +6,7 @@ decompression bomb that passes the pixel limit and makes the kernel's out-of-mem
 step in, kills the process that decodes it. In the Ray task that process would be the
 task's worker: Ray retries the task (a bounded number of times, pipeline.resources), then
 the run fails, and the image never becomes a row. So the CPU stages that decode image bytes
-(the compress job's ``decode_batch``, the audit's ``fetch_originals``) decode through
+(the compress job's ``DecodeImages``, the audit's ``FetchOriginals``) decode through
 :func:`isolated_decoder`: the stage :class:`ImageDecoder` runs in a child process of the task
 (pipeline.isolation), one image at a time; an image that kills the child
 ``resources.worker_attempts`` times becomes the reason ``decode crashed (retryable):

@@ -14,7 +14,8 @@ The child also has a memory cap (:attr:`WorkerLimits.memory_bytes`): the actor k
 when its resident memory crosses the cap, before the kernel or Ray's memory monitor picks
 a victim on the node (which could be the raylet, or another image's worker).
 
-Every stage used here follows one contract (:class:`ModelStage`): constructed from keyword
+Whatever runs here follows one contract (:class:`Isolatable`, which every
+``pipeline.stage.ModelStage`` and the image decoder keep): constructed from keyword
 settings (loading its model once), called with a batch, and able to say, without its
 model, what a batch of rows becomes when the worker died on them (``lost``).
 
@@ -56,8 +57,8 @@ WORKER_DIED = "worker died"  # the error kind of a row that killed its worker (u
 Batch = pa.Table | dict[str, np.ndarray]
 
 
-class ModelStage(Protocol):
-    """What :class:`IsolatedStage` needs of a stage class.
+class Isolatable(Protocol):
+    """What :class:`IsolatedStage` needs of the class it runs in a child process.
 
     A stage class may also name what its deaths are called in error rows with a class
     attribute ``death`` (default :data:`WORKER_DIED`): image decoding says "decode crashed".
@@ -107,7 +108,7 @@ class IsolatedStage:
     process (see the module).
 
     Use :func:`isolated` to get the subclass for one stage class; Ray Data names the
-    operator after it (``MapBatches(EncodeStage)``). ``settings``: the stage's keyword
+    operator after it (``MapBatches(EncodeImages)``). ``settings``: the stage's keyword
     settings, or those already pickled (:func:`sealed`), as a driver passes them to actors
     so that the actor never unpickles them.
     """
@@ -175,13 +176,14 @@ class IsolatedStage:
 _ISOLATED: dict[type, type[IsolatedStage]] = {}
 
 
-def isolated(stage: type[ModelStage]) -> type[IsolatedStage]:
-    """The :class:`IsolatedStage` subclass that runs ``stage`` (one per stage class). It
-    holds the stage's import path, not the class: unpickled in an actor, it imports nothing."""
+def isolated(stage: type[Isolatable]) -> type[IsolatedStage]:
+    """The :class:`IsolatedStage` subclass that runs ``stage`` (one per stage class), named
+    as the stage names itself (its ``name``, else its class name). It holds the stage's
+    import path, not the class: unpickled in an actor, it imports nothing."""
     if stage not in _ISOLATED:
-        _ISOLATED[stage] = type(stage.__name__, (IsolatedStage,), {
-            "stage_path": f"{stage.__module__}:{stage.__qualname__}", "stage_name": stage.__name__,
-            "__module__": __name__})
+        name = getattr(stage, "name", stage.__name__)
+        _ISOLATED[stage] = type(name, (IsolatedStage,), {
+            "stage_path": f"{stage.__module__}:{stage.__qualname__}", "stage_name": name, "__module__": __name__})
     return _ISOLATED[stage]
 
 

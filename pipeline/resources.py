@@ -1,7 +1,8 @@
 """How many model actors a pipeline runs, and what each worker asks Ray for.
 
-Shared by the compress, decode and audit pipelines: all three are "CPU tasks feeding a
+Shared by the compress, restore and audit pipelines: all three are "CPU tasks feeding a
 pool of actors that each hold a model", and size that pool from the cluster the same way.
+:meth:`ResourcePlan.apply` runs any stage (pipeline.stage) with what it declares.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.isolation import ModelStage, WorkerLimits, isolated, sealed
+from pipeline.isolation import WorkerLimits, isolated, sealed
+from pipeline.stage import ModelStage, Stage
 
 
-TASK_RETRIES = 3  # of a CPU task whose worker died (image_stage): its node, or a kill from outside
+TASK_RETRIES = 3  # of a CPU task whose worker died (ResourcePlan.apply): its node, or a kill from outside
 
 
 @dataclass(frozen=True)
@@ -85,54 +87,59 @@ def model_worker_bytes(weight_bytes: int, coding_bytes: int, batch_size: int, ma
 
 @dataclass(frozen=True)
 class ResourcePlan:
+    """One job's workers, sized from its cluster and its ``resources`` settings."""
+
     tasks: StageResources  # CPU tasks (reading, image decoding, PNG writing)
     actor: StageResources  # the model actors
     actors: int
     torch_threads: int
     limits: WorkerLimits = WorkerLimits()  # of a model actor's child process
-    image_limits: WorkerLimits = WorkerLimits()  # of an image stage's decoding child (pipeline.image_decoder)
+    image_limits: WorkerLimits = WorkerLimits()  # of a task's image-decoding child (its stage's ``limits`` setting)
 
-    def image_stage(self, dataset: ray.data.Dataset, fn: Callable[..., Any], kwargs: dict[str, Any],
-                    batch_format: str) -> ray.data.Dataset:
-        """``dataset`` mapped by ``fn`` (image decoding, fetching originals) in CPU tasks;
-        ``fn`` also gets ``limits=`` :attr:`image_limits`, and decodes images through
-        ``pipeline.image_decoder.isolated_decoder`` with them, so that an image that
-        crashes the decoder kills a child process of the task and becomes a row.
+    def apply(self, dataset: ray.data.Dataset, stage: type[Stage], settings: dict[str, Any]) -> ray.data.Dataset:
+        """``dataset`` mapped by ``stage`` (pipeline.stage), built from ``settings``, with the
+        resources and batch size it declares: the one way a pipeline runs a stage.
 
-        ``max_retries``: Ray Data retries a task whose worker died without end; inputs no
-        longer kill it, but a kill from outside could, again and again. A bounded number of
-        retries ends in an error that the compress run resumes from a bounded number of
-        times (pipeline.compress), and then fails with it.
+        A :class:`~pipeline.stage.ModelStage` runs in an actor pool of :attr:`actors`, each
+        actor running the stage in a child process under :attr:`limits`
+        (pipeline.isolation). ``max_restarts=0``: inputs cannot kill an actor (they kill its
+        child, which the actor replaces), so an actor dies only with its node; Ray Data's
+        default of restarting actors and retrying their batches without end would turn a
+        node that keeps failing into a hung job (and makes Ray log an error-level line on
+        every run, #57733). ``settings`` travel pickled (``isolation.sealed``): the actor
+        hands them to its child unopened, and so never imports the stage's model code.
+
+        A :class:`~pipeline.stage.TaskStage` runs in CPU tasks, the stage built for each
+        batch. ``max_retries``: Ray Data retries a task whose worker died without end;
+        inputs no longer kill it (image decoding runs in a child process of its task,
+        pipeline.image_decoder), but a kill from outside could, again and again. A bounded
+        number of retries ends in an error that the compress run resumes from a bounded
+        number of times (pipeline.compress), and then fails with it.
         """
+        resources = stage.resources(self)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")  # as in model_stage
-            return dataset.map_batches(fn, fn_kwargs=kwargs | {"limits": self.image_limits},
-                                       batch_size=self.tasks.batch_size,
-                                       batch_format=batch_format, num_cpus=self.tasks.num_cpus,
+            # Ray 2.60 has no named parameters for max_restarts and max_retries and warns that
+            # the generic ones go away in 2.64; the pinned Ray honours them (tests/test_isolation.py).
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            if issubclass(stage, ModelStage):
+                return dataset.map_batches(
+                    isolated(stage), fn_constructor_kwargs={"settings": sealed(settings), "limits": self.limits},
+                    batch_format=stage.batch_format, compute=ActorPoolStrategy(size=self.actors),
+                    batch_size=resources.batch_size, num_cpus=resources.num_cpus,
+                    num_gpus=resources.num_gpus or None, max_restarts=0)
+            return dataset.map_batches(_in_tasks(stage, settings), batch_size=resources.batch_size,
+                                       batch_format=stage.batch_format, num_cpus=resources.num_cpus,
                                        max_retries=TASK_RETRIES)
 
-    def model_stage(self, dataset: ray.data.Dataset, stage: type[ModelStage], settings: dict[str, Any],
-                    batch_format: str) -> ray.data.Dataset:
-        """``dataset`` mapped by ``stage`` in the model actor pool, each actor running the
-        stage in a child process (pipeline.isolation).
 
-        ``max_restarts=0``: inputs cannot kill an actor (they kill its child, which the actor
-        replaces), so an actor dies only with its node; Ray Data's default of restarting
-        actors and retrying their batches without end would turn a node that keeps failing
-        into a hung job (and makes Ray log an error-level line on every run, #57733).
-        ``settings`` travel pickled (``isolation.sealed``): the actor hands them to its child
-        unopened, and so never imports the stage's model code.
-        """
-        with warnings.catch_warnings():
-            # Ray 2.60 has no named parameter for max_restarts and warns that the generic
-            # ones go away in 2.64; the pinned Ray honours them (tests/test_isolation.py).
-            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-            return dataset.map_batches(
-                isolated(stage), fn_constructor_kwargs={"settings": sealed(settings), "limits": self.limits},
-                batch_format=batch_format, compute=ActorPoolStrategy(size=self.actors),
-                batch_size=self.actor.batch_size, num_cpus=self.actor.num_cpus, num_gpus=self.actor.num_gpus or None,
-                max_restarts=0,
-            )
+def _in_tasks(stage: type[Stage], settings: dict[str, Any]) -> Callable[[Any], Any]:
+    """A task stage as the function Ray Data maps in tasks, named after the stage (the
+    operator's name in Ray's progress: ``MapBatches(<stage name>)``)."""
+    def run(batch: Any) -> Any:
+        return stage(**settings)(batch)
+
+    run.__name__ = run.__qualname__ = stage.name
+    return run
 
 
 def plan_resources(settings: ResourceSettings, cluster: dict[str, float],

@@ -1,10 +1,16 @@
-"""Turning archive rows back into pixels: the model lookup and the per-record outcome.
+"""Restoring archive rows to pixels: the model lookup, the per-record outcome, the stage.
+
+Words, used one way across the project: *decode* is what a codec does to its bytes (an
+image file, a CorrDiff record, a standard codec's record); *restore* is what the pipeline
+does to an archive row (whatever its codec, with a status saying how it went); the
+*restore job* (pipeline.restore_archive) restores rows to PNG files.
 
 Records are CorrDiff's or, where an image met a quality floor only so, a standard codec's
 file (the row's ``codec``, corrdiff.floor), decoded without a model.
 
 Shared by the restore job (which writes the pixels as PNG), the audit (which scores them)
-and the verify pass (which only needs to know that they decode). Each record's outcome is
+and the verify pass (which only needs to know that they decode): :class:`RestoreRecords`
+is the model stage of the first and the last. Each record's outcome is
 one of :data:`STATUSES`; an exception never escapes, because a corrupt record is a finding
 to report, not a reason to stop restoring the others.
 
@@ -16,9 +22,12 @@ models (a model upgrade halfway) restores in one pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from corrdiff import CorrDiffCodec, ModelNotFoundError
 from corrdiff.floor import CORRDIFF, STANDARD_CODECS, StandardRecordError, check_declared_size, decode_standard
@@ -27,6 +36,8 @@ from corrdiff.record import MAX_PADDED_PIXELS, ModelMismatchError, Record, Recor
 
 from pipeline.jxl import JxlHeaderError, declared_size
 from pipeline.models import ModelSources
+from pipeline.ragged import EMPTY_PIXELS, ragged_column
+from pipeline.stage import ModelStage
 
 OK = "ok"
 COMPRESS_ERROR = "compress_error"  # the archive holds an error row: the image was never compressed
@@ -47,8 +58,8 @@ class Restored:
     error: str | None = None
 
 
-class RecordDecoder:
-    """Decodes records, loading each model the first time a record needs it."""
+class Restorer:
+    """Restores archive rows, loading each model the first time a record needs it."""
 
     def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None) -> None:
         """``model`` (a bundled name or a weights file) decodes every record; None: each
@@ -97,6 +108,49 @@ class RecordDecoder:
         return Restored(OK, pixels=pixels, model_id=model_id)
 
 
+class RestoreRecords(ModelStage):
+    """Archive rows -> pixels (a ragged column: pipeline.ragged) and a status per row."""
+
+    name = "RestoreRecords"
+
+    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None, mode: str,
+                 keep_pixels: bool = True) -> None:
+        self.models, self.model, self.device, self.torch_threads, self.mode = models, model, device, torch_threads, mode
+        self.keep_pixels = keep_pixels  # False: only the status matters (verify), ship no pixels
+        self.setup()
+
+    def setup(self) -> None:
+        self.restorer = Restorer(self.models, self.model, self.device, self.torch_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        restored, seconds = [], []
+        for record, error, codec in zip(batch["record"].to_pylist(), batch["error"].to_pylist(),
+                                        batch["codec"].to_pylist()):
+            started = time.perf_counter()
+            restored.append(self.restorer.restore(record, error, self.mode, codec))
+            seconds.append(time.perf_counter() - started)
+        return _restored_rows(batch, restored, seconds, self.keep_pixels)
+
+    @classmethod
+    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
+        """Rows for records whose restore killed the worker (pipeline.isolation)."""
+        return _restored_rows(batch, [Restored(WORKER_DIED, error=reason)] * batch.num_rows, [0.0] * batch.num_rows,
+                              keep_pixels=False)
+
+
+def _restored_rows(batch: pa.Table, restored: list[Restored], seconds: list[float], keep_pixels: bool) -> pa.Table:
+    return pa.table({
+        "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
+        "status": pa.array([r.status for r in restored], pa.string()),
+        "error": pa.array([r.error for r in restored], pa.string()),
+        "model_id": pa.array([r.model_id for r in restored], pa.string()),
+        "codec": batch["codec"],
+        "seconds": pa.array(seconds, pa.float64()),
+        "pixels": ragged_column([r.pixels if r.pixels is not None and keep_pixels else EMPTY_PIXELS
+                                 for r in restored]),
+    })
+
+
 def decode_standard_record(codec: str, data: bytes) -> np.ndarray:
     """A standard codec's record from an archive (``corrdiff.floor.decode_standard``), its
     bytes untrusted: a JPEG XL's declared size is read from its header and bounded first
@@ -109,7 +163,7 @@ def decode_standard_record(codec: str, data: bytes) -> np.ndarray:
     return decode_standard(codec, data)
 
 
-def decode_records(models: ModelLibrary, records: list[bytes], codecs: list[str | None],
+def restore_records(models: ModelLibrary, records: list[bytes], codecs: list[str | None],
                    mode: str = "corrdiff") -> list[np.ndarray]:
     """The Python API's restore of archive rows of any codec: ``codecs`` gives each record's
     (the row's ``codec``; None or ``corrdiff``: a CorrDiff record, decoded by the model it
@@ -117,7 +171,7 @@ def decode_records(models: ModelLibrary, records: list[bytes], codecs: list[str 
     ``RecordError``, ``StandardRecordError`` or ``ModelNotFoundError`` for a record that
     cannot be restored, ``ValueError`` for an unknown codec.
 
-        [image] = decode_records(archive_models(url), [row["record"]], [row["codec"]])
+        [image] = restore_records(archive_models(url), [row["record"]], [row["codec"]])
     """
     if len(records) != len(codecs):
         raise ValueError(f"{len(records)} records but {len(codecs)} codecs")

@@ -2,8 +2,8 @@
 
     footers (driver) -> read selected rows (tasks, one per archive file; with keys, only the files
         whose key range can hold one, and of those the records of the row groups that hold one)
-        -> DecodeStage (actors: the models, GPUs where there are any)
-        -> write_png (CPU tasks; PNG encoding stays off the GPU actors)
+        -> RestoreRecords (actors: the models, GPUs where there are any; pipeline/restore.py)
+        -> WritePngs (CPU tasks; PNG encoding stays off the GPU actors)
         -> manifest: OUTPUT/_restore/<run>.parquet (key -> file, status) + <run>.json
 
 Every selected key gets a manifest row: restored (with its path), or why not (an error row
@@ -46,14 +46,14 @@ from PIL import Image, PngImagePlugin
 
 from corrdiff import check_decode_mode
 
-from pipeline.compress import new_job_id
 from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
-from pipeline.resources import ResourceSettings, plan_resources
-from pipeline.restore import OK, WORKER_DIED, RecordDecoder, Restored
+from pipeline.resources import ResourcePlan, ResourceSettings, StageResources, plan_resources
+from pipeline.restore import OK, RestoreRecords
+from pipeline.run_ids import new_run_id
 from pipeline.selection import (FileSelection, all_rows, archive_files, key_rows, read_selected, split_file_rows,
                                 with_read_failures)
-from pipeline.stages import EMPTY_PIXELS, ragged_column
+from pipeline.stage import TaskStage
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 NOT_IN_ARCHIVE = "not_in_archive"
@@ -91,74 +91,46 @@ class RestoreConfig:
         return ModelSources(self.archive, self.storage, self.model_stores)
 
 
-class DecodeStage:
-    """Actor stage: archive rows -> pixels (ragged column) and a status per row."""
-
-    def __init__(self, models: ModelSources, model: str | None, device: str, torch_threads: int | None, mode: str,
-                 keep_pixels: bool = True) -> None:
-        self.models, self.model, self.device, self.torch_threads, self.mode = models, model, device, torch_threads, mode
-        self.keep_pixels = keep_pixels  # False: only the status matters (verify), ship no pixels
-        self.setup()
-
-    def setup(self) -> None:
-        self.decoder = RecordDecoder(self.models, self.model, self.device, self.torch_threads)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        restored, seconds = [], []
-        for record, error, codec in zip(batch["record"].to_pylist(), batch["error"].to_pylist(),
-                                        batch["codec"].to_pylist()):
-            started = time.perf_counter()
-            restored.append(self.decoder.restore(record, error, self.mode, codec))
-            seconds.append(time.perf_counter() - started)
-        return _restored_rows(batch, restored, seconds, self.keep_pixels)
-
-    @classmethod
-    def lost(cls, batch: pa.Table, reason: str, settings: dict[str, Any]) -> pa.Table:
-        """Rows for records whose restore killed the worker (pipeline.isolation)."""
-        return _restored_rows(batch, [Restored(WORKER_DIED, error=reason)] * batch.num_rows, [0.0] * batch.num_rows,
-                              keep_pixels=False)
-
-
-def _restored_rows(batch: pa.Table, restored: list[Restored], seconds: list[float], keep_pixels: bool) -> pa.Table:
-    return pa.table({
-        "key": batch["key"], "archive_file": batch["archive_file"], "archive_row": batch["archive_row"],
-        "status": pa.array([r.status for r in restored], pa.string()),
-        "error": pa.array([r.error for r in restored], pa.string()),
-        "model_id": pa.array([r.model_id for r in restored], pa.string()),
-        "codec": batch["codec"],
-        "seconds": pa.array(seconds, pa.float64()),
-        "pixels": ragged_column([r.pixels if r.pixels is not None and keep_pixels else EMPTY_PIXELS
-                                 for r in restored]),
-    })
-
-
 KEY_CHUNK = b"corrdiff-key"  # the iTXt keyword under which each restored PNG names its key
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_png(batch: dict[str, np.ndarray], output: str, storage: StorageConfig, mode: str,
-              aside: frozenset[str] = frozenset()) -> pa.Table:
-    """CPU task: PNG-encode and write each restored image; emit manifest rows (no pixels).
+class WritePngs(TaskStage):
+    """Restored images -> PNG files under ``output``; emits the manifest rows (no pixels).
 
     ``aside``: keys that go straight to their ``alternative_path`` (:func:`fold_aside`)."""
-    fs, root = filesystem(output, storage)
-    rows = []
-    for i, key in enumerate(batch["key"]):
-        status, error = batch["status"][i], batch["error"][i]
-        pixels = np.asarray(batch["pixels"][i], dtype=np.uint8)
-        relative, height, width = None, None, None
-        if status == OK:
-            height, width = int(pixels.shape[0]), int(pixels.shape[1])
-            try:
-                relative = _place(fs, root, key, _png_with_key(pixels, key), storage, key in aside)
-            except Exception as write_error:  # noqa: BLE001 - reported in the manifest
-                status, error = WRITE_FAILED, f"write failed: {type(write_error).__name__}: {write_error}"
-        rows.append({"key": key, "path": relative if status == OK else None, "status": status, "error": error,
-                     "width": width, "height": height, "model_id": batch["model_id"][i],
-                     "codec": batch["codec"][i], "mode": mode,
-                     "archive_file": batch["archive_file"][i], "archive_row": int(batch["archive_row"][i]),
-                     "seconds": float(batch["seconds"][i])})
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+    name = "WritePngs"
+    batch_format = "numpy"
+
+    def __init__(self, output: str, storage: StorageConfig, mode: str, aside: frozenset[str] = frozenset()) -> None:
+        self.output, self.storage, self.mode, self.aside = output, storage, mode, aside
+
+    @classmethod
+    def resources(cls, plan: ResourcePlan) -> StageResources:
+        """A task's CPUs, and the restore stage's batches as they come: its batch size, not
+        the tasks' (16 restored 24 Mpx images would be 1.2 GB in one task)."""
+        return dataclasses.replace(plan.tasks, batch_size=plan.actor.batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        fs, root = filesystem(self.output, self.storage)
+        rows = []
+        for i, key in enumerate(batch["key"]):
+            status, error = batch["status"][i], batch["error"][i]
+            pixels = np.asarray(batch["pixels"][i], dtype=np.uint8)
+            relative, height, width = None, None, None
+            if status == OK:
+                height, width = int(pixels.shape[0]), int(pixels.shape[1])
+                try:
+                    relative = _place(fs, root, key, _png_with_key(pixels, key), self.storage, key in self.aside)
+                except Exception as write_error:  # noqa: BLE001 - reported in the manifest
+                    status, error = WRITE_FAILED, f"write failed: {type(write_error).__name__}: {write_error}"
+            rows.append({"key": key, "path": relative if status == OK else None, "status": status, "error": error,
+                         "width": width, "height": height, "model_id": batch["model_id"][i],
+                         "codec": batch["codec"][i], "mode": self.mode,
+                         "archive_file": batch["archive_file"][i], "archive_row": int(batch["archive_row"][i]),
+                         "seconds": float(batch["seconds"][i])})
+        return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
 def _png_with_key(pixels: np.ndarray, key: str) -> bytes:
@@ -284,7 +256,7 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
 
     Ray must be initialised by the caller.
     """
-    run_id = config.run_id or new_job_id()
+    run_id = config.run_id or new_run_id()
     started = time.time()
     files = archive_files(config.archive, config.storage)
     if not files:
@@ -294,13 +266,12 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
     selections = key_rows(files, keys) if keys is not None else all_rows(files)
     aside = _planned_aside(selections, config.storage, keys)
     dataset = read_selected(selections, config.storage, keys=keys)
-    dataset = plan.model_stage(dataset, DecodeStage, {
+    dataset = plan.apply(dataset, RestoreRecords, {
         "models": config.models, "model": config.model, "device": config.device,
         "torch_threads": plan.torch_threads, "mode": config.mode,
-    }, batch_format="pyarrow")
-    dataset = dataset.map_batches(write_png, fn_kwargs={"output": config.output, "storage": config.storage,
-                                                        "mode": config.mode, "aside": aside},
-                                  batch_size=plan.actor.batch_size, batch_format="numpy", num_cpus=plan.tasks.num_cpus)
+    })
+    dataset = plan.apply(dataset, WritePngs, {"output": config.output, "storage": config.storage,
+                                              "mode": config.mode, "aside": aside})
     manifest = _write_manifest(dataset, files, keys, config, run_id)
     summary = _summarize(manifest, config, run_id, time.time() - started)
     fs, root = filesystem(config.output, config.storage)

@@ -358,7 +358,7 @@ def test_nothing_in_a_key_an_error_or_an_earlier_summary_becomes_markup(tmp_path
     """The report is rendered with autoescaping: a hostile key, error text and earlier
     summary.json (anyone who can write under the report prefix controls it) reach the page
     as text; the only tags are the report's own and the only image sources its data URIs."""
-    from pipeline.audit import CROP_SCHEMA, METRICS_SCHEMA
+    from pipeline.audit_stages import CROP_SCHEMA, METRICS_SCHEMA
     from pipeline.report import write_report
     from pipeline.storage import StorageConfig
     from pipeline.thresholds import COUNT_MEASURES, MEASURES

@@ -288,7 +288,7 @@ def _is_model_process(process: psutil.Process) -> bool:
 def _is_encode_actor(process: psutil.Process | None) -> bool:
     """Whether ``process`` is an encode actor (Ray titles it after its stage)."""
     try:
-        return process is not None and "EncodeStage" in " ".join(process.cmdline())
+        return process is not None and "EncodeImages" in " ".join(process.cmdline())
     except psutil.Error:
         return False
 

@@ -42,18 +42,18 @@ def test_a_tampered_record_with_a_valid_checksum_fails_verification(codec, encod
 
 @pytest.fixture(scope="module")
 def encode_stage(tiny_model, tmp_path_factory):
-    """An EncodeStage as an actor runs it, in this process (no Ray): the model from an
+    """An EncodeImages stage as an actor runs it, in this process (no Ray): the model from an
     archive's _models/."""
     from corrdiff import weights
     from pipeline.models import ModelSources, store_model
-    from pipeline.stages import EncodeStage
+    from pipeline.compress_stages import EncodeImages
     from pipeline.storage import StorageConfig
 
     archive = str(tmp_path_factory.mktemp("archive"))
     data = tiny_model.read_bytes()
     model_id = weights.model_id(weights.model_from_bytes(data, str(tiny_model))).hex()
     store_model(archive, StorageConfig(), model_id, data)
-    return EncodeStage(ModelSources(archive, StorageConfig()), model_id, "cpu", 0, None, 0, 0.1, "lpips-alex", 1,
+    return EncodeImages(ModelSources(archive, StorageConfig()), model_id, "cpu", 0, None, 0, 0.1, "lpips-alex", 1,
                        "job-test")
 
 
@@ -162,7 +162,7 @@ def test_bad_floor_settings_are_refused(settings, message):
 
 
 def _stage(stage, floor) -> object:
-    """The module's EncodeStage (its model loaded once) with another floor."""
+    """The module's EncodeImages stage (its model loaded once) with another floor."""
     import copy
 
     other = copy.copy(stage)
@@ -179,7 +179,7 @@ def test_a_floor_the_model_cannot_meet_sends_every_image_to_the_fallback(encode_
     from corrdiff.library import ModelLibrary
     from corrdiff.metrics import LPIPS, psnr
     from pipeline.compress import FloorSettings
-    from pipeline.restore import decode_records
+    from pipeline.restore import restore_records
 
     images = [photo("life.jpg"), photo("sunset.jpg", (64, 80))]
     floor = FloorSettings(psnr=30.0, lpips=0.3, fallback="jxl")
@@ -187,7 +187,7 @@ def test_a_floor_the_model_cannot_meet_sends_every_image_to_the_fallback(encode_
     assert [r["codec"] for r in rows] == ["jxl", "jxl"]
     assert all(r["model_id"] is None and r["gammas"] is None and r["format_version"] is None for r in rows)
     library: ModelLibrary = encode_stage.models.library("cpu")
-    restored = decode_records(library, [r["record"] for r in rows], [r["codec"] for r in rows])
+    restored = restore_records(library, [r["record"] for r in rows], [r["codec"] for r in rows])
     lpips = LPIPS("alex")
     for image, row, pixels in zip(images, rows, restored):
         assert psnr(image, pixels) == row["psnr"] >= 30.0
@@ -267,7 +267,7 @@ def test_a_mixed_archive_says_which_codec_holds_each_image_and_restores_all(mixe
     from corrdiff.metrics import psnr
     from pipeline.archive import SCHEMA, file_metadata, list_data_files
     from pipeline.models import archive_models
-    from pipeline.restore import decode_records
+    from pipeline.restore import restore_records
     from pipeline.storage import StorageConfig
 
     root, images, _, summary = mixed
@@ -284,7 +284,7 @@ def test_a_mixed_archive_says_which_codec_holds_each_image_and_restores_all(mixe
     assert summary["fallback_share"] == codecs.count("avif") / 4
 
     # The Python API restores every codec; each restored image meets the floor.
-    restored = decode_records(archive_models(str(root / "archive")), [rows[n]["record"] for n in images],
+    restored = restore_records(archive_models(str(root / "archive")), [rows[n]["record"] for n in images],
                               [rows[n]["codec"] for n in images])
     for (name, image), pixels in zip(images.items(), restored):
         assert psnr(image, pixels) == rows[name]["psnr"] >= MIXED_FLOOR

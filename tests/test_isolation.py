@@ -197,13 +197,12 @@ def test_a_decompression_bomb_is_killed_at_the_cap_and_its_batch_mates_decode():
     """The compress job's decode stage, as its CPU task runs it: a 36 Mpx PNG of one colour
     (120 KB, under the pixel limit) needs ~0.5 GB to decode, over a 0.3 GiB cap; the
     decoding child is killed, and the photos around the bomb are decoded in a fresh one."""
-    from pipeline.stages import decode_batch  # here: the stages' module imports Ray, which the children need not
+    from pipeline.compress_stages import DecodeImages  # here: it imports Ray, which the children need not
 
     bomb = io.BytesIO()
     Image.new("RGB", (6000, 6000), (9, 9, 9)).save(bomb, "PNG")
     datas = [PHOTOS[0].read_bytes(), bomb.getvalue(), b"not an image", PHOTOS[1].read_bytes()]
-    out = decode_batch(_decode_input(datas), max_pixels=40_000_000,
-                       limits=WorkerLimits(memory_bytes=int(0.3 * 2**30)))
+    out = DecodeImages(max_pixels=40_000_000, limits=WorkerLimits(memory_bytes=int(0.3 * 2**30)))(_decode_input(datas))
     rows = out.drop_columns(["pixels"]).to_pylist()
     assert [row["error"] for row in rows] == [
         None, "decode crashed (retryable): it crossed its memory cap of 0.3 GiB (tried 2 time(s) alone)",
@@ -229,16 +228,16 @@ def test_an_actor_unpickles_its_model_stage_without_importing_the_model_code():
 
     from pipeline.isolation import sealed
     from pipeline.models import ModelSources
-    from pipeline.stages import EncodeStage
+    from pipeline.compress_stages import EncodeImages
     from pipeline.storage import StorageConfig
 
-    shipped = cloudpickle.dumps((isolated(EncodeStage), sealed({"models": ModelSources("/archive", StorageConfig())})))
+    shipped = cloudpickle.dumps((isolated(EncodeImages), sealed({"models": ModelSources("/archive", StorageConfig())})))
     code = textwrap.dedent("""
         import sys
         from ray import cloudpickle
         stage, settings = cloudpickle.loads(sys.stdin.buffer.read())
-        assert stage.stage_path == "pipeline.stages:EncodeStage" and isinstance(settings, bytes)
-        heavy = sorted(name for name in ("torch", "corrdiff", "compressai", "pipeline.stages") if name in sys.modules)
+        assert stage.stage_path == "pipeline.compress_stages:EncodeImages" and isinstance(settings, bytes)
+        heavy = sorted(name for name in ("torch", "corrdiff", "compressai", "pipeline.compress_stages") if name in sys.modules)
         print("imported:", heavy)
     """)
     completed = subprocess.run([sys.executable, "-c", code], input=shipped, capture_output=True, timeout=120)

@@ -20,7 +20,7 @@ from pipeline.cli import main as cli
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.keys import alternative_path, fold, key_to_path
 from pipeline.resources import ResourceSettings
-from pipeline.restore_archive import RestoreConfig, fold_aside, run_restore, write_png
+from pipeline.restore_archive import RestoreConfig, WritePngs, fold_aside, run_restore
 from pipeline.sources import SourceConfig
 
 from archives import EXAMPLES, photo_folder
@@ -266,7 +266,7 @@ def test_on_a_folding_file_system_no_key_replaces_another_keys_file(tmp_path, mo
 
     def restore(keys: list[str], seed: int) -> dict[str, dict]:
         pixels = [np.full((3, 2, 3), seed * 10 + i, np.uint8) for i in range(len(keys))]
-        table = write_png(_batch(keys, pixels), str(out), StorageConfig(), "corrdiff")
+        table = WritePngs(str(out), StorageConfig(), "corrdiff")(_batch(keys, pixels))
         return {r["key"]: r for r in table.to_pylist()}
 
     def pixels_at(path: str) -> int:
@@ -304,7 +304,7 @@ def test_an_object_without_the_key_is_never_replaced_on_s3(s3_server):
     bucket = s3_server.make_bucket({"out/b.jpg.png": b"someone's object"})
     pixels = [np.zeros((2, 2, 3), np.uint8)]
     for _ in range(2):
-        [row] = write_png(_batch(["b.jpg"], pixels), f"{bucket}/out", s3_server.storage, "corrdiff").to_pylist()
+        [row] = WritePngs(f"{bucket}/out", s3_server.storage, "corrdiff")(_batch(["b.jpg"], pixels)).to_pylist()
         assert row["status"] == "ok" and row["path"] == alternative_path("b.jpg")
     name = bucket.removeprefix("s3://")
     assert s3_server.client.get_object(Bucket=name, Key="out/b.jpg.png")["Body"].read() == b"someone's object"

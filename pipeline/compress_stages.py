@@ -1,13 +1,10 @@
-"""The compress pipeline's processing stages, as Ray Data batch UDFs.
+"""The compress pipeline's two processing stages (pipeline.stage's contract).
 
-Each stage follows one contract (NeMo Curator's): it declares its resources and batch
-size, loads anything heavy once (``setup``, called by its constructor), and maps a batch
-of rows to a batch of rows. Failures are per row: a bad image becomes a row with an
-``error`` reason and flows on to the archive; an exception never escapes a UDF, because
-Ray Data would drop the whole block with it. Model stages run in a child process of their
-actor (``pipeline.isolation``), and say with ``lost`` what a row becomes when processing
-it killed that process; image decoding runs in a child process of its task
-(``pipeline.image_decoder``), so an image that crashes the decoder is an error row too.
+:class:`DecodeImages` (CPU tasks) turns source bytes into pixels; :class:`EncodeImages`
+(model actors) turns pixels into archive rows. Failures are per row: a bad image becomes a
+row with an ``error`` reason and flows on to the archive. Image decoding runs in a child
+process of its task (``pipeline.image_decoder``) and encoding in a child process of its
+actor (``pipeline.isolation``), so an image that crashes either is an error row too.
 """
 
 from __future__ import annotations
@@ -20,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from ray.data.extensions import ArrowVariableShapedTensorArray
-
 from pipeline.archive import SCHEMA
 from pipeline.errors import is_out_of_memory, retryable
 from pipeline.image_decoder import isolated_decoder
 from pipeline.isolation import WorkerLimits
+from pipeline.ragged import EMPTY_PIXELS, ragged_column
+from pipeline.stage import ModelStage, TaskStage
 
 if TYPE_CHECKING:  # imported by the stage's child alone: the model code stays out of the CPU tasks' workers
     from corrdiff.codec import EncodedImage
@@ -36,8 +33,6 @@ if TYPE_CHECKING:  # imported by the stage's child alone: the model code stays o
 
 Batch = dict[str, np.ndarray]
 
-EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)  # stands for "no image" in the ragged pixel column
-
 
 DECODED_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_uri", pa.string()), ("source_bytes", pa.int64()),
@@ -45,51 +40,53 @@ DECODED_SCHEMA = pa.schema([
 ])
 
 
-def decode_batch(batch: pa.Table, max_pixels: int, limits: WorkerLimits) -> pa.Table:
-    """CPU stage: bytes -> RGB pixels, with the source's size and SHA-256 (for later audits).
+class DecodeImages(TaskStage):
+    """Source bytes -> RGB pixels, with the source's size and SHA-256 (for later audits).
 
     The images are decoded in a child process bounded by ``limits`` (pipeline.image_decoder):
     an image that crashes the decoder becomes an error row, and the rest of the batch decodes.
     Returns an Arrow table with explicit types (an all-null column would otherwise be
-    inferred as untyped) and the pixels as a ragged tensor column.
+    inferred as untyped) and the pixels as a ragged tensor column (pipeline.ragged).
     """
-    rows = batch.to_pylist()
-    pixels, sizes, digests, errors = [], [], [], []
-    with isolated_decoder(max_pixels, limits) as decode:
-        for row in rows:
-            data, error, image = row["data"], row["error"], EMPTY_PIXELS
-            size = digest = None
-            if data is None or error is not None:
-                error = error or "no image bytes"
-            else:
-                size, digest = len(data), hashlib.sha256(data).hexdigest()
-                decoded = decode(data)
-                if isinstance(decoded, str):
-                    error = decoded
+
+    name = "DecodeImages"
+
+    def __init__(self, max_pixels: int, limits: WorkerLimits) -> None:
+        self.max_pixels, self.limits = max_pixels, limits
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        pixels, sizes, digests, errors = [], [], [], []
+        with isolated_decoder(self.max_pixels, self.limits) as decode:
+            for row in rows:
+                data, error, image = row["data"], row["error"], EMPTY_PIXELS
+                size = digest = None
+                if data is None or error is not None:
+                    error = error or "no image bytes"
                 else:
-                    image = decoded
-            pixels.append(image)
-            sizes.append(size)
-            digests.append(digest)
-            errors.append(error)
-    table = pa.Table.from_pydict({
-        "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
-        "source_bytes": sizes, "source_sha256": digests, "error": errors,
-    }, schema=DECODED_SCHEMA)
-    return table.append_column("pixels", ragged_column(pixels))
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
+                    decoded = decode(data)
+                    if isinstance(decoded, str):
+                        error = decoded
+                    else:
+                        image = decoded
+                pixels.append(image)
+                sizes.append(size)
+                digests.append(digest)
+                errors.append(error)
+        table = pa.Table.from_pydict({
+            "key": [r["key"] for r in rows], "source_uri": [r["source_uri"] for r in rows],
+            "source_bytes": sizes, "source_sha256": digests, "error": errors,
+        }, schema=DECODED_SCHEMA)
+        return table.append_column("pixels", ragged_column(pixels))
 
 
-def ragged_column(images: list[np.ndarray]) -> pa.ExtensionArray:
-    """Images of different shapes as one Arrow column (Ray's variable-shaped tensor type);
-    :data:`EMPTY_PIXELS` stands for a row without an image."""
-    ragged = np.empty(len(images), dtype=object)
-    for i, image in enumerate(images):  # element-wise: equal shapes must not become one 4-D array
-        ragged[i] = image
-    return ArrowVariableShapedTensorArray.from_numpy(ragged)
+class EncodeImages(ModelStage):
+    """Pixels -> archive rows: each image's verified CorrDiff record (or, under a quality
+    floor, the fallback codec's), with what it cost and what it kept."""
 
-
-class EncodeStage:
-    """Actor stage: runs the codec on decoded images and emits archive rows."""
+    name = "EncodeImages"
+    batch_format = "numpy"
 
     def __init__(self, models: ModelSources, model_id: str, device: str, seed: int, steps: int | None,
                  gamma_refine_steps: int, gamma_learning_rate: float, gamma_metric: str, torch_threads: int | None,
