@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from corrdiff import CorrDiffCodec
+from corrdiff import CorrDiffCodec, weights
 from corrdiff.codec import pixel_source
 from corrdiff.gamma import quantize_gamma
 from corrdiff.latent_codec import PixelSource, pad_amount
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'pays' if s['pays'] else 'does not pay'}")
     print(f"\nPer-tile gammas {verdict} (docs/method.md: at every tiling, mean gains above the bar on PSNR and "
           f"LPIPS-alex, net gain positive on at least {PHOTO_SHARE:.0%} of the photos on each)")
-    results = {"model": args.model or "default", "model_id": codec.model_id_hex, "threads": args.threads,
+    results = {"model": args.model or weights.DEFAULT_MODEL, "model_id": codec.model_id_hex, "threads": args.threads,
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "crop": args.crop,
                "images": {name: list(image.shape[:2]) for name, image in images.items()},
                "psnr_per_bpp": PSNR_PER_BPP, "lpips_per_bpp": LPIPS_PER_BPP, "verdict": verdict,
