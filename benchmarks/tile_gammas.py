@@ -306,10 +306,12 @@ def markdown(results: dict) -> str:
               f"{s['lpips_b']:.4f} | {s['lpips_drop']:+.5f} | {s['lpips_bar']:.5f} | "
               f"{s['psnr_net_positive']}, {s['lpips_net_positive']} of {s['photos']} | {'yes' if s['pays'] else 'no'} |"
               for s in results["summary"]]
-    lines += ["", "| photo | tiling | tiles | bpp (a) | side bpp | PSNR gain dB | bar | LPIPS drop | bar "
-              "| mean spread of a step's tile gammas |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['image']} | {r['tiling']} | {r['tiles']} | {r['bpp_a']:.4f} | {r['side_bpp']:.5f} | "
-              f"{r['psnr_gain']:+.4f} | {r['psnr_bar']:.4f} | {r['lpips_drop']:+.5f} | {r['lpips_bar']:.5f} | "
+    lines += ["", "| photo | tiling | tiles | bpp (a) | bpp (b) | PSNR (a) | PSNR (b) | gain dB | bar | LPIPS (a) "
+              "| LPIPS (b) | drop | bar | mean spread of a step's tile gammas |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['image']} | {r['tiling']} | {r['tiles']} | {r['bpp_a']:.4f} | {r['bpp_b']:.4f} | "
+              f"{r['psnr_a']:.3f} | {r['psnr_b']:.3f} | {r['psnr_gain']:+.4f} | {r['psnr_bar']:.4f} | "
+              f"{r['lpips_a']:.4f} | {r['lpips_b']:.4f} | {r['lpips_drop']:+.5f} | {r['lpips_bar']:.5f} | "
               f"{r['tile_gamma_spread']:.3f} |" for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
