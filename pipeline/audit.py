@@ -54,6 +54,7 @@ from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
 from pipeline.stage import ModelStage
 from pipeline.storage import StorageConfig
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
+from pipeline.worker_memory import restore_plan
 
 DAMAGED_MODEL_FILE = "damaged_model_file"  # status of a row standing for a _models/ file that fails verification
 
@@ -138,7 +139,7 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
     files = _files(config.archive, config.storage)
-    plan = plan_resources(config.resources, ray.cluster_resources())
+    plan = restore_plan(config.resources, files, {f.path for f in files}, config.models, config.model, audit_id)
     dataset = read_selected(all_rows(files), config.storage,
                             columns=["key", "record", "codec", "error", "model_id", "width", "height"])
     dataset = plan.apply(dataset, RestoreRecords, {

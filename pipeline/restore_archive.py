@@ -48,13 +48,14 @@ from corrdiff import check_decode_mode
 
 from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
-from pipeline.resources import ResourcePlan, ResourceSettings, StageResources, plan_resources
+from pipeline.resources import ResourcePlan, ResourceSettings, StageResources
 from pipeline.restore import OK, RestoreRecords
 from pipeline.run_ids import new_run_id
 from pipeline.selection import (FileSelection, all_rows, archive_files, key_rows, read_selected, split_file_rows,
                                 with_read_failures)
 from pipeline.stage import TaskStage
 from pipeline.storage import StorageConfig, filesystem, with_retries
+from pipeline.worker_memory import restore_plan
 
 NOT_IN_ARCHIVE = "not_in_archive"
 WRITE_FAILED = "write_failed"
@@ -261,9 +262,9 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
     files = archive_files(config.archive, config.storage)
     if not files:
         raise FileNotFoundError(f"no archive data files under {config.archive}")
-    plan = plan_resources(config.resources, ray.cluster_resources())
     keys = frozenset(config.keys) if config.keys is not None else None
     selections = key_rows(files, keys) if keys is not None else all_rows(files)
+    plan = restore_plan(config.resources, files, {s.path for s in selections}, config.models, config.model, run_id)
     aside = _planned_aside(selections, config.storage, keys)
     dataset = read_selected(selections, config.storage, keys=keys)
     dataset = plan.apply(dataset, RestoreRecords, {
