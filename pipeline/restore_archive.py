@@ -55,7 +55,7 @@ from pipeline.selection import (FileSelection, all_rows, archive_files, key_rows
                                 with_read_failures)
 from pipeline.stage import TaskStage
 from pipeline.storage import StorageConfig, filesystem, with_retries
-from pipeline.worker_memory import restore_plan
+from pipeline.worker_memory import restore_worker_bytes, sized_plan
 
 NOT_IN_ARCHIVE = "not_in_archive"
 WRITE_FAILED = "write_failed"
@@ -264,7 +264,10 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"no archive data files under {config.archive}")
     keys = frozenset(config.keys) if config.keys is not None else None
     selections = key_rows(files, keys) if keys is not None else all_rows(files)
-    plan = restore_plan(config.resources, files, {s.path for s in selections}, config.models, config.model, run_id)
+    selected = {s.path for s in selections}
+    plan = sized_plan(config.resources, restore_worker_bytes([f for f in files if f.path in selected], config.models,
+                                                             config.model, config.resources.actor_batch_size),
+                      f"restore {run_id}")
     aside = _planned_aside(selections, config.storage, keys)
     dataset = read_selected(selections, config.storage, keys=keys)
     dataset = plan.apply(dataset, RestoreRecords, {

@@ -1,5 +1,5 @@
-"""How much one restore actor may hold, from what the driver already has: the archive
-files' footers and the models' headers.
+"""How much one restore or audit actor may hold, from what the driver already has: the
+archive files' footers and the models' headers.
 
 The compress job knows its one model and its pixel limit (pipeline.compress). An actor
 that restores records (RestoreRecords: the restore job, the verify pass) gets whatever
@@ -9,6 +9,10 @@ bound is the runtime, every model's weights, coding the largest image with the m
 tile that need the most (corrdiff.memory.coding_bytes), and its batch of restored images
 (pipeline.resources.model_worker_bytes). Nothing is opened but footers (already read to
 select the rows) and the first bytes of each model file.
+
+An audit actor (ScoreRecords) also holds its batch's originals and scores the largest
+image on the whole image: LPIPS, MS-SSIM and DISTS have no tile, so their memory grows with
+the image (:data:`SCORING_BYTES_PER_PIXEL`, :data:`DISTS_BYTES_PER_PIXEL`, measured).
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ from pipeline.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
+# Peak resident memory of scoring one image beyond the loaded networks, per pixel, measured
+# on the CPU (VmHWM after a reset; 1 and 4 threads; 0.26 to 4.2 Mpx): MS-SSIM 190-283 B,
+# LPIPS-alex 155-200 B (run one after the other, so the larger counts); DISTS 1,594-1,604 B
+# alone, 1,725 B after the others in one process (ScoreRecords' order; tests/test_worker_memory.py).
+SCORING_BYTES_PER_PIXEL = 300
+DISTS_BYTES_PER_PIXEL = 2_000
+ORIGINAL_BYTES_PER_PIXEL = 3  # an original of the batch, decoded, waiting beside its record
+
 
 def restore_worker_bytes(files: Sequence[ArchiveFile], sources: ModelSources, fixed_model: str | None,
                          batch_size: int) -> int:
@@ -44,10 +56,11 @@ def restore_worker_bytes(files: Sequence[ArchiveFile], sources: ModelSources, fi
     ``_models/``, the package) is sized as the default model: its records may restore from
     a model store, or be ``model_missing``.
     """
-    readable = [f for f in files if f.error is None]
-    pixels = max((DEFAULT_MAX_PIXELS if f.largest_image is None else f.largest_image for f in readable), default=0)
+    pixels = _largest_image(files)
     tiles: dict[str | None, set[Tiling | None]] = {}
-    for f in readable:
+    for f in files:
+        if f.error is not None:
+            continue
         tiles.setdefault(None if fixed_model else _checked_id(f.model_id), set()).add(_tiling(f.tile))
     shapes = {model_id: _shape(sources, model_id, fixed_model) for model_id in tiles}
     weight_bytes = sum(size for size, _ in shapes.values())
@@ -56,16 +69,30 @@ def restore_worker_bytes(files: Sequence[ArchiveFile], sources: ModelSources, fi
     return model_worker_bytes(weight_bytes, coding, batch_size, pixels)
 
 
-def restore_plan(settings: ResourceSettings, files: list[ArchiveFile], selected: set[str], models: ModelSources,
-                 fixed_model: str | None, run_id: str) -> ResourcePlan:
-    """The workers of a pass of RestoreRecords over the ``selected`` files: no more actors
-    than the cluster's memory holds, each holding :func:`restore_worker_bytes` at most."""
-    worker_bytes = restore_worker_bytes([f for f in files if f.path in selected], models, fixed_model,
-                                        settings.actor_batch_size)
+def audit_worker_bytes(files: Sequence[ArchiveFile], sources: ModelSources, fixed_model: str | None,
+                       batch_size: int, dists: bool) -> int:
+    """The most one audit actor may hold scoring ``files``' records: a restore actor's bound,
+    its batch's originals, and scoring the largest image (the restored image is freed before
+    scoring starts only as far as the allocator gives memory back: counted apart, to be safe)."""
+    pixels = _largest_image(files)
+    per_pixel = ORIGINAL_BYTES_PER_PIXEL * batch_size + max(SCORING_BYTES_PER_PIXEL,
+                                                           DISTS_BYTES_PER_PIXEL if dists else 0)
+    return restore_worker_bytes(files, sources, fixed_model, batch_size) + per_pixel * pixels
+
+
+def sized_plan(settings: ResourceSettings, worker_bytes: int, what: str) -> ResourcePlan:
+    """The job's workers, with no more model actors than the cluster's memory holds at
+    ``worker_bytes`` each; logs the plan (``what``: which job's actors)."""
     plan = plan_resources(settings, ray.cluster_resources(), worker_bytes)
-    logger.info("run %s: %d restore actor(s) x %d thread(s), each up to %.1f GiB", run_id, plan.actors,
-                plan.torch_threads, worker_bytes / 2**30)
+    logger.info("%s: %d actor(s) x %d thread(s), each up to %.1f GiB", what, plan.actors, plan.torch_threads,
+                worker_bytes / 2**30)
     return plan
+
+
+def _largest_image(files: Sequence[ArchiveFile]) -> int:
+    """The largest image the readable ``files`` hold: the pixel limit where a footer cannot say."""
+    return max((DEFAULT_MAX_PIXELS if f.largest_image is None else f.largest_image for f in files if f.error is None),
+               default=0)
 
 
 def _checked_id(model_id: str | None) -> str | None:

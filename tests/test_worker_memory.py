@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from corrdiff import weights
 from corrdiff.memory import coding_bytes
@@ -14,7 +18,8 @@ from pipeline.models import ModelSources, store_model
 from pipeline.resources import model_worker_bytes
 from pipeline.selection import ArchiveFile, archive_files
 from pipeline.storage import StorageConfig
-from pipeline.worker_memory import restore_worker_bytes
+from pipeline.worker_memory import (DISTS_BYTES_PER_PIXEL, SCORING_BYTES_PER_PIXEL, audit_worker_bytes,
+                                     restore_worker_bytes)
 
 
 
@@ -79,3 +84,49 @@ def test_footers_say_what_restoring_a_file_takes(tmp_path):
     first, second = archive_files(str(tmp_path), StorageConfig())
     assert (first.largest_image, first.model_id, first.tile) == (64 * 48, "ab" * 16, 384)
     assert (second.model_id, second.tile) == ("../../x", None)
+
+
+def test_an_audit_actor_also_holds_its_originals_and_the_scoring_of_its_largest_image(tmp_path, tiny_model):
+    archive, storage = str(tmp_path / "archive"), StorageConfig()
+    data = tiny_model.read_bytes()
+    tiny_id = weights.model_id(weights.model_from_bytes(data, str(tiny_model))).hex()
+    store_model(archive, storage, tiny_id, data)
+    sources = ModelSources(archive, storage)
+    files = [ArchiveFile("a", 10, largest_image=1_000_000, model_id=tiny_id, tile=256)]
+    restore = restore_worker_bytes(files, sources, None, 4)
+    assert audit_worker_bytes(files, sources, None, 4, dists=False) == restore + (4 * 3 + 300) * 1_000_000
+    assert audit_worker_bytes(files, sources, None, 4, dists=True) == restore + (4 * 3 + 2_000) * 1_000_000
+
+
+SCORING_PEAK = """
+import numpy as np
+import torch
+from corrdiff.metrics import DISTS, LPIPS, ms_ssim, psnr
+
+def peak() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+torch.set_num_threads(4)  # the most a CPU actor runs
+rng = np.random.default_rng(0)
+a, b = (rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8) for _ in range(2))
+networks = {"lpips": LPIPS("alex", device="cpu"), "dists": DISTS(device="cpu")}
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on: scoring, not loading
+start = peak()
+psnr(a, b), ms_ssim(a, b), networks["lpips"](a, b)
+scored = peak()
+networks["dists"](a, b)
+print(scored - start, peak() - start)
+"""
+
+
+@pytest.mark.slow  # loads VGG16 and AlexNet in a process of its own
+def test_scoring_memory_stays_within_what_an_audit_actor_is_sized_for():
+    """ScoreRecords' metrics on a 0.79 Mpx image, measured as the kernel counts it (the peak
+    resident memory beyond the loaded networks): within the per-pixel bounds the audit pool
+    is sized by. A metric that came to hold more would make audits of large photos die."""
+    completed = subprocess.run([sys.executable, "-c", SCORING_PEAK], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    scored, with_dists = (int(v) for v in completed.stdout.split())
+    pixels = 768 * 1024
+    assert scored <= SCORING_BYTES_PER_PIXEL * pixels, scored / pixels
+    assert with_dists <= DISTS_BYTES_PER_PIXEL * pixels, with_dists / pixels
