@@ -103,7 +103,7 @@ def child(args: argparse.Namespace) -> dict:
     row = {"op": args.op, "mpx": mpx, "height": height, "width": width, "tile": args.tile,
            "overlap": args.overlap, "s_per_mpx": seconds / mpx, "peak_rss_mb": peak_rss_mb(),
            "rss_before_image_mb": baseline, "bpp": 8 * len(record) / (height * width),
-           "estimated_tile_mb": tile_working_bytes(codec.model.config, codec.tiling) / 2**20}
+           "estimated_tile_mb": tile_working_bytes(codec.model.config, codec.tiling.tile) / 2**20}
     if codec.device.type == "cuda":
         row["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row

@@ -32,11 +32,12 @@ def image_bytes(config: ModelConfig, padded_height: int, padded_width: int) -> i
     return pixels * STATE_BYTES_PER_PIXEL + pixels // LATENT_STRIDE**2 * config.latent.latent_channels * FLOAT_BYTES
 
 
-def tile_working_bytes(config: ModelConfig, tiling: Tiling) -> int:
-    """Estimated peak of the networks on one tile (the score network's U-Net dominates;
-    D and g_a run on blocks of the same side and hold less)."""
+def tile_working_bytes(config: ModelConfig, tile: int) -> int:
+    """Estimated peak of the networks on one ``tile`` x ``tile`` tile (the score network's
+    U-Net dominates; D and g_a run on blocks of the same side and hold less). A format 1
+    record runs them on the whole image: its tile is the image's padded side."""
     score = config.score
-    side = tiling.tile // score.patch_size
+    side = tile // score.patch_size
     area = side * side
     skips, widest = 0, 0
     channels = score.base_channels
@@ -50,14 +51,16 @@ def tile_working_bytes(config: ModelConfig, tiling: Tiling) -> int:
         if level < len(score.channel_mults) - 1:
             skips += channels * (level_area >> 2)
     inputs = (6 * score.patch_size**2 + score.latent_cond_channels) * area
-    decoder = config.decoder_channels * (tiling.tile // 2) ** 2 * 3  # D's last hidden layer, GDN's temporaries
+    decoder = config.decoder_channels * (tile // 2) ** 2 * 3  # D's last hidden layer, GDN's temporaries
     return FLOAT_BYTES * (skips + inputs + WORKING_TENSORS * widest + decoder)
 
 
-def coding_bytes(config: ModelConfig, tiling: Tiling, pixels: int) -> int:
+def coding_bytes(config: ModelConfig, tiling: Tiling | None, pixels: int) -> int:
     """What coding an image of ``pixels`` pixels takes beyond the loaded model: the tile's
     working set and the whole-image state, the image padded as a square would be (padding
-    adds at most 15 rows and columns; for a photograph's shape, well under 1 %)."""
+    adds at most 15 rows and columns; for a photograph's shape, well under 1 %). ``tiling``
+    None: a format 1 record, whose networks run on the whole image."""
     side = math.isqrt(max(pixels, 1) - 1) + 1
     padded = -(-side // LATENT_STRIDE) * LATENT_STRIDE
-    return tile_working_bytes(config, tiling) + image_bytes(config, padded, padded)
+    tile = tiling.tile if tiling is not None else padded
+    return tile_working_bytes(config, tile) + image_bytes(config, padded, padded)

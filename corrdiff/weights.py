@@ -23,6 +23,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -127,10 +128,17 @@ def declared_model_id(path: str | Path) -> str:
     Cheap enough to scan every bundled model; :func:`model_from_bytes` then verifies the claim.
     """
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        header = handle.read(min(length, MAX_HEADER_BYTES))
-    return _metadata(head + header, str(path), tensors_follow=False)["model_id"]
+        return header_metadata(handle, str(path))["model_id"]
+
+
+def header_metadata(handle: BinaryIO, source: str) -> dict[str, str]:
+    """The CorrDiff metadata (model id, config) of the weights file open as ``handle``, read
+    from its header alone (at most :data:`MAX_HEADER_BYTES`), checked but unverified: what
+    the file claims, for sizing workers or finding a model; loading it proves it."""
+    head = handle.read(8)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    header = handle.read(min(length, MAX_HEADER_BYTES))
+    return _metadata(head + header, source, tensors_follow=False)
 
 
 def _metadata(data: bytes, source: str, tensors_follow: bool = True) -> dict[str, str]:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -76,12 +77,13 @@ SCHEMA = pa.schema([
 ])
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Rows per row group of a data file: a key lookup reads one group (64 records, some MB for
 # photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
 ROW_GROUP_ROWS = 64
 
-FOOTER_THREADS = 16  # footers read at once by file_summaries: storage round trips on object stores
+FOOTER_THREADS = 16  # footers read at once (per_data_file): storage round trips on object stores
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete
 
@@ -229,7 +231,7 @@ def read_data_file_rows(path: str, fs: AbstractFileSystem, columns: list[str] | 
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle, page_checksum_verification=True)
         metadata = parquet.metadata
-        key_column = _key_column(metadata)
+        key_column = _column_index(metadata, "key")
         wanted = np.asarray(rows if rows is not None else [], dtype=np.int64)
         groups, positions, start = [], [], 0
         for index in range(metadata.num_row_groups):
@@ -272,15 +274,15 @@ def _holding(parquet: pq.ParquetFile, groups: list[int], positions: list[np.ndar
     return kept_groups, kept_positions
 
 
-def _key_column(metadata: pq.FileMetaData) -> int | None:
-    """The index of the key column, from the row groups' column chunks (None: no row
-    groups, or no key column). Not from ``metadata.schema``: that makes a reference cycle
+def _column_index(metadata: pq.FileMetaData, name: str) -> int | None:
+    """The index of column ``name``, from the row groups' column chunks (None: no row
+    groups, or no such column). Not from ``metadata.schema``: that makes a reference cycle
     which keeps the whole footer alive until the garbage collector runs (measured: 100
     footers of 10,000 rows each held 279 MB on a driver that read them one by one)."""
     if not metadata.num_row_groups:
         return None
     row_group = metadata.row_group(0)
-    return next((i for i in range(row_group.num_columns) if row_group.column(i).path_in_schema == "key"), None)
+    return next((i for i in range(row_group.num_columns) if row_group.column(i).path_in_schema == name), None)
 
 
 def _key_range(row_group: pq.RowGroupMetaData, key_column: int | None) -> tuple[str, str] | None:
@@ -299,11 +301,32 @@ def key_range(metadata: pq.FileMetaData) -> tuple[str, str] | None:
     None where a row group has none: any key may be in it. Whatever the order of its rows,
     no key outside the range is in the file (a file written before sorted row groups just
     has a wide range)."""
-    key_column = _key_column(metadata)
+    key_column = _column_index(metadata, "key")
     ranges = [_key_range(metadata.row_group(index), key_column) for index in range(metadata.num_row_groups)]
     if not ranges or None in ranges:
         return None
     return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+def largest_image(metadata: pq.FileMetaData) -> int | None:
+    """At least the pixels of the largest image a data file holds: its largest width times
+    its largest height, from the footer's row group statistics (sizing the workers that
+    restore its records); None where a row group has no statistics of both. A file of error
+    rows alone holds no image: 0."""
+    columns = [_column_index(metadata, name) for name in ("width", "height")]
+    if None in columns:
+        return None
+    largest = [0, 0]
+    for index in range(metadata.num_row_groups):
+        row_group = metadata.row_group(index)
+        for axis, column in enumerate(columns):
+            statistics = row_group.column(column).statistics
+            if statistics is not None and statistics.has_min_max:
+                largest[axis] = max(largest[axis], int(statistics.max))
+            elif not (statistics is not None and statistics.has_null_count
+                      and statistics.null_count == row_group.num_rows):  # error rows alone hold no image
+                return None
+    return largest[0] * largest[1]
 
 
 def range_may_hold(span: tuple[str, str] | None, keys: Sequence[str]) -> bool:
@@ -329,11 +352,12 @@ def data_file_sizes(url: str, storage: StorageConfig) -> dict[str, int]:
     return {p: int(info["size"]) for p, info in fs.find(root, detail=True).items() if is_data_file(p)}
 
 
-def file_summaries(url: str, storage: StorageConfig) -> Iterator[tuple[int, FileSummary]]:
-    """Each data file's size and the summary of its rows, in path order: the summary from
-    its footer (:func:`footer_summary`), footers read by :data:`FOOTER_THREADS` threads at a
-    time (each is a round trip or two to storage, a few KB). A generator over bounded
-    batches, so that memory holds a batch of summaries, not one per file."""
+def per_data_file(url: str, storage: StorageConfig,
+                  read: Callable[[str, AbstractFileSystem], T]) -> Iterator[tuple[str, int, T]]:
+    """``read(path, fs)`` of every data file (its footer, as a rule), with the file's path and
+    size, in path order: :data:`FOOTER_THREADS` files at a time (each a round trip or two to
+    storage for a few KB), generated in bounded batches, so that memory holds a batch of
+    results, not one per file, until the caller keeps them."""
     fs, _ = filesystem(url, storage)
     sizes = data_file_sizes(url, storage)
     paths = sorted(sizes)
@@ -341,7 +365,14 @@ def file_summaries(url: str, storage: StorageConfig) -> Iterator[tuple[int, File
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         for start in range(0, len(paths), batch):
             chunk = paths[start:start + batch]
-            yield from zip((sizes[p] for p in chunk), pool.map(lambda p: footer_summary(p, fs, storage), chunk))
+            yield from zip(chunk, (sizes[p] for p in chunk), pool.map(lambda p: read(p, fs), chunk))
+
+
+def file_summaries(url: str, storage: StorageConfig) -> Iterator[tuple[int, FileSummary]]:
+    """Each data file's size and the summary of its rows, in path order: the summary from
+    its footer (:func:`footer_summary`), footers read in parallel (:func:`per_data_file`)."""
+    for _, size, summary in per_data_file(url, storage, lambda path, fs: footer_summary(path, fs, storage)):
+        yield size, summary
 
 
 def footer_summary(path: str, fs: AbstractFileSystem, storage: StorageConfig) -> FileSummary:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from corrdiff import check_decode_mode
 from corrdiff.floor import fallback_share
@@ -45,7 +44,7 @@ from pipeline.audit_stages import (CROP_SCHEMA, METRICS_SCHEMA, ORIGINAL_CHANGED
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.models import ModelSources, StoredModelCheck, check_stored_models, model_locations
 from pipeline.report import worst_first, write_report
-from pipeline.resources import ResourcePlan, ResourceSettings, plan_resources
+from pipeline.resources import ResourcePlan, ResourceSettings
 from pipeline.restore import COMPRESS_ERROR, CORRUPT, DECODE_FAILED, MODEL_MISSING, OK, WORKER_DIED, RestoreRecords
 from pipeline.run_ids import new_run_id
 from pipeline.selection import (ArchiveFile, FileSelection, all_rows, archive_files, read_selected, sample_rows,
@@ -54,6 +53,7 @@ from pipeline.sources import DEFAULT_MAX_IMAGE_BYTES
 from pipeline.stage import ModelStage
 from pipeline.storage import StorageConfig
 from pipeline.thresholds import METRICS, STATISTICS, Check, evaluate, parse_thresholds, verdict
+from pipeline.worker_memory import audit_worker_bytes, restore_worker_bytes, sized_plan
 
 DAMAGED_MODEL_FILE = "damaged_model_file"  # status of a row standing for a _models/ file that fails verification
 
@@ -117,7 +117,10 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     thresholds = parse_thresholds(config.thresholds)
     files = _files(config.archive, config.storage)
     selections = sample_rows(files, config.sample, config.seed)
-    plan = plan_resources(config.resources, ray.cluster_resources())
+    sampled = {s.path for s in selections}
+    plan = sized_plan(config.resources, audit_worker_bytes([f for f in files if f.path in sampled], config.models,
+                                                           config.model, config.resources.actor_batch_size,
+                                                           config.dists), f"audit {audit_id}")
     scored, failures = split_file_rows(_on_originals(selections, config, plan, ScoreRecords, {
         "lpips_net": config.lpips_net, "dists": config.dists}, METRICS_SCHEMA))
     files = with_read_failures(files, failures)
@@ -138,7 +141,8 @@ def run_verify(config: AuditConfig) -> dict[str, Any]:
     started = time.time()
     thresholds = parse_thresholds(config.thresholds)
     files = _files(config.archive, config.storage)
-    plan = plan_resources(config.resources, ray.cluster_resources())
+    plan = sized_plan(config.resources, restore_worker_bytes(files, config.models, config.model,
+                                                             config.resources.actor_batch_size), f"verify {audit_id}")
     dataset = read_selected(all_rows(files), config.storage,
                             columns=["key", "record", "codec", "error", "model_id", "width", "height"])
     dataset = plan.apply(dataset, RestoreRecords, {

@@ -48,13 +48,14 @@ from corrdiff import check_decode_mode
 
 from pipeline.keys import alternative_path, fold, is_safe_join, key_to_path
 from pipeline.models import ModelSources
-from pipeline.resources import ResourcePlan, ResourceSettings, StageResources, plan_resources
+from pipeline.resources import ResourcePlan, ResourceSettings, StageResources
 from pipeline.restore import OK, RestoreRecords
 from pipeline.run_ids import new_run_id
 from pipeline.selection import (FileSelection, all_rows, archive_files, key_rows, read_selected, split_file_rows,
                                 with_read_failures)
 from pipeline.stage import TaskStage
 from pipeline.storage import StorageConfig, filesystem, with_retries
+from pipeline.worker_memory import restore_worker_bytes, sized_plan
 
 NOT_IN_ARCHIVE = "not_in_archive"
 WRITE_FAILED = "write_failed"
@@ -261,9 +262,12 @@ def run_restore(config: RestoreConfig) -> dict[str, Any]:
     files = archive_files(config.archive, config.storage)
     if not files:
         raise FileNotFoundError(f"no archive data files under {config.archive}")
-    plan = plan_resources(config.resources, ray.cluster_resources())
     keys = frozenset(config.keys) if config.keys is not None else None
     selections = key_rows(files, keys) if keys is not None else all_rows(files)
+    selected = {s.path for s in selections}
+    plan = sized_plan(config.resources, restore_worker_bytes([f for f in files if f.path in selected], config.models,
+                                                             config.model, config.resources.actor_batch_size),
+                      f"restore {run_id}")
     aside = _planned_aside(selections, config.storage, keys)
     dataset = read_selected(selections, config.storage, keys=keys)
     dataset = plan.apply(dataset, RestoreRecords, {

@@ -1,4 +1,4 @@
-"""Which rows of an archive a decode, audit or verify job reads, and reading them in tasks.
+"""Which rows of an archive a restore, audit or verify job reads, and reading them in tasks.
 
 A job never pulls an archive through the driver. The driver reads only Parquet footers
 (row counts and key ranges: a few KB per file, whatever the archive's size) and decides,
@@ -15,20 +15,24 @@ same files gives the same sample (a rerun of an audit scores the same images).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from fsspec import AbstractFileSystem
 
-from pipeline.archive import SCHEMA, key_range, list_data_files, range_may_hold, read_data_file_rows
+from pipeline.archive import (SCHEMA, key_range, largest_image, per_data_file, range_may_hold,
+                              read_data_file_rows)
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
-# The archive columns the decode/audit stages need; never "gammas" or other bulk.
+# The archive columns the restore and audit stages need; never "gammas" or other bulk.
 ROW_COLUMNS = ["key", "source_uri", "source_sha256", "width", "height", "record", "codec", "record_bytes", "bpp",
                "psnr", "lpips", "model_id", "error"]
 UNREADABLE_FILE_KEY = "#file"  # the key of a row that stands for an unreadable data file
@@ -42,6 +46,12 @@ class ArchiveFile:
     rows: int
     error: str | None = None
     keys: tuple[str, str] | None = None  # its smallest and largest key (archive.key_range); None: unknown
+    # What restoring its records takes (pipeline.worker_memory): at least the pixels of its
+    # largest image (archive.largest_image; None: unknown), the model that wrote its CorrDiff
+    # records and the tile side that run coded them with (from its footer's job metadata).
+    largest_image: int | None = None
+    model_id: str | None = None
+    tile: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,18 +63,33 @@ class FileSelection:
 
 
 def archive_files(url: str, storage: StorageConfig) -> list[ArchiveFile]:
-    """Every data file with its row count and key range; a file whose footer cannot be read
-    is kept, with its error, so that jobs report it instead of failing or silently skipping it."""
-    fs, _ = filesystem(url, storage)
-    files = []
-    for path in list_data_files(url, storage):
-        full = fs.unstrip_protocol(path)
-        try:
-            metadata = with_retries(lambda p=path: pq.read_metadata(p, filesystem=fs), storage, f"read {full}")
-            files.append(ArchiveFile(full, metadata.num_rows, keys=key_range(metadata)))
-        except Exception as error:  # noqa: BLE001 - a broken file is a finding, not a crash
-            files.append(ArchiveFile(full, 0, f"unreadable archive file: {type(error).__name__}: {error}"))
-    return files
+    """Every data file with its row count, key range and what restoring it takes, from its
+    footer (read in parallel: archive.per_data_file); a file whose footer cannot be read is
+    kept, with its error, so that jobs report it instead of failing or silently skipping it."""
+    return [file for _, _, file in per_data_file(url, storage, partial(_archive_file, storage=storage))]
+
+
+def _archive_file(path: str, fs: AbstractFileSystem, storage: StorageConfig) -> ArchiveFile:
+    full = fs.unstrip_protocol(path)
+    try:
+        metadata = with_retries(lambda: pq.read_metadata(path, filesystem=fs), storage, f"read {full}")
+    except Exception as error:  # noqa: BLE001 - a broken file is a finding, not a crash
+        return ArchiveFile(full, 0, f"unreadable archive file: {type(error).__name__}: {error}")
+    return ArchiveFile(full, metadata.num_rows, keys=key_range(metadata), largest_image=largest_image(metadata),
+                       **_job_of(metadata.metadata or {}))
+
+
+def _job_of(metadata: dict[bytes, bytes]) -> dict[str, Any]:
+    """The model id and tile side a file's footer names, as written there: untrusted, and
+    checked where they are used (pipeline.worker_memory). This module stays free of the
+    codec's imports: its read tasks run in workers that need no torch."""
+    try:
+        tile = json.loads(metadata.get(b"corrdiff.config", b"{}"))["codec"]["tile"]
+    except (ValueError, KeyError, TypeError):
+        tile = None
+    model_id = metadata.get(b"corrdiff.model_id")
+    return {"model_id": model_id[:64].decode("ascii", "replace") if model_id else None,
+            "tile": tile if isinstance(tile, int) else None}
 
 
 def sample_size(sample: int | str, total: int) -> int:

@@ -22,11 +22,13 @@ import posixpath
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
-from pipeline.archive import data_file_name, file_summaries, list_data_files, read_data_file, write_data_file
+from pipeline.archive import data_file_name, footer_summary, per_data_file, read_data_file, write_data_file
 from pipeline.errors import is_retryable
 from pipeline.storage import StorageConfig, filesystem
 
@@ -41,22 +43,25 @@ class Superseded:
 
 
 def supersede_retried(url: str, storage: StorageConfig) -> Superseded:
-    """Drop the retryable error rows of keys that have a newer row (see the module). When no
-    file's footer summary counts a retryable error row, there is nothing to drop and no row
-    is read: the usual end of a run."""
-    if not any(summary.retryable_errors for _, summary in file_summaries(url, storage)):
+    """Drop the retryable error rows of keys that have a newer row (see the module).
+
+    What the driver holds is bounded by the retryable rows, never by the archive: the files
+    whose footer summary counts a retryable error row give the retried keys; then each data
+    file's key column (read in parallel, a batch of files at a time) gives, for those keys
+    alone, their newest row's time. When no footer counts a retryable row, there is nothing
+    to drop and no row is read: the usual end of a run."""
+    with_retryable = [path for path, _, summary in per_data_file(url, storage, partial(footer_summary, storage=storage))
+                      if summary.retryable_errors]
+    if not with_retryable:
         return Superseded(rows=0, files=0)
     fs, root = filesystem(url, storage)
-    files = list_data_files(url, storage)
-    columns = {path: read_data_file(path, fs, ["key", "error", "created_at"]) for path in files}
-    newest: dict[str, object] = {}
     retried: dict[str, list[tuple[str, int, object]]] = defaultdict(list)
-    for path, table in columns.items():
+    for path in with_retryable:
+        table = read_data_file(path, fs, ["key", "error", "created_at"])
         for row, (key, error, created) in enumerate(zip(*(table[c].to_pylist() for c in table.column_names))):
-            if key not in newest or created > newest[key]:
-                newest[key] = created
             if is_retryable(error):
                 retried[key].append((path, row, created))
+    newest = _newest_rows(url, storage, pa.array(sorted(retried), pa.string()))
     drop: dict[str, set[int]] = defaultdict(set)
     for key, rows in retried.items():
         for path, row, created in rows:
@@ -65,6 +70,20 @@ def supersede_retried(url: str, storage: StorageConfig) -> Superseded:
     for path, rows in sorted(drop.items()):
         _rewrite_without(fs, root, path, rows, storage)
     return Superseded(rows=sum(len(rows) for rows in drop.values()), files=len(drop))
+
+
+def _newest_rows(url: str, storage: StorageConfig, keys: pa.Array) -> dict[str, object]:
+    """The time of each of ``keys``' newest row, over every data file."""
+    def rows_of_keys(path: str, fs: AbstractFileSystem) -> pa.Table:
+        table = read_data_file(path, fs, ["key", "created_at"])
+        return table.filter(pc.is_in(table["key"], value_set=keys))
+
+    newest: dict[str, object] = {}
+    for _, _, table in per_data_file(url, storage, rows_of_keys):
+        for key, created in zip(table["key"].to_pylist(), table["created_at"].to_pylist()):
+            if key not in newest or created > newest[key]:
+                newest[key] = created
+    return newest
 
 
 def finish_rewrites(url: str, storage: StorageConfig) -> int:

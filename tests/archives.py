@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "photos"
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random model's weights file. It is not bundled with the package: the decode
+    """A tiny random model's weights file. It is not bundled with the package: the restore
     and audit jobs find it in the ``_models/`` of the archives the compress job wrote."""
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     CorrDiffCodec.from_config(tiny_config(), seed=0, device="cpu").save_pretrained(path)

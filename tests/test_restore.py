@@ -169,7 +169,7 @@ def test_a_damaged_file_is_named_for_the_keys_it_may_hold(archive, tmp_path):
 
 
 def test_a_few_keys_read_records_only_where_the_keys_are(archive, tmp_path):
-    """decode --keys reads the records of a file only where an asked-for key is there: a
+    """restore --keys reads the records of a file only where an asked-for key is there: a
     file whose key range holds an absent key, its record pages damaged, is never read past
     its key column (were it, the checksum would fail and the key would be ``unreadable_file``)."""
     from archives import damage_a_page

@@ -111,3 +111,28 @@ def test_without_retryable_rows_nothing_is_read(tmp_path, monkeypatch):
     _file(archive, "part-3-z.parquet", [("c", retryable("read failed", "timeout"), EARLY)])
     with pytest.raises(AssertionError, match="supersede read rows"):
         supersede_retried(str(archive), STORAGE)
+
+
+def test_only_the_files_with_retryable_rows_are_read_for_errors(tmp_path, monkeypatch):
+    """What the driver holds is set by the retryable rows: their files' errors are read, and
+    of every other file only the key and time columns, kept for the retried keys alone."""
+    import pipeline.supersede
+
+    archive = tmp_path / "archive"
+    lost = retryable("worker died", "killed by SIGKILL")
+    _file(archive, "part-1-x.parquet", [("a", None, EARLY), ("b", lost, EARLY)])
+    _file(archive, "part-2-y.parquet", [(f"k{i}", None, EARLY) for i in range(50)] + [("b", None, EARLY + timedelta(1))])
+    read, reads = pipeline.supersede.read_data_file, []
+
+    def recorded(path, fs, columns):
+        reads.append((Path(path).name, tuple(columns or ())))
+        return read(path, fs, columns)
+
+    monkeypatch.setattr(pipeline.supersede, "read_data_file", recorded)
+    newest = pipeline.supersede._newest_rows(str(archive), STORAGE, pa.array(["b"]))
+    assert newest == {"b": EARLY + timedelta(1)}
+    reads.clear()
+    assert supersede_retried(str(archive), STORAGE) == Superseded(rows=1, files=1)
+    assert ("part-1-x.parquet", ("key", "error", "created_at")) in reads
+    assert [columns for name, columns in reads if name == "part-2-y.parquet"] == [("key", "created_at")]
+    assert _rows(archive) == sorted([("a", None), ("b", None)] + [(f"k{i}", None) for i in range(50)])
