@@ -83,6 +83,11 @@ T = TypeVar("T")
 # photos), and the footer keeps each group's statistics (about 25 KB for a file of 1000 rows).
 ROW_GROUP_ROWS = 64
 
+# The encode actors' torch thread count, in each data file's metadata: oneDNN's float
+# results can depend on it (docs/method.md, "Reproducible pixels"), so restores of the
+# file's records run with it and reproduce the encoder's pixels on the same CPU kind.
+THREADS_KEY = "corrdiff.torch_threads"
+MAX_TORCH_THREADS = 256  # a recorded count above it is not one a writer wrote
 FOOTER_THREADS = 16  # footers read at once (per_data_file): storage round trips on object stores
 
 TEMP_PREFIX = ".tmp-"  # a file being written; hidden from readers, removed by clean_incomplete

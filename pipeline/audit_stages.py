@@ -151,7 +151,7 @@ class ScoreRecords(ModelStage):
         out = _identity(row)
         if stands_for_file(row):
             return out | {"record_status": UNREADABLE_FILE, "error": row["error"], "seconds": 0.0}
-        restored = self.restorer.restore(row["record"], row["error"], self.mode, row["codec"])
+        restored = self.restorer.restore(row["record"], row["error"], self.mode, row["codec"], row["torch_threads"])
         out |= {"record_status": restored.status, "model_id": restored.model_id or row.get("model_id"),
                 "error": restored.error or row["original_error"]}
         if row["record"] is not None and row["width"] and row["height"]:
@@ -192,7 +192,7 @@ class CropWorst(ModelStage):
         for row, original in _with_originals(batch):
             if original is None or stands_for_file(row):
                 continue
-            restored = self.restorer.restore(row["record"], row["error"], self.mode, row["codec"])
+            restored = self.restorer.restore(row["record"], row["error"], self.mode, row["codec"], row["torch_threads"])
             if restored.status == OK and original.shape == restored.pixels.shape:
                 crops.append({"key": row["key"], **_crops(original, restored.pixels, self.side)})
         return pa.Table.from_pylist(crops, schema=CROP_SCHEMA)

@@ -31,7 +31,7 @@ from corrdiff.floor import Floor
 from corrdiff.memory import coding_bytes
 from corrdiff.metrics import PERCEPTUAL_METRICS
 from corrdiff.tiling import Tiling, check_tiling
-from pipeline.archive import ArchiveDatasink, clean_incomplete, file_metadata, job_metadata, list_data_files
+from pipeline.archive import THREADS_KEY, ArchiveDatasink, clean_incomplete, file_metadata, job_metadata, list_data_files
 from pipeline.compress_stages import DecodeImages, EncodeImages
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import archive_lease
@@ -272,6 +272,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metada
         "tiling": Tiling(config.codec.tile, config.codec.tile_overlap),
         "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     })
+    metadata = metadata | {THREADS_KEY: str(plan.torch_threads)}  # what restores use for the same pixels
     dataset.write_datasink(ArchiveDatasink(config.output, config.storage, metadata, job_id,
                                            config.resources.rows_per_file,
                                            on_written=resume.progress() if resume else None))

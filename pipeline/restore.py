@@ -68,6 +68,7 @@ class Restorer:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self.threads = torch.get_num_threads()  # the worker's own: for records whose encoder's count is unknown
         self.device = None if device == "auto" else device
         self.fixed = CorrDiffCodec.from_pretrained(model, device=self.device) if model is not None else None
         self.library = models.library(self.device)
@@ -76,10 +77,13 @@ class Restorer:
         return self.fixed if self.fixed is not None else self.library.codec(model_id)
 
     def restore(self, record: bytes | None, archive_error: str | None, mode: str,
-                codec: str | None = CORRDIFF) -> Restored:
+                codec: str | None = CORRDIFF, threads: int | None = None) -> Restored:
         """One archive row's pixels and status; ``codec`` is the row's (None or ``corrdiff``:
         a CorrDiff record; a standard codec's record decodes the same in every mode, and has
-        no model)."""
+        no model). ``threads``: the torch thread count the record's encoder ran with (its
+        file's ``corrdiff.torch_threads``), which the float networks then run with too: on
+        the same CPU kind, that reproduces the encoder's pixels exactly (docs/method.md,
+        "Reproducible pixels"); None: the worker's own count."""
         if record is None:
             return Restored(COMPRESS_ERROR, error=archive_error or "the archive row has no record")
         if codec not in (None, CORRDIFF):
@@ -98,6 +102,7 @@ class Restorer:
         except ModelNotFoundError as error:
             return Restored(MODEL_MISSING, model_id=model_id, error=str(error))
         try:
+            _use_threads(threads or self.threads)
             (pixels,) = codec.decode([record], mode=mode)
         except ModelMismatchError as error:
             return Restored(MODEL_MISSING, model_id=model_id, error=str(error))
@@ -106,6 +111,13 @@ class Restorer:
         except Exception as error:  # noqa: BLE001 - one bad record must not stop the batch
             return Restored(DECODE_FAILED, model_id=model_id, error=f"decode failed: {type(error).__name__}: {error}")
         return Restored(OK, pixels=pixels, model_id=model_id)
+
+
+def _use_threads(threads: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class RestoreRecords(ModelStage):
@@ -124,10 +136,10 @@ class RestoreRecords(ModelStage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         restored, seconds = [], []
-        for record, error, codec in zip(batch["record"].to_pylist(), batch["error"].to_pylist(),
-                                        batch["codec"].to_pylist()):
+        for record, error, codec, threads in zip(*(batch[name].to_pylist()
+                                                   for name in ("record", "error", "codec", "torch_threads"))):
             started = time.perf_counter()
-            restored.append(self.restorer.restore(record, error, self.mode, codec))
+            restored.append(self.restorer.restore(record, error, self.mode, codec, threads))
             seconds.append(time.perf_counter() - started)
         return _restored_rows(batch, restored, seconds, self.keep_pixels)
 

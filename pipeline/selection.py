@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import ray
 from fsspec import AbstractFileSystem
 
-from pipeline.archive import (SCHEMA, key_range, largest_image, per_data_file, range_may_hold,
-                              read_data_file_rows)
+from pipeline.archive import (MAX_TORCH_THREADS, SCHEMA, THREADS_KEY, key_range, largest_image, per_data_file,
+                              range_may_hold, read_data_file_rows)
 from pipeline.storage import StorageConfig, filesystem, with_retries
 
 # The archive columns the restore and audit stages need; never "gammas" or other bulk.
@@ -161,7 +161,8 @@ def key_rows(files: list[ArchiveFile], keys: frozenset[str]) -> list[FileSelecti
 def read_selected(selections: list[FileSelection], storage: StorageConfig, keys: frozenset[str] | None = None,
                   columns: list[str] = ROW_COLUMNS) -> ray.data.Dataset:
     """The selected rows as a Dataset (one read task per file), with ``archive_file`` and
-    ``archive_row`` saying where each row lives; ``keys`` keeps only rows with those keys
+    ``archive_row`` saying where each row lives and ``torch_threads`` the thread count its
+    file's encoder ran with (None: not recorded); ``keys`` keeps only rows with those keys
     (select the files with :func:`key_rows`)."""
     items = pa.table({"path": [s.path for s in selections],
                       "rows": pa.array([list(s.rows) if s.rows is not None else None for s in selections],
@@ -187,9 +188,10 @@ def _read_file_rows(batch: pa.Table, storage: StorageConfig, keys: tuple[str, ..
             tables.append(_unreadable_file_row(path, f"unreadable archive file: {type(error).__name__}: {error}",
                                                columns))
             continue
+        threads = _torch_threads((table.schema.metadata or {}).get(THREADS_KEY.encode()))
         table = table.append_column("archive_file", pa.array([path] * table.num_rows, pa.string()))
         table = table.append_column("archive_row", positions)
-        tables.append(table)
+        tables.append(table.append_column("torch_threads", pa.array([threads] * table.num_rows, pa.int32())))
     return pa.concat_tables(tables)
 
 
@@ -220,4 +222,15 @@ def _unreadable_file_row(path: str, error: str, columns: list[str]) -> pa.Table:
     schema = pa.schema([SCHEMA.field(name) for name in columns])
     values = {name: [None] for name in columns} | {"key": [UNREADABLE_FILE_KEY], "error": [error]}
     table = pa.Table.from_pydict(values, schema=schema)
-    return table.append_column("archive_file", pa.array([path])).append_column("archive_row", pa.array([-1]))
+    return (table.append_column("archive_file", pa.array([path])).append_column("archive_row", pa.array([-1]))
+            .append_column("torch_threads", pa.array([None], pa.int32())))
+
+
+def _torch_threads(value: bytes | None) -> int | None:
+    """The encoder's thread count a file's footer records (untrusted: None unless a count a
+    writer writes); None for files written before it was recorded."""
+    try:
+        threads = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return threads if threads is not None and 1 <= threads <= MAX_TORCH_THREADS else None

@@ -310,3 +310,37 @@ def test_an_object_without_the_key_is_never_replaced_on_s3(s3_server):
     assert s3_server.client.get_object(Bucket=name, Key="out/b.jpg.png")["Body"].read() == b"someone's object"
     body = s3_server.client.get_object(Bucket=name, Key=f"out/{alternative_path('b.jpg')}")["Body"].read()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), pixels[0])
+
+
+def test_a_restore_runs_with_the_encoders_thread_count_and_so_gets_its_pixels(ray_local, tiny_model, tmp_path):
+    """oneDNN's float kernels can round otherwise at another thread count (docs/method.md,
+    "Reproducible pixels"): the compress job records its actors' count in each file, and a
+    restore whose actors run another one runs the records' networks with the recorded count,
+    so it restores the encoder's pixels exactly, not merely to within a level."""
+    import torch
+
+    from pipeline.archive import THREADS_KEY
+
+    (tmp_path / "in").mkdir()
+    for i, photo in enumerate(sorted(EXAMPLES.glob("*.jpg"))[:2]):
+        shutil.copy(photo, tmp_path / "in" / f"{i}.jpg")
+    archive, out = str(tmp_path / "archive"), tmp_path / "out"
+    run_compress(CompressConfig(input=SourceConfig(url=str(tmp_path / "in")), output=archive,
+                                codec=CodecSettings(model=str(tiny_model), device="cpu", tile=128, tile_overlap=32),
+                                resources=ResourceSettings(torch_threads=1)))
+    assert {pq.read_metadata(p).metadata[THREADS_KEY.encode()] for p in Path(archive).glob("part-*.parquet")} == {b"1"}
+    run_restore(RestoreConfig(archive=archive, output=str(out), device="cpu", run_id="other",
+                              resources=ResourceSettings(torch_threads=2)))
+    codec = CorrDiffCodec.from_pretrained(tiny_model, device="cpu")
+    previous, differ = torch.get_num_threads(), 0
+    try:
+        for row in _rows(Path(archive)).values():
+            torch.set_num_threads(1)
+            [encoders] = codec.decode([row["record"]])
+            torch.set_num_threads(2)
+            differ += int(not np.array_equal(codec.decode([row["record"]])[0], encoders))
+            np.testing.assert_array_equal(np.asarray(Image.open(out / key_to_path(row["key"]))), encoders)
+    finally:
+        torch.set_num_threads(previous)
+    if not differ:
+        pytest.skip("this CPU's kernels round the same at 1 and 2 threads: restored exactly, but nothing to tell apart")
