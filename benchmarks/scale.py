@@ -237,7 +237,7 @@ def _measure(step: str, kind: str, root: Path) -> dict:
             extra = {"shards": listing.items.num_rows, "shards_to_read": resume.listing.items.num_rows,
                      "done_keys_held": resume.done_keys,  # the largest shard's keys, as its read task gets them
                      "task_payload_mb": round(max((len(pickle.dumps(keys)) for keys in done), default=0) / 2**20, 2)}
-        extra["worker_peak_rss_mb"] = workers.stop()
+        extra["worker_peak_rss_mb"], extra["worker_peak_rss_mb_by_task"] = workers.stop()
     elif step == "summary":
         summarize(archive, storage, "bench", 1.0, Skipped())
     elif step in ("verify_plan", "audit_plan"):
@@ -263,10 +263,13 @@ def _measure(step: str, kind: str, root: Path) -> dict:
 class _WorkerPeak:
     """The largest RSS of a worker process (``ray::...``) of this process's own Ray cluster
     (its descendants: ``ray.init`` starts the raylet, the raylet the workers) while it runs,
-    sampled; other clusters' workers on the machine are not counted."""
+    sampled; other clusters' workers on the machine are not counted. Each sample is also
+    charged to the task the worker runs then (its title, ``ray::<task>``), so that the
+    largest worker can be told apart: a reader, a split or a join."""
 
     def __init__(self) -> None:
         self.peak, self._done = 0, threading.Event()
+        self.by_task: dict[str, int] = {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -277,15 +280,21 @@ class _WorkerPeak:
         while not self._done.wait(0.1):
             for process in me.children(recursive=True):
                 try:
-                    if " ".join(process.cmdline()).startswith("ray::"):
-                        self.peak = max(self.peak, process.memory_info().rss)
+                    title = " ".join(process.cmdline())
+                    if title.startswith("ray::"):
+                        rss = process.memory_info().rss
+                        self.peak = max(self.peak, rss)
+                        task = title.split()[0][len("ray::"):]
+                        self.by_task[task] = max(self.by_task.get(task, 0), rss)
                 except psutil.Error:  # ended between the listing and the look
                     pass
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, dict[str, float]]:
+        """The largest worker's RSS in MB, and each task's largest, largest first."""
         self._done.set()
         self._thread.join()
-        return round(self.peak / 2**20, 1)
+        by_task = sorted(self.by_task.items(), key=lambda item: -item[1])
+        return round(self.peak / 2**20, 1), {task: round(rss / 2**20, 1) for task, rss in by_task}
 
 
 def _rss_mb() -> float:
