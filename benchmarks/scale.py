@@ -232,8 +232,10 @@ def _measure(step: str, kind: str, root: Path) -> dict:
     if step == "rerun_plan":
         if kind == "manifest":
             listing = list_images(SourceConfig(url=str(root / "in" / "manifest.parquet"), kind="manifest"), storage)
+            listed = time.perf_counter()
             pending = pending_images(listing, archive, storage)
-            extra = {"to_read": pending.rows}
+            extra = {"to_read": pending.rows, "listing_seconds": round(listed - started, 1),
+                     "anti_join_seconds": round(time.perf_counter() - listed, 1)}
         else:
             listing = list_shards(SourceConfig(url=str(root / "in"), kind=kind), storage)
             resume = resume_shards(archive, storage, kind, listing, "bench")
