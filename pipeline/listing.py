@@ -53,14 +53,19 @@ MANIFEST_FORMATS = (".txt", ".csv", ".parquet")
 @dataclass(frozen=True)
 class ImageListing:
     """A listing held in the object store: ``blocks`` (references to Arrow tables of
-    :data:`LISTING_SCHEMA`), ``rows`` in all, what was ``skipped``, and the ``filesystem``
-    whose paths the rows hold (None for a manifest: each URI names its own)."""
+    :data:`LISTING_SCHEMA`) and each one's row count (``block_rows``: what the anti-join
+    sizes its tasks by, without fetching a block), what was ``skipped``, and the
+    ``filesystem`` whose paths the rows hold (None for a manifest: each URI names its own)."""
 
     blocks: list[ray.ObjectRef]
-    rows: int
+    block_rows: list[int]
     skipped: Skipped
     filesystem: fsspec.AbstractFileSystem | None
     what: str  # "images under s3://..." or "manifest s3://...", for messages
+
+    @property
+    def rows(self) -> int:
+        return sum(self.block_rows)
 
 
 class ManifestError(ValueError):
@@ -82,7 +87,7 @@ def list_prefix(url: str, storage: StorageConfig, suffixes: tuple[str, ...], wha
     matched case-insensitively), listed in tasks; the others are counted as skipped.
     Raises ``FileNotFoundError`` when none is found, saying what was skipped instead."""
     fs, root = filesystem(url, storage)
-    level, blocks, rows, skipped = [root], [], 0, Skipped()
+    level, blocks, block_rows, skipped = [root], [], [], Skipped()
     while level:
         tasks = [_list_folders.options(num_returns=4).remote(fs, level[start:start + FOLDERS_PER_TASK], root, url,
                                                              suffixes, storage)
@@ -92,16 +97,16 @@ def list_prefix(url: str, storage: StorageConfig, suffixes: tuple[str, ...], wha
             count = ray.get(count)
             if count:
                 blocks.append(table)
-                rows += count
+                block_rows.append(count)
             level.extend(ray.get(folders))
             skipped.merge(ray.get(task_skipped))
-    if not rows:
+    if not blocks:
         counted = "".join(f", {count} {extension or 'without extension'}"
                           for extension, count in skipped.counts.most_common(SKIPPED_EXAMPLES))
         raise FileNotFoundError(
             f"no {what} ({', '.join(suffixes)}) under {url}"
             + (f"; skipped {sum(skipped.counts.values())} other files{counted}" if skipped.counts else ""))
-    return ImageListing(blocks, rows, skipped, fs, f"{what} under {url}")
+    return ImageListing(blocks, block_rows, skipped, fs, f"{what} under {url}")
 
 
 @ray.remote(num_cpus=0.25, max_retries=3)
@@ -196,17 +201,18 @@ def list_manifest(url: str, storage: StorageConfig, uri_column: str, key_column:
     key_column = key_column if key_column in names else uri_column
     tasks = [_manifest_rows.options(num_returns=3).remote(block, uri_column, key_column, suffix == ".txt")
              for block in raw.to_arrow_refs()]
-    blocks, rows, problems = [], 0, _Problems()
+    blocks, block_rows, problems = [], [], _Problems()
     for table, count, found in tasks:
         count = ray.get(count)
         if count:
             blocks.append(table)
-            rows += count
+            block_rows.append(count)
         problems.merge(ray.get(found))
     problems.check(url)
-    if not rows:
+    if not blocks:
         raise ManifestError(f"manifest {url} lists no URIs")
-    return ImageListing(blocks, rows, Skipped(), None, f"manifest {url}")  # every URI listed is read, whatever its name
+    # every URI listed is read, whatever its name: nothing skipped
+    return ImageListing(blocks, block_rows, Skipped(), None, f"manifest {url}")
 
 
 @dataclass
@@ -242,7 +248,11 @@ def _manifest_rows(block: pa.Table, uri_column: str, key_column: str, text: bool
     problems = _Problems()
     empty = pc.or_(pc.or_(pc.is_null(uris), pc.equal(uris, "")), pc.or_(pc.is_null(keys), pc.equal(keys, "")))
     problems.empty = int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
-    relative_uris = [uri for uri in uris.to_pylist()
+    # Whole columns first: a URI with a protocol before "://" (fsspec's rule: two characters
+    # at least) or an absolute path is fine; only the few others are asked one by one (a
+    # Python string per row of a million-row block cost more memory than the block).
+    plain = pc.and_(pc.invert(pc.starts_with(uris, "/")), pc.less(pc.find_substring(uris, "://"), 2))
+    relative_uris = [uri for uri in uris.filter(pc.fill_null(plain, False)).to_pylist()
                      if uri and fsspec.core.split_protocol(uri)[0] is None and not posixpath.isabs(uri)]
     problems.relative, problems.relative_examples = len(relative_uris), tuple(sorted(relative_uris)[:5])
     nulls = pa.nulls(len(uris))

@@ -7,18 +7,26 @@ asked on the driver they cost memory linear in the collection (about 2 GB at 10 
 issue 23). Here they are answered the way a distributed join answers them:
 
 1. the listing blocks, and the archive's data files (their ``key`` and ``error`` columns
-   only), are split by a few tasks (:data:`SPLIT_TASKS` a side, each a share) into
-   ``partitions`` parts by a hash of the key (CRC-32: the same in every process, unlike
-   Python's ``hash``). A key whose only rows are retryable
-   errors (pipeline.errors) counts as not archived: the rerun tries it again;
+   only), are split by tasks into ``partitions`` parts by a hash of the key (CRC-32: the
+   same in every process, unlike Python's ``hash``). A split task takes a share of at most
+   :data:`SHARE_ROWS` listed rows or :data:`SHARE_FILES` data files, so its memory does not
+   grow with the collection. A key whose only rows are retryable errors (pipeline.errors)
+   counts as not archived: the rerun tries it again;
 2. one task per partition takes that partition's parts from both sides: keys listed
    twice are duplicates (counted, a few named), listed keys with an archived row are left
    out, and the rest is yielded in blocks of :data:`BLOCK_ROWS` rows, ready to be fetched.
 
-The driver holds object references and counts; a task holds one block or one partition,
-about :data:`PARTITION_ROWS` keys from each side. Data files whose keys were formed by
-another key scheme are refused (``ValueError``, :func:`pipeline.archive.check_key_scheme`):
-a rerun would archive their images again under new keys.
+The driver holds object references and counts; a task holds one share or one partition,
+about :data:`PARTITION_ROWS` listed keys and the archive's keys that hash with them. Data
+files whose keys were formed by another key scheme are refused (``ValueError``,
+:func:`pipeline.archive.check_key_scheme`): a rerun would archive their images again under
+new keys.
+
+Ray keeps a task's returns under 100 KB in the memory of the process that called it (here
+the driver), and there are (shares a side) x (partitions) parts: they must stay large.
+With shares of fixed size both counts grow with the collection, so a part holds about
+``SHARE_ROWS / partitions`` keys: about 25,000 at 10 M keys, 2,500 (100 KB or so) at 100 M.
+Beyond that the parts would have to be gathered in fewer, larger objects.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -44,16 +52,12 @@ from pipeline.storage import StorageConfig, filesystem
 
 PARTITION_ROWS = 1_000_000  # listed keys per partition: a join task's memory is about this many keys of each side
 MAX_PARTITIONS = 4096
-# Split tasks per side: each takes a share of the listing blocks or of the archive's files.
-# Ray keeps a task's returns under 100 KB in the memory of the process that called it (here
-# the driver), so parts must be large: with one split task per archive file, a 10 M-key
-# archive of 1000 files made 40,000 small parts, 0.9 GB on the driver. A task's parts hold
-# about its share of keys / partitions keys each.
-SPLIT_TASKS = 32
+# A split task's share, fixed so that its memory is: split tasks once took 1/32 of a side
+# each, whatever its size (at 10 M keys a million listed rows a task).
+SHARE_ROWS = 250_000  # listed rows (whole listing blocks; a larger block is a share alone)
+SHARE_FILES = 32  # archive data files (the writer bounds their rows: ResourcePlan.rows_per_file)
 READ_THREADS = 8  # data files a split task reads at once (object stores answer slowly, in parallel)
 BLOCK_ROWS = 1024  # listing rows per block to fetch: a fetch task's share, and what a retry redoes
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,10 @@ def pending_images(listing: ImageListing, archive: str, storage: StorageConfig) 
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(listing.rows / PARTITION_ROWS)))
     fs, _ = filesystem(archive, storage)
     files = list_data_files(archive, storage)
-    listed = [_split.options(num_returns=partitions + 1).remote(partitions, *blocks)[:partitions]
-              for blocks in _shares(listing.blocks)]
-    archived_parts = [_split_archived.options(num_returns=partitions + 1).remote(fs, paths, partitions)
-                      for paths in _shares(files)]
+    listed = [_split.options(num_returns=partitions + 1).remote(partitions, *listing.blocks[share])[:partitions]
+              for share in _shares(listing.block_rows, SHARE_ROWS)]
+    archived_parts = [_split_archived.options(num_returns=partitions + 1).remote(fs, files[share], partitions)
+                      for share in _shares([1] * len(files), SHARE_FILES)]
     for problem in ray.get([parts[partitions] for parts in archived_parts]):
         if problem:
             raise ValueError(problem)
@@ -116,13 +120,18 @@ def _parts(table: pa.Table, partitions: int) -> list[pa.Table]:
     return [ordered.slice(bounds[p], bounds[p + 1] - bounds[p]) for p in range(partitions)]
 
 
-def _shares(items: list[T]) -> list[list[T]]:
-    """``items`` in at most :data:`SPLIT_TASKS` contiguous shares, none empty."""
-    count = min(len(items), SPLIT_TASKS)
-    if count == 0:
-        return []
-    bounds = [len(items) * i // count for i in range(count + 1)]
-    return [items[start:stop] for start, stop in zip(bounds, bounds[1:])]
+def _shares(sizes: list[int], limit: int) -> list[slice]:
+    """Contiguous runs of items whose ``sizes`` add up to at most ``limit`` (an item larger
+    than that is a run alone), none empty."""
+    shares, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if total and total + size > limit:
+            shares.append(slice(start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        shares.append(slice(start, len(sizes)))
+    return shares
 
 
 @ray.remote(num_cpus=0.25)
@@ -144,8 +153,11 @@ def _split_archived(fs: fsspec.AbstractFileSystem, paths: list[str],
             check_key_scheme(table.schema.metadata or {}, fs.unstrip_protocol(path))
         except ValueError as error:
             return (*[None] * partitions, str(error))
-        errors = table["error"].to_pylist()
-        done.append(table.select(["key"]).filter(pa.array([not is_retryable(error) for error in errors], pa.bool_())))
+        errors = table["error"]
+        if errors.null_count < len(errors):  # rows with an error: only retryable ones leave their key to do again
+            keep = pa.array([not is_retryable(error) for error in errors.to_pylist()], pa.bool_())
+            table = table.filter(keep)
+        done.append(table.select(["key"]))
     return (*_parts(pa.concat_tables(done, promote_options="permissive"), partitions), None)
 
 

@@ -26,7 +26,7 @@ from pipeline import pending as pending_module
 from pipeline import storage as storage_module
 from pipeline.archive import SCHEMA, data_file_bytes
 from pipeline.errors import is_retryable, retryable
-from pipeline.listing import ImageListing, ManifestError
+from pipeline.listing import LISTING_SCHEMA, ImageListing, ManifestError
 from pipeline.pending import DuplicateKeysError, pending_images
 from pipeline.shards import with_done_keys
 from pipeline.skipped import Skipped
@@ -333,6 +333,42 @@ def test_a_rerun_reads_what_the_archive_lacks_and_retries_retryable_errors(tmp_p
     assert (pending.rows, pending.archived) == (7, 4)
     assert sorted(collect(read_images(pending, SourceConfig(url=str(tmp_path / "in")), LOCAL))) == \
         ["02.png", *[f"{i:02d}.png" for i in range(5, 11)]]
+
+
+def listing_of(*blocks: list[str]) -> ImageListing:
+    """A listing of these blocks of keys (each key's URI a local path), in the object store."""
+    tables = [pa.table({"key": keys, "source_uri": [f"/in/{key}" for key in keys], "path": [None] * len(keys),
+                        "size": pa.nulls(len(keys), pa.int64()), "version": [None] * len(keys)},
+                       schema=LISTING_SCHEMA) for keys in blocks]
+    return ImageListing([ray.put(table) for table in tables], [table.num_rows for table in tables], Skipped(), None,
+                        "test listing")
+
+
+def test_the_anti_join_splits_both_sides_in_shares_and_finds_duplicates_across_them(tmp_path, ray_local,
+                                                                                     monkeypatch):
+    """Shares of a few listed rows and one archive file each, several partitions: what is left
+    to read and the duplicates are those of the whole listing, wherever the rows fell."""
+    monkeypatch.setattr(pending_module, "PARTITION_ROWS", 3)
+    monkeypatch.setattr(pending_module, "SHARE_ROWS", 4)
+    monkeypatch.setattr(pending_module, "SHARE_FILES", 1)
+    archive = write_archive(tmp_path / "archive", ["k00", "k01", "k02"])
+    (tmp_path / "archive" / "part-test-00000.parquet").rename(tmp_path / "archive" / "part-test-00001.parquet")
+    write_archive(tmp_path / "archive", ["k07", "k08"])
+    keys = [f"k{i:02d}" for i in range(12)]
+
+    pending = pending_images(listing_of(keys[:3], keys[3:5], keys[5:9], keys[9:]), archive, LOCAL)
+
+    assert (pending.rows, pending.archived) == (7, 5)
+    assert sorted(key for table in ray.get(pending.blocks) for key in table["key"].to_pylist()) == \
+        ["k03", "k04", "k05", "k06", "k09", "k10", "k11"]
+    with pytest.raises(DuplicateKeysError, match=r"2 duplicate keys.*'k01', 'k10'"):
+        pending_images(listing_of(keys[:3], keys[3:9], ["k10", "k01"], keys[9:]), archive, LOCAL)
+
+
+def test_shares_are_contiguous_runs_within_the_limit():
+    assert pending_module._shares([2, 2, 1, 5, 1, 1], 4) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]
+    assert pending_module._shares([1] * 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert pending_module._shares([], 3) == []
 
 
 def test_a_rerun_over_an_archive_of_another_key_scheme_is_refused(tmp_path, ray_local):
