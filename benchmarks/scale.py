@@ -24,7 +24,8 @@ own), the driver's side of:
 - ``summary``: the job summary (``pipeline.summary.summarize``);
 - ``verify_plan`` and ``audit_plan``: the footers and the selection of ``--verify-all``
   and of an audit sample of 1000 rows (``pipeline.selection``);
-- ``decode_keys``: ``decode --keys`` of 10 keys: the footers, then what the read tasks do
+- ``restore_keys``: ``restore --keys`` of 10 keys (``decode_keys`` in the results of 2026-12-02
+  and before): the footers, then what the read tasks do
   (here one after another in this process): the files whose key range can hold the keys,
   their row groups that can, and the records of those that do.
 
@@ -55,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STEPS = ("rerun_plan", "summary", "verify_plan", "audit_plan", "decode_keys")
+STEPS = ("rerun_plan", "summary", "verify_plan", "audit_plan", "restore_keys")
 MEMBERS_PER_SHARD = 1000
 MISSING = 0.01
 
@@ -250,7 +251,7 @@ def _measure(step: str, kind: str, root: Path) -> dict:
         files = archive_files(archive, storage)
         selections = all_rows(files) if step == "verify_plan" else sample_rows(files, 1000, seed=0)
         extra = {"files_selected": len(selections)}
-    elif step == "decode_keys":
+    elif step == "restore_keys":
         files = archive_files(archive, storage)
         keys = tuple(sorted(_keys(kind, 10)[0]))  # ten archived keys (the first ten)
         fs, _ = filesystem(archive, storage)
