@@ -115,6 +115,25 @@ def test_lpips_against_a_kept_reference_is_the_lpips_package_value(lpips_alex: L
         reference(photo[:100])
 
 
+@lpips_weights
+def test_lpips_runs_on_the_real_imagenet_backbone(lpips_alex: LPIPS, photo: np.ndarray) -> None:
+    """lpips depends silently on torchvision's pretrained AlexNet: with a random or
+    mis-ported backbone it still returns numbers, only meaningless ones. Same linear heads,
+    a random backbone: ImageNet features respond far more strongly to JPEG blocking (about
+    0.22 against 0.005 on this crop)."""
+    import lpips
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random_backbone = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False)
+    damaged = decode_classic(encode_classic(photo, "jpeg", 10))
+    scaled = [torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0 for x in (photo, damaged)]
+    with torch.no_grad():
+        random = float(random_backbone(*scaled).item())
+    assert abs(lpips_alex(photo, damaged) - random) > 0.05, (lpips_alex(photo, damaged), random)
+
+
 vgg_weights = pytest.mark.skipif(
     not lpips_backbone_path("vgg").is_file(),
     reason="ImageNet VGG16 weights not installed; run scripts/install_lpips_weights.py",
