@@ -187,7 +187,7 @@ class CorrDiffCodec:
                               f"{width}x{height}")
         if parsed.gammas != encoded.gammas or parsed.seed != encoded.seed:
             raise RecordError("record's gammas or seed differ from the encoder's")
-        latent = self._latent(parsed).to(encoded.latent.device)
+        latent = self.latent(parsed).to(encoded.latent.device)
         if latent.shape != encoded.latent.shape or not torch.equal(latent, encoded.latent):
             differing = int((latent != encoded.latent).sum()) if latent.shape == encoded.latent.shape else latent.numel()
             raise RecordError(f"record's latent decodes differently from what the encoder coded "
@@ -221,7 +221,7 @@ class CorrDiffCodec:
         if record.version == 1:
             return self._decode_whole(record, mode, steps)
         model = self.model
-        y_hat = self._latent(record)
+        y_hat = self.latent(record)
         x_e = reconstruct_e2e_tiled(model, y_hat, record.tile)
         if mode == "e2e":
             return to_image(x_e, record.height, record.width)
@@ -231,7 +231,7 @@ class CorrDiffCodec:
         out, _ = corrected_ddim_tiled(denoiser, x_start, model, steps, rule)
         return to_image(out, record.height, record.width)
 
-    def _latent(self, record: Record) -> Tensor:
+    def latent(self, record: Record) -> Tensor:
         """y_hat as the record codes it: block by block (version 2) or whole (version 1)."""
         if record.version == 1:
             [y_string] = record.y_strings
@@ -250,7 +250,7 @@ class CorrDiffCodec:
     def _decode_whole(self, record: Record, mode: DecodeMode, steps: int) -> np.ndarray:
         """Format version 1: every network on the whole image, as those records were written."""
         model = self.model
-        y_hat = self._latent(record)
+        y_hat = self.latent(record)
         x_e = model.reconstruct_e2e(y_hat)
         if mode == "e2e":
             out = x_e

@@ -2,13 +2,18 @@
 
 An archive is read years after it was written, by whatever version of this code exists
 then. For each model the package ships, ``tests/golden/<model>.json`` keeps one small
-record it wrote, the SHA-256 of the latent a decoder recovers from it (exact integer
-arithmetic: identical on every platform) and of the pixels each decode mode produces
-(float networks: the same on the CPU platform recorded beside them, which the tests run
-on). A change that alters what an old record decodes to fails here.
+record of every format version the encoder has written with it, the SHA-256 of the latent
+a decoder recovers from each (exact integer arithmetic: identical on every platform) and of
+the pixels each decode mode produces on each CPU platform and thread count recorded (float
+networks: the same there, not elsewhere). A change that alters what an old record decodes
+to fails here; on a platform with no recorded pixels only the latent is checked.
 
-Regenerate (only for a new bundled model, never to make a failing test pass):
+Add what is missing (never rewrite what is there, never to make a failing test pass):
     CORRDIFF_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_records.py
+writes a record of the format the encoder writes now, where the file has none of that
+version, and this platform's pixels for records that have none here: only from code that
+decodes every recorded platform's pixels as they are, and for an old record from the code
+that wrote it (or code that decodes it as that did, checked on a platform it recorded).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,18 +32,28 @@ import torch
 from PIL import Image
 
 from corrdiff import DECODE_MODES, CorrDiffCodec
-from corrdiff.latent_codec import LatentBitstreams
-from corrdiff.record import Record
+from corrdiff.record import FORMAT_VERSION, Record
+from corrdiff.tiling import Tiling
 from corrdiff.weights import available_models
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 CROP = (slice(40, 104), slice(60, 156))  # 64 x 96 px of a real photo: small, one pad in width
+# Version 2 on: 64 x 160 px (padded to 192 wide) in tiles of 64 px overlapping by 16: three
+# blocks and four score tiles, so that the blocks' halos and the blending are pinned too.
+TILED_CROP = (slice(40, 104), slice(60, 220))
+GOLDEN_TILING = Tiling(tile=64, overlap=16)
 
 
-def _platform() -> dict[str, str]:
+def _platform() -> dict[str, Any]:
+    """Where float pixels were decoded; ``threads`` None (the first records): the machine's default."""
     return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__.split("+")[0]}
+            "torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()}
+
+
+def _same_kernels(recorded: dict[str, Any]) -> bool:
+    here = _platform()
+    return all(recorded[key] == here[key] for key in ("machine", "cpu_capability", "torch"))
 
 
 def _sha256(array: np.ndarray | torch.Tensor) -> str:
@@ -45,39 +61,62 @@ def _sha256(array: np.ndarray | torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
-def _latent(codec: CorrDiffCodec, record_bytes: bytes) -> torch.Tensor:
-    record = Record.from_bytes(record_bytes)
-    streams = LatentBitstreams(z=record.z_string, y=record.y_strings[0])
-    return codec.model.latent.decompress([streams], record.padded_size)
-
-
 def _decoded(codec: CorrDiffCodec, record: bytes) -> dict[str, str]:
     return {mode: _sha256(codec.decode([record], mode=mode)[0]) for mode in DECODE_MODES}
 
 
-def _write(name: str, codec: CorrDiffCodec) -> None:
-    photo = np.asarray(Image.open(ROOT / "examples" / "photos" / "sunset.jpg").convert("RGB"))[CROP]
-    [encoded] = codec.encode_detailed([photo])
-    golden = {"model": name, "model_id": codec.model_id_hex, "record": base64.b64encode(encoded.record).decode(),
-              "latent_sha256": _sha256(_latent(codec, encoded.record)),
-              "pixels_sha256": _decoded(codec, encoded.record), "platform": _platform()}
-    (GOLDEN / f"{name}.json").write_text(json.dumps(golden, indent=2) + "\n")
+def _load(name: str) -> dict[str, Any]:
+    path = GOLDEN / f"{name}.json"
+    assert path.exists(), f"bundled model {name} has no golden record: write one (see this module's docstring)"
+    return json.loads(path.read_text())
+
+
+def _add_missing(name: str, codec: CorrDiffCodec) -> None:
+    path = GOLDEN / f"{name}.json"
+    golden = json.loads(path.read_text()) if path.exists() else {"model": name, "model_id": codec.model_id_hex,
+                                                                  "records": []}
+    if all(entry["version"] != FORMAT_VERSION for entry in golden["records"]):
+        photo = np.asarray(Image.open(ROOT / "examples" / "photos" / "sunset.jpg").convert("RGB"))[TILED_CROP]
+        codec.tiling = GOLDEN_TILING
+        [encoded] = codec.encode_detailed([photo])
+        golden["records"].append({"version": FORMAT_VERSION, "record": base64.b64encode(encoded.record).decode(),
+                                  "latent_sha256": _sha256(codec.latent(codec.parse(encoded.record))),
+                                  "pixels": []})
+    for entry in golden["records"]:
+        if not any(_same_kernels(pixels["platform"]) for pixels in entry["pixels"]):
+            entry["pixels"].append({"platform": _platform(),
+                                    "sha256": _decoded(codec, base64.b64decode(entry["record"]))})
+    path.write_text(json.dumps(golden, indent=2) + "\n")
 
 
 @pytest.mark.parametrize("name", available_models())
 def test_a_golden_record_decodes_as_it_always_did(name: str) -> None:
     codec = CorrDiffCodec.from_pretrained(name, device="cpu")
     if os.environ.get("CORRDIFF_WRITE_GOLDEN"):
-        _write(name, codec)
-    path = GOLDEN / f"{name}.json"
-    assert path.exists(), f"bundled model {name} has no golden record: write one (see this module's docstring)"
-    golden = json.loads(path.read_text())
-    record = base64.b64decode(golden["record"])
-    assert golden["model_id"] == codec.model_id_hex == Record.from_bytes(record).model_id.hex()
-    assert _sha256(_latent(codec, record)) == golden["latent_sha256"]  # integer coding: any platform
-    if golden["platform"] != _platform():
-        pytest.skip(f"pixels were recorded on {golden['platform']}, this is {_platform()}: float kernels may differ")
-    assert _decoded(codec, record) == golden["pixels_sha256"]
+        _add_missing(name, codec)
+    golden = _load(name)
+    assert golden["model_id"] == codec.model_id_hex
+    assert {entry["version"] for entry in golden["records"]} >= {FORMAT_VERSION}, "no record of the current format"
+    checked = 0
+    for entry in golden["records"]:
+        record = base64.b64decode(entry["record"])
+        parsed = Record.from_bytes(record)
+        assert (parsed.version, parsed.model_id.hex()) == (entry["version"], codec.model_id_hex)
+        assert _sha256(codec.latent(parsed)) == entry["latent_sha256"]  # integer coding: any platform
+        threads = torch.get_num_threads()
+        for pixels in entry["pixels"]:
+            recorded = pixels["platform"]
+            if not _same_kernels(recorded):
+                continue
+            torch.set_num_threads(recorded["threads"] or threads)
+            try:
+                assert _decoded(codec, record) == pixels["sha256"], f"version {entry['version']} on {recorded}"
+            finally:
+                torch.set_num_threads(threads)
+            checked += 1
+    if not checked:
+        platforms = [p["platform"] for entry in golden["records"] for p in entry["pixels"]]
+        pytest.skip(f"pixels were recorded on {platforms}, this is {_platform()}: float kernels may differ")
 
 
 def test_every_golden_record_belongs_to_a_bundled_model() -> None:

@@ -125,7 +125,7 @@ def test_a_tiled_record_is_the_same_every_time_and_other_thread_counts_only_roun
     torch.set_num_threads(1 if previous > 1 else 2)
     try:
         [other] = tiled_codec.decode([encoded.record])
-        latent = tiled_codec._latent(Record.from_bytes(encoded.record))
+        latent = tiled_codec.latent(Record.from_bytes(encoded.record))
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(latent, encoded.latent)
