@@ -1,8 +1,9 @@
-"""Peak memory and time of tiled coding (format version 2) as the image grows.
+"""Peak memory and time of tiled coding (format version 3) as the image grows.
 
     python benchmarks/memory.py [--model NAME_OR_PATH | --tiny] [--sizes 1 6 24 100]
                                 [--ops encode corrdiff e2e diffusion] [--tile 512] [--overlap 64]
-                                [--whole-at 1] [--threads N] [--device cpu|cuda] [--json FILE]
+                                [--tile-batch 1] [--whole-at 1] [--threads N] [--device cpu|cuda]
+                                [--json FILE]
 
 Each (size, operation) runs in a fresh child process, so each peak is that operation's
 alone: peak RSS (``ru_maxrss``) of the child, the RSS it had with the model loaded and
@@ -79,7 +80,7 @@ def child(args: argparse.Namespace) -> dict:
         codec = CorrDiffCodec.from_config(micro_config(), device=args.device)
     else:
         codec = CorrDiffCodec.from_pretrained(args.model, device=args.device)
-    codec.tiling = Tiling(args.tile, args.overlap)
+    codec.tiling = Tiling(args.tile, args.overlap, args.tile_batch)
     record_path = Path(args.record)
     codec.decode(codec.encode([np.zeros((64, 64, 3), np.uint8)]), mode="e2e")  # load kernels, untimed
     baseline = peak_rss_mb()
@@ -101,17 +102,18 @@ def child(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
     mpx = height * width / 1e6
     row = {"op": args.op, "mpx": mpx, "height": height, "width": width, "tile": args.tile,
-           "overlap": args.overlap, "s_per_mpx": seconds / mpx, "peak_rss_mb": peak_rss_mb(),
-           "rss_before_image_mb": baseline, "bpp": 8 * len(record) / (height * width),
-           "estimated_tile_mb": tile_working_bytes(codec.model.config, codec.tiling.tile) / 2**20}
+           "overlap": args.overlap, "tile_batch": args.tile_batch, "s_per_mpx": seconds / mpx,
+           "peak_rss_mb": peak_rss_mb(), "rss_before_image_mb": baseline, "bpp": 8 * len(record) / (height * width),
+           "estimated_tile_mb": tile_working_bytes(codec.model.config, codec.tiling.tile, args.tile_batch) / 2**20}
     if codec.device.type == "cuda":
         row["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
-def run_child(args: argparse.Namespace, op: str, mpx: float, tile: int, overlap: int, record: Path) -> dict:
-    command = [sys.executable, __file__, "--child", op, "--mpx", str(mpx), "--tile", str(tile),
-               "--overlap", str(overlap), "--record", str(record), "--threads", str(args.threads)]
+def run_child(args: argparse.Namespace, op: str, mpx: float, tiling: Tiling, record: Path) -> dict:
+    command = [sys.executable, __file__, "--child", op, "--mpx", str(mpx), "--tile", str(tiling.tile),
+               "--overlap", str(tiling.overlap), "--tile-batch", str(tiling.batch), "--record", str(record),
+               "--threads", str(args.threads)]
     command += ["--tiny"] if args.tiny else (["--model", args.model] if args.model else [])
     command += ["--device", args.device] if args.device else []
     out = subprocess.run(command, capture_output=True, text=True)
@@ -156,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--tile", type=int, default=Tiling.tile)
     parser.add_argument("--overlap", type=int, default=Tiling.overlap)
+    parser.add_argument("--tile-batch", type=int, default=Tiling.batch, help="score tiles per network call")
     parser.add_argument("--whole-at", type=float, nargs="*", default=[1.0],
                         help="sizes (Mpx, at most 2048 px a side) also coded with one whole-image tile")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -179,19 +182,20 @@ def main(argv: list[str] | None = None) -> dict:
         for mpx in sorted(args.sizes):
             record = Path(tmp) / f"{mpx}.cdar"
             for op in ops:
-                rows.append(run_child(args, op, mpx, args.tile, args.overlap, record))
+                rows.append(run_child(args, op, mpx, Tiling(args.tile, args.overlap, args.tile_batch), record))
                 print(json.dumps(rows[-1]), flush=True)
         for mpx in args.whole_at:
             record = Path(tmp) / f"whole-{mpx}.cdar"
             for op in ops:
-                whole.append(run_child(args, op, mpx, 2048, 0, record))
+                whole.append(run_child(args, op, mpx, Tiling(2048, 0), record))
                 print(json.dumps({**whole[-1], "whole_image": True}), flush=True)
     checks = goals(rows, whole, ops)
     results = {"model": "tiny (random)" if args.tiny else args.model or "default", "threads": args.threads,
                "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                "torch": torch.__version__, "platform": platform.platform(), "rows": rows, "whole_image": whole,
                "goals": checks}
-    print(f"\n{results['model']} on {results['device']}, {args.threads} thread(s), tile {args.tile} overlap {args.overlap}")
+    print(f"\n{results['model']} on {results['device']}, {args.threads} thread(s), tile {args.tile} overlap "
+          f"{args.overlap}, {args.tile_batch} tile(s) per call")
     print("op         Mpx     s/Mpx   peak RSS MB  before image MB  peak device MB")
     for r in rows + [dict(w, op=w["op"] + "*") for w in whole]:
         print(f"{r['op']:<10} {r['mpx']:<7.2f} {r['s_per_mpx']:<7.2f} {r['peak_rss_mb']:<12.0f} "

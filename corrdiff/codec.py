@@ -8,18 +8,20 @@ Images of any size are replicate-padded to a multiple of 64 and cropped back. Th
 runs the whole sampler (it fits and quantizes a gamma at every step) and so knows the
 exact pixels every decoder of its records will produce on the same platform.
 
-Records are written in format version 2: the networks run on tiles (``Tiling``: 512 px
+Records are written in format version 3: the networks run on tiles (``Tiling``: 512 px
 overlapping by 64 by default; corrdiff.tiling, corrdiff.tiled_sampler), so an image's
 memory is its tile's plus 36 bytes per pixel of sampler state, and an image within one
-tile is coded exactly as a whole. Version 1 records (whole-image networks) decode by the
-whole-image path they were written with, to the same pixels as ever.
+tile is coded exactly as a whole. Version 2 records (the same tiles, one per network call)
+and version 1 records (whole-image networks) decode as they were written, to the same
+pixels as ever.
 
-The networks see one image at a time, never a batch: BLAS and convolution kernels pick
-different blockings for different batch sizes, which changes float rounding, so an
-image's pixels would depend on which images it happened to be batched with. A record's
-pixels depend only on the record, the model and the platform. Throughput on a GPU comes
-from running several codec workers per device (the pipeline's actor pools), and full-size
-photos keep a GPU busy at batch one.
+The networks see one image at a time, never a batch of images: BLAS and convolution
+kernels pick different blockings for different batch sizes, which changes float rounding,
+so an image's pixels would depend on which images it happened to be batched with. Within
+an image, the score network runs the record's batch of tiles per call (``Tiling.batch``,
+stored in the record, so every decoder makes the same calls). A record's pixels depend
+only on the record, the model and the platform. Throughput on a GPU comes from several
+codec workers per device (the pipeline's actor pools) and from batches of tiles.
 """
 
 from __future__ import annotations
@@ -144,13 +146,14 @@ class CorrDiffCodec:
         streams, y_hat = model.latent.compress_tiled(pixels, padded_size, tiling.tile, self.device)
         x_e = reconstruct_e2e_tiled(model, y_hat, tiling.tile)
         x_start = initial_state_tiled(x_e, seed, model.schedule.alpha_bar(model.schedule.t_max))
-        denoiser = TiledDenoiser(model, x_e, y_hat, tiling.tile, tiling.overlap)
-        out, gammas = corrected_ddim_tiled(denoiser, x_start, model, steps, self._fit(pixels, padded_size, height, width, x_e))
+        denoiser = TiledDenoiser(model, x_e, y_hat, tiling)
+        fit = self._fit(pixels, padded_size, height, width, x_e)
+        out, gammas = corrected_ddim_tiled(denoiser, x_start, model, steps, fit)
         record = Record(
             model_id=self.model_id, height=height, width=width,
             pad_bottom=padded_size[0] - height, pad_right=padded_size[1] - width, seed=seed,
             gammas=tuple(float(g) for g in gammas[0].cpu()), z_string=streams.z, y_strings=tuple(streams.y),
-            tile=tiling.tile, overlap=tiling.overlap,
+            tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.batch,
         )
         return EncodedImage(record.to_bytes(), to_image(out, height, width), record.gammas, seed, y_hat)
 
@@ -226,13 +229,13 @@ class CorrDiffCodec:
         if mode == "e2e":
             return to_image(x_e, record.height, record.width)
         x_start = initial_state_tiled(x_e, record.seed, model.schedule.alpha_bar(model.schedule.t_max))
-        denoiser = TiledDenoiser(model, x_e, y_hat, record.tile, record.overlap)
+        denoiser = TiledDenoiser(model, x_e, y_hat, record.tiling)
         rule, steps = self._decode_rule(record, mode, steps)
         out, _ = corrected_ddim_tiled(denoiser, x_start, model, steps, rule)
         return to_image(out, record.height, record.width)
 
     def latent(self, record: Record) -> Tensor:
-        """y_hat as the record codes it: block by block (version 2) or whole (version 1)."""
+        """y_hat as the record codes it: block by block (versions 2 and 3) or whole (version 1)."""
         if record.version == 1:
             [y_string] = record.y_strings
             streams = LatentBitstreams(z=record.z_string, y=y_string)
@@ -280,7 +283,7 @@ def _check_image(image: np.ndarray, index: int) -> np.ndarray:
 
 def pixel_source(image: np.ndarray, device: torch.device) -> PixelSource:
     """Crops of the image replicate-padded at the bottom and right, as (1, 3, h, w) tensors in
-    [0, 1] on ``device``: the padded image is never materialised (version 2 codes by tiles)."""
+    [0, 1] on ``device``: the padded image is never materialised (tiled coding)."""
     height, width = image.shape[:2]
 
     def crop(top: int, left: int, rows: int, cols: int) -> Tensor:

@@ -63,7 +63,7 @@ class LatentBitstreams:
 
 @dataclass
 class TiledBitstreams:
-    """One image's latent coded in blocks (format version 2): one z string for the whole
+    """One image's latent coded in blocks (format versions 2 and 3): one z string for the whole
     image (1/4096 of its pixels times N symbols), one y string per block in raster order."""
 
     z: bytes

@@ -1,8 +1,9 @@
-"""How much memory coding one image takes (format version 2): for sizing workers.
+"""How much memory coding one image takes (format versions 2 and 3): for sizing workers.
 
 Tiled coding (corrdiff.tiling) keeps two kinds of memory: the sampler's whole-image state,
 known exactly (:data:`STATE_BYTES_PER_PIXEL` per padded pixel, plus y_hat), and the
-networks' working set on one tile, which depends on the model and the tile, not the image.
+networks' working set on one batch of tiles, which depends on the model, the tile and the
+batch, not the image.
 A pool sizes its workers as ``model + tile_working_bytes + image_bytes(largest image)``
 (:func:`coding_bytes`);
 the second term is an estimate from the architecture (activations the U-Net keeps for its
@@ -32,10 +33,11 @@ def image_bytes(config: ModelConfig, padded_height: int, padded_width: int) -> i
     return pixels * STATE_BYTES_PER_PIXEL + pixels // LATENT_STRIDE**2 * config.latent.latent_channels * FLOAT_BYTES
 
 
-def tile_working_bytes(config: ModelConfig, tile: int) -> int:
-    """Estimated peak of the networks on one ``tile`` x ``tile`` tile (the score network's
-    U-Net dominates; D and g_a run on blocks of the same side and hold less). A format 1
-    record runs them on the whole image: its tile is the image's padded side."""
+def tile_working_bytes(config: ModelConfig, tile: int, batch: int = 1) -> int:
+    """Estimated peak of the networks on ``batch`` tiles of ``tile`` x ``tile`` (the score
+    network's U-Net dominates, and grows with the batch; D and g_a run on one block of the
+    same side at a time and hold less). A format 1 record runs them on the whole image: its
+    tile is the image's padded side, its batch one."""
     score = config.score
     side = tile // score.patch_size
     area = side * side
@@ -52,7 +54,7 @@ def tile_working_bytes(config: ModelConfig, tile: int) -> int:
             skips += channels * (level_area >> 2)
     inputs = (6 * score.patch_size**2 + score.latent_cond_channels) * area
     decoder = config.decoder_channels * (tile // 2) ** 2 * 3  # D's last hidden layer, GDN's temporaries
-    return FLOAT_BYTES * (skips + inputs + WORKING_TENSORS * widest + decoder)
+    return FLOAT_BYTES * (batch * (skips + inputs + WORKING_TENSORS * widest) + decoder)
 
 
 def coding_bytes(config: ModelConfig, tiling: Tiling | None, pixels: int) -> int:
@@ -62,5 +64,6 @@ def coding_bytes(config: ModelConfig, tiling: Tiling | None, pixels: int) -> int
     None: a format 1 record, whose networks run on the whole image."""
     side = math.isqrt(max(pixels, 1) - 1) + 1
     padded = -(-side // LATENT_STRIDE) * LATENT_STRIDE
-    tile = tiling.tile if tiling is not None else padded
-    return tile_working_bytes(config, tile) + image_bytes(config, padded, padded)
+    if tiling is None:
+        return tile_working_bytes(config, padded) + image_bytes(config, padded, padded)
+    return tile_working_bytes(config, tiling.tile, tiling.batch) + image_bytes(config, padded, padded)

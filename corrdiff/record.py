@@ -1,11 +1,12 @@
 """The self-describing binary record: one compressed image, specified in docs/format.md.
 
-Layout (little-endian), format version 2 (version 1, read but no longer written, has no
-tile fields and one y string for the whole image):
+Layout (little-endian), format version 3 (version 2, read but no longer written, has no
+tile batch field: its tiles ran one at a time; version 1 has no tile fields and one y string
+for the whole image):
 
     offset  size  field
     0       4     magic b"CDAR"
-    4       1     format version (1)
+    4       1     format version (3)
     5       16    model id (first 16 bytes of the SHA-256 of the model, see weights.py)
     21      4     image height (u32, >= 1)
     25      4     image width (u32, >= 1)
@@ -13,8 +14,9 @@ tile fields and one y string for the whole image):
     30      1     columns of right padding (u8, < 64)
     31      1     sampler steps S (u8, >= 1)
     32      4     noise seed of x_T (u32)
-    36      2     tile side (u16, px; version 2 only)
-    38      2     tile overlap (u16, px; version 2 only)
+    36      2     tile side (u16, px; versions 2 and 3)
+    38      2     tile overlap (u16, px; versions 2 and 3)
+    40      2     tile batch (u16, score tiles per network call; version 3)
     .       2*S   gamma_1 .. gamma_S (IEEE float16)
     .       4     length of the z string (u32), then the z string (rANS)
     .       4+n   per block of the tile grid, in raster order: length (u32), then its y string
@@ -36,15 +38,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from corrdiff.tiling import blocks, check_tiling
+from corrdiff.tiling import Tiling, blocks, check_tiling
 
 MAGIC = b"CDAR"
-FORMAT_VERSION = 2  # what the encoder writes
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # what the encoder writes
+READABLE_VERSIONS = (1, 2, 3)
 MODEL_ID_BYTES = 16
 PAD_MULTIPLE = 64
 _HEADER = struct.Struct("<4sB16sIIBBBI")
-_TILING = struct.Struct("<HH")  # version 2: tile side, overlap
+# The tiling fields after the header, by version: none; tile side, overlap; and the batch.
+_TILING = {1: struct.Struct(""), 2: struct.Struct("<HH"), 3: struct.Struct("<HHH")}
 _LENGTH = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 MIN_RECORD_BYTES = _HEADER.size + 2 + 2 * _LENGTH.size + _CRC.size
@@ -84,8 +87,14 @@ class Record:
     z_string: bytes
     y_strings: tuple[bytes, ...]  # one per block of the tile grid (version 1: one, the whole image)
     version: int = FORMAT_VERSION
-    tile: int = 0  # version 2: tile side and overlap in px (corrdiff.tiling); version 1: 0
+    tile: int = 0  # versions 2 and 3: tile side and overlap in px (corrdiff.tiling); version 1: 0
     overlap: int = 0
+    tile_batch: int = 0  # score tiles per network call: version 3 stores it, version 2 ran 1, version 1: 0
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How the networks ran on this record's image; None: on the whole image (version 1)."""
+        return None if self.version == 1 else Tiling(self.tile, self.overlap, self.tile_batch)
 
     @property
     def steps(self) -> int:
@@ -110,7 +119,7 @@ class Record:
                 MAGIC, self.version, self.model_id, self.height, self.width,
                 self.pad_bottom, self.pad_right, self.steps, self.seed,
             ),
-            _TILING.pack(self.tile, self.overlap) if self.version > 1 else b"",
+            _TILING[self.version].pack(*_tiling_fields(self)),
             np.asarray(self.gammas, dtype="<f2").tobytes(),
             *(part for string in (self.z_string, *self.y_strings) for part in (_LENGTH.pack(len(string)), string)),
         ])
@@ -130,23 +139,27 @@ class Record:
         if version not in READABLE_VERSIONS:
             raise RecordError(f"record format version {version} is not supported (this library reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))})")
-        tile = overlap = 0
-        offset = _HEADER.size
-        if version > 1:
-            if offset + _TILING.size > len(body):
-                raise RecordError("record is truncated inside its header")
-            tile, overlap = _TILING.unpack_from(body, offset)
-            offset += _TILING.size
+        layout = _TILING[version]
+        offset = _HEADER.size + layout.size
+        if offset > len(body):
+            raise RecordError("record is truncated inside its header")
+        fields = layout.unpack_from(body, _HEADER.size)
+        if version == 1:
+            tile = overlap = tile_batch = 0
+        elif version == 2:
+            (tile, overlap), tile_batch = fields, 1  # its tiles ran one at a time
+        else:
+            tile, overlap, tile_batch = fields
         gammas = body[offset:offset + 2 * steps]
         if len(gammas) != 2 * steps:
             raise RecordError("record is truncated inside its gammas")
         # The fields that size the tile grid are checked before the grid is counted.
         _check_size(height, width, pad_bottom, pad_right)
         if version > 1:
-            check_tiling(tile, overlap, RecordError)
+            check_tiling(tile, overlap, tile_batch, RecordError)
         header = cls(model_id=model_id, height=height, width=width, pad_bottom=pad_bottom, pad_right=pad_right,
                      seed=seed, gammas=tuple(float(g) for g in np.frombuffer(gammas, dtype="<f2")),
-                     z_string=b"", y_strings=(), version=version, tile=tile, overlap=overlap)
+                     z_string=b"", y_strings=(), version=version, tile=tile, overlap=overlap, tile_batch=tile_batch)
         z_string, offset = _read_string(body, offset + 2 * steps)
         y_strings = []
         for _ in range(header.block_count):
@@ -157,6 +170,11 @@ class Record:
         record = dataclasses.replace(header, z_string=z_string, y_strings=tuple(y_strings))
         _validate_fields(record)
         return record
+
+
+def _tiling_fields(record: Record) -> tuple[int, ...]:
+    """The tiling fields a record of its version stores (:data:`_TILING`)."""
+    return {1: (), 2: (record.tile, record.overlap), 3: (record.tile, record.overlap, record.tile_batch)}[record.version]
 
 
 def _read_string(body: bytes, offset: int) -> tuple[bytes, int]:
@@ -185,10 +203,12 @@ def _validate_fields(record: Record) -> None:
         raise RecordError(f"invalid format version {record.version}")
     _check_size(record.height, record.width, record.pad_bottom, record.pad_right)
     if record.version == 1:
-        if record.tile or record.overlap:
+        if record.tile or record.overlap or record.tile_batch:
             raise RecordError("a version 1 record has no tiling")
+    elif record.version == 2 and record.tile_batch != 1:
+        raise RecordError("a version 2 record's tiles run one at a time (tile batch 1)")
     else:
-        check_tiling(record.tile, record.overlap, RecordError)
+        check_tiling(record.tile, record.overlap, record.tile_batch, RecordError)
     if len(record.y_strings) != record.block_count:
         raise RecordError(f"record has {len(record.y_strings)} y strings, its tile grid has {record.block_count} blocks")
     if not 1 <= record.steps <= 255:

@@ -1,4 +1,4 @@
-"""The float half of format version 2: D and the corrected sampler, run tile by tile.
+"""The float half of format versions 2 and 3: D and the corrected sampler, run tile by tile.
 
 Memory is set by the tile: the networks only ever see one tile. What stays whole-image is
 the sampler's state, three float32 images (x_t, x_e and the blended x0 estimate, 36 bytes
@@ -7,10 +7,11 @@ per padded pixel) and y_hat; every other temporary is a tile or a stripe of rows
 encoder fits it on the blended estimate of the whole image, so the tiles' seams are
 corrected like every other pixel.
 
-Every loop runs in a fixed order over a grid fixed by the record (corrdiff.tiling), each
-tile alone (batch one), so the encoder and every decoder compute the same floats in the
-same order: the decoder reproduces the encoder's pixels exactly (with the encoder's thread
-count; another one can round a few pixels by one level, docs/method.md).
+Every loop runs in a fixed order over a grid fixed by the record (corrdiff.tiling), the
+score network on the record's batches of tiles (version 2: each tile alone) and D on each
+block alone, so the encoder and every decoder compute the same floats in the same order:
+the decoder reproduces the encoder's pixels exactly (with the encoder's thread count;
+another one can round a few pixels by one level, docs/method.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from corrdiff.gamma import quantize_gamma
 from corrdiff.latent_codec import LATENT_STRIDE, PixelSource
 from corrdiff.model import CorrDiffModel
 from corrdiff.sampler import GammaRule
-from corrdiff.tiling import DECODER_HALO, Span, blocks, halo, score_tiles
+from corrdiff.tiling import DECODER_HALO, Span, Tiling, blocks, halo, score_tiles, tile_batches
 
 STRIPE_ROWS = 64  # rows per pass of the whole-image elementwise updates
 
@@ -52,24 +53,26 @@ def initial_state_tiled(x_e: Tensor, seed: int, alpha_bar: float) -> Tensor:
 
 
 class TiledDenoiser:
-    """x0_theta of the whole image: the score network on each tile, blended into ``out``."""
+    """x0_theta of the whole image: the score network on batches of tiles, each tile's
+    estimate blended into ``out`` in raster order."""
 
-    def __init__(self, model: CorrDiffModel, x_e: Tensor, y_hat: Tensor, tile: int, overlap: int) -> None:
+    def __init__(self, model: CorrDiffModel, x_e: Tensor, y_hat: Tensor, tiling: Tiling) -> None:
         self.model, self.x_e, self.y_hat = model, x_e, y_hat
         height, width = x_e.shape[-2:]
         device = x_e.device
-        self.rows = [_to(s, device) for s in score_tiles(height, tile, overlap)]
-        self.cols = [_to(s, device) for s in score_tiles(width, tile, overlap)]
+        rows = [_to(s, device) for s in score_tiles(height, tiling.tile, tiling.overlap)]
+        cols = [_to(s, device) for s in score_tiles(width, tiling.tile, tiling.overlap)]
+        self.batches = tile_batches(rows, cols, tiling.batch)
 
     def __call__(self, x_t: Tensor, t: float, out: Tensor) -> Tensor:
         out.zero_()
-        for r in self.rows:
-            for c in self.cols:
-                pixels = (..., slice(r.start, r.stop), slice(c.start, c.stop))
-                latent = (..., slice(r.start // LATENT_STRIDE, r.stop // LATENT_STRIDE),
-                          slice(c.start // LATENT_STRIDE, c.stop // LATENT_STRIDE))
-                x0 = self.model.denoise(x_t[pixels], t, self.x_e[pixels], self.y_hat[latent])
-                out[pixels] += x0 * (r.weights[:, None] * c.weights[None, :])
+        for tiles in self.batches:
+            pixels = [(..., slice(r.start, r.stop), slice(c.start, c.stop)) for r, c in tiles]
+            latent = [(..., slice(r.start // LATENT_STRIDE, r.stop // LATENT_STRIDE),
+                       slice(c.start // LATENT_STRIDE, c.stop // LATENT_STRIDE)) for r, c in tiles]
+            x0 = self.model.denoise(_gather(x_t, pixels), t, _gather(self.x_e, pixels), _gather(self.y_hat, latent))
+            for i, ((r, c), where) in enumerate(zip(tiles, pixels)):
+                out[where] += x0[i:i + 1] * (r.weights[:, None] * c.weights[None, :])
         return out
 
 
@@ -126,6 +129,11 @@ def to_image(x: Tensor, height: int, width: int) -> np.ndarray:
 
 def _stripes(height: int) -> list[slice]:
     return [slice(top, min(top + STRIPE_ROWS, height)) for top in range(0, height, STRIPE_ROWS)]
+
+
+def _gather(source: Tensor, regions: list[tuple[object, slice, slice]]) -> Tensor:
+    """The regions of a (1, C, H, W) tensor as one batch."""
+    return torch.cat([source[region] for region in regions])
 
 
 def _to(span: Span, device: torch.device) -> Span:

@@ -1,6 +1,6 @@
 """Where the tiles of a padded image lie, and how overlapping tiles are blended.
 
-Format version 2 (docs/format.md) codes an image in tiles so that the networks' memory is
+Format versions 2 and 3 (docs/format.md) code an image in tiles so that the networks' memory is
 set by the tile, not by the image. Two grids, both functions of the padded size and the
 record's two numbers (``tile``, ``overlap``) alone, so the encoder and every decoder cut an
 image the same way:
@@ -15,7 +15,10 @@ image the same way:
   score network's GroupNorm makes its output depend on the whole tile, so overlapping
   outputs are blended with a raised-cosine ramp over ``overlap`` pixels, normalised so the
   weights sum to one at every pixel. The window is separable and the tiles form a grid, so
-  the normalisation is a product of two 1-D sums.
+  the normalisation is a product of two 1-D sums. From format version 3 the score network
+  runs on ``batch`` tiles at a time, consecutive in raster order (:func:`tile_batches`):
+  a batch changes the kernels' float rounding, so the record fixes it like the grid, and
+  the encoder's and every decoder's batches are the same tiles.
 
 An image that fits in one tile is one block and one score tile: it is coded exactly as a
 whole image, at the cost of a few header bytes.
@@ -36,6 +39,9 @@ from torch import Tensor
 TILE_MULTIPLE = 64
 OVERLAP_MULTIPLE = 16
 MAX_TILE = 2048
+# The most pixels the score network sees in one call: a batch of tiles is at most as large
+# as one tile of the largest side, so a record's batch cannot raise a decoder's memory bound.
+MAX_BATCH_PIXELS = MAX_TILE * MAX_TILE
 # Halos, in latent (stride-16) positions unless said otherwise: how far outside a block
 # each network reads, measured (tests/test_tiling.py: with one position less, a block's
 # result differs from the whole image's; docs/method.md "Tiles"). With them a block's
@@ -51,21 +57,38 @@ DECODER_HALO = 2  # D: four stride-2 transposed 5x5 convolutions read 1 to 2 y p
 
 @dataclass(frozen=True)
 class Tiling:
-    """The encoder's choice of tile side and overlap, in pixels (stored in each record)."""
+    """The encoder's choice of tile side and overlap, in pixels, and of how many score tiles
+    the network runs at once (stored in each record).
+
+    ``batch`` 1 (the default) is fastest on a CPU: measured there, a batch of 512 px tiles
+    costs more per tile, not less (docs/method.md "Batches of tiles"). A GPU runs one small
+    tile far below its capacity; a record written with a larger batch is decoded with it
+    everywhere, at that cost on a CPU.
+    """
 
     tile: int = 512
     overlap: int = 64
+    batch: int = 1
 
     def __post_init__(self) -> None:
-        check_tiling(self.tile, self.overlap, ValueError)
+        check_tiling(self.tile, self.overlap, self.batch, ValueError)
 
 
-def check_tiling(tile: int, overlap: int, error: type[Exception]) -> None:
-    """Raise ``error`` unless (tile, overlap) is a valid pair (shared by the codec and the parser)."""
+def max_batch(tile: int) -> int:
+    """The largest batch of ``tile`` px tiles a record may ask for (:data:`MAX_BATCH_PIXELS`)."""
+    return MAX_BATCH_PIXELS // (tile * tile)
+
+
+def check_tiling(tile: int, overlap: int, batch: int, error: type[Exception]) -> None:
+    """Raise ``error`` unless (tile, overlap, batch) is valid (shared by the codec and the parser)."""
     if not (TILE_MULTIPLE <= tile <= MAX_TILE and tile % TILE_MULTIPLE == 0):
         raise error(f"invalid tile side {tile}: a multiple of {TILE_MULTIPLE} from {TILE_MULTIPLE} to {MAX_TILE}")
     if not (0 <= overlap <= tile // 2 and overlap % OVERLAP_MULTIPLE == 0):
-        raise error(f"invalid tile overlap {overlap}: a multiple of {OVERLAP_MULTIPLE} from 0 to half the tile ({tile // 2})")
+        raise error(f"invalid tile overlap {overlap}: a multiple of {OVERLAP_MULTIPLE} from 0 to half the tile "
+                    f"({tile // 2})")
+    if not 1 <= batch <= max_batch(tile):
+        raise error(f"invalid tile batch {batch}: from 1 to {max_batch(tile)} tiles of {tile} px "
+                    f"({MAX_BATCH_PIXELS} px in one network call)")
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,13 @@ def score_tiles(length: int, tile: int, overlap: int) -> list[Span]:
     for start, window in zip(starts, windows):
         total[start:start + tile] += window
     return [Span(start, tile, (window / total[start:start + tile]).float()) for start, window in zip(starts, windows)]
+
+
+def tile_batches(rows: list[Span], cols: list[Span], batch: int) -> list[list[tuple[Span, Span]]]:
+    """The score tiles (row span, column span) in raster order, in consecutive groups of
+    ``batch`` (the last one smaller): the network calls of one step."""
+    tiles = [(r, c) for r in rows for c in cols]
+    return [tiles[start:start + batch] for start in range(0, len(tiles), batch)]
 
 
 def _window(tile: int, overlap: int, first: bool, last: bool) -> Tensor:

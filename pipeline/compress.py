@@ -65,13 +65,21 @@ class CodecSettings:
     # by the image. Larger tiles overlap less (faster, more memory per actor, e.g. on a GPU).
     tile: int = Tiling.tile
     tile_overlap: int = Tiling.overlap
+    # Score tiles per network call, kept in each record: every restore runs the same batches
+    # (1: fastest on a CPU, measured; more keeps a GPU busier, and costs a CPU restore time
+    # and memory; docs/method.md "Batches of tiles").
+    tile_batch: int = Tiling.batch
 
     def __post_init__(self) -> None:
-        check_tiling(self.tile, self.tile_overlap, ValueError)
+        check_tiling(self.tile, self.tile_overlap, self.tile_batch, ValueError)
         if self.gamma_refine_steps < 0 or self.gamma_learning_rate <= 0:
             raise ValueError("codec.gamma_refine_steps must be >= 0 and codec.gamma_learning_rate > 0")
         if self.gamma_metric not in PERCEPTUAL_METRICS:
             raise ValueError(f"codec.gamma_metric {self.gamma_metric!r} is not one of {', '.join(PERCEPTUAL_METRICS)}")
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.tile, self.tile_overlap, self.tile_batch)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,7 @@ class CompressConfig:
 # The codec settings that decide what is stored of an image (with the model and the floor):
 # the record's bytes (seed, steps, the gamma fit, the tiles) and so which codec the floor chooses.
 DECIDING_CODEC_SETTINGS = ("seed", "steps", "gamma_refine_steps", "gamma_learning_rate", "gamma_metric", "tile",
-                           "tile_overlap")
+                           "tile_overlap", "tile_batch")
 
 
 def content_fingerprint(config: dict[str, Any], model_id: str) -> dict[str, Any]:
@@ -191,7 +199,7 @@ def run_compress(config: CompressConfig) -> dict[str, Any]:
     model_bytes = weights.read_weights(model_path)
     model = weights.model_from_bytes(model_bytes, str(model_path))
     model_id = weights.model_id(model).hex()
-    tiling = Tiling(config.codec.tile, config.codec.tile_overlap)
+    tiling = config.codec.tiling
     worker_bytes = model_worker_bytes(len(model_bytes), coding_bytes(model.config, tiling, config.max_pixels),
                                       config.resources.actor_batch_size, config.max_pixels)
     fingerprint = content_fingerprint(config.to_dict(), model_id)
@@ -269,7 +277,7 @@ def _compress_missing(config: CompressConfig, model_id: str, job_id: str, metada
         "device": config.codec.device, "seed": config.codec.seed,
         "steps": config.codec.steps, "gamma_refine_steps": config.codec.gamma_refine_steps,
         "gamma_learning_rate": config.codec.gamma_learning_rate, "gamma_metric": config.codec.gamma_metric,
-        "tiling": Tiling(config.codec.tile, config.codec.tile_overlap),
+        "tiling": config.codec.tiling,
         "torch_threads": plan.torch_threads, "job_id": job_id, "floor": config.floor,
     })
     metadata = metadata | {THREADS_KEY: str(plan.torch_threads)}  # what restores use for the same pixels

@@ -48,10 +48,12 @@ class ArchiveFile:
     keys: tuple[str, str] | None = None  # its smallest and largest key (archive.key_range); None: unknown
     # What restoring its records takes (pipeline.worker_memory): at least the pixels of its
     # largest image (archive.largest_image; None: unknown), the model that wrote its CorrDiff
-    # records and the tile side that run coded them with (from its footer's job metadata).
+    # records and the tile side and batch that run coded them with (from its footer's job
+    # metadata).
     largest_image: int | None = None
     model_id: str | None = None
     tile: int | None = None
+    tile_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,16 +82,19 @@ def _archive_file(path: str, fs: AbstractFileSystem, storage: StorageConfig) -> 
 
 
 def _job_of(metadata: dict[bytes, bytes]) -> dict[str, Any]:
-    """The model id and tile side a file's footer names, as written there: untrusted, and
-    checked where they are used (pipeline.worker_memory). This module stays free of the
-    codec's imports: its read tasks run in workers that need no torch."""
+    """The model id, tile side and tile batch a file's footer names, as written there:
+    untrusted, and checked where they are used (pipeline.worker_memory). A job that named a
+    tile and no batch ran before batches existed: its tiles ran one at a time. This module
+    stays free of the codec's imports: its read tasks run in workers that need no torch."""
     try:
-        tile = json.loads(metadata.get(b"corrdiff.config", b"{}"))["codec"]["tile"]
-    except (ValueError, KeyError, TypeError):
-        tile = None
+        codec = json.loads(metadata.get(b"corrdiff.config", b"{}"))["codec"]
+        tile, tile_batch = codec["tile"], codec.get("tile_batch", 1)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        tile = tile_batch = None
     model_id = metadata.get(b"corrdiff.model_id")
     return {"model_id": model_id[:64].decode("ascii", "replace") if model_id else None,
-            "tile": tile if isinstance(tile, int) else None}
+            "tile": tile if isinstance(tile, int) else None,
+            "tile_batch": tile_batch if isinstance(tile_batch, int) else None}
 
 
 def sample_size(sample: int | str, total: int) -> int:

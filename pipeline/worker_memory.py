@@ -26,7 +26,7 @@ import ray
 from corrdiff import weights
 from corrdiff.config import ModelConfig
 from corrdiff.memory import coding_bytes
-from corrdiff.tiling import Tiling, check_tiling
+from corrdiff.tiling import Tiling
 from corrdiff.weights import WeightsError, is_model_id
 
 from pipeline.images import DEFAULT_MAX_PIXELS
@@ -61,7 +61,7 @@ def restore_worker_bytes(files: Sequence[ArchiveFile], sources: ModelSources, fi
     for f in files:
         if f.error is not None:
             continue
-        tiles.setdefault(None if fixed_model else _checked_id(f.model_id), set()).add(_tiling(f.tile))
+        tiles.setdefault(None if fixed_model else _checked_id(f.model_id), set()).add(_tiling(f.tile, f.tile_batch))
     shapes = {model_id: _shape(sources, model_id, fixed_model) for model_id in tiles}
     weight_bytes = sum(size for size, _ in shapes.values())
     coding = max((coding_bytes(shapes[model_id][1], tiling, pixels)
@@ -99,16 +99,16 @@ def _checked_id(model_id: str | None) -> str | None:
     return model_id if model_id is not None and is_model_id(model_id) else None
 
 
-def _tiling(tile: int | None) -> Tiling | None:
-    """A footer's tile side as the records were cut (overlap does not change the memory);
-    None where it names none: format 1, or a value no writer writes."""
-    if tile is None:
+def _tiling(tile: int | None, tile_batch: int | None) -> Tiling | None:
+    """A footer's tile side and batch as the records were cut (overlap does not change the
+    memory); None where it names none, or values no writer writes: then the records are
+    sized as format 1's whole-image networks, the most an image can take."""
+    if tile is None or tile_batch is None:
         return None
     try:
-        check_tiling(tile, 0, ValueError)
+        return Tiling(tile, 0, tile_batch)
     except ValueError:
         return None
-    return Tiling(tile, 0)
 
 
 def _shape(sources: ModelSources, model_id: str | None, fixed_model: str | None) -> tuple[int, ModelConfig]:

@@ -270,15 +270,23 @@ def summarize_log(path: Path, phases: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- 3. checks
+# Score tiles per network call timed on the device beside the default (one): whether a GPU
+# gains from batches of tiles, and how much (format 3 keeps the batch in each record;
+# docs/method.md "Batches of tiles" holds the CPU's numbers and waits for these).
+TIMED_TILE_BATCHES = (2, 4, 16)
+
+
 def check_model(model_path: Path, device: str, megapixels: float) -> dict:
     """Load the exported model, round-trip a real photo on ``device``, decode its latent on
-    the CPU as well, and time encode and decode per megapixel on ``device``."""
+    the CPU as well, and time encode and decode per megapixel on ``device``, one tile per
+    network call and then :data:`TIMED_TILE_BATCHES`."""
     import numpy as np
     import torch
     from PIL import Image
 
     from corrdiff import CorrDiffCodec
     from corrdiff.latent_codec import TiledBitstreams
+    from corrdiff.tiling import Tiling
 
     codec = CorrDiffCodec.from_pretrained(model_path, device=device)
     photo = np.asarray(Image.open(CHECK_PHOTO).convert("RGB"))
@@ -298,16 +306,36 @@ def check_model(model_path: Path, device: str, megapixels: float) -> dict:
                                                            restored.astype(int)).max())
     big = _megapixel_image(photo, megapixels)
     codec.encode_detailed([big[:256, :256]])  # warm-up (kernels, allocator)
+    result |= {"timed_megapixels": round(big.shape[0] * big.shape[1] / 1e6, 3), "timing_device": device,
+               **_timed(codec, big), "tile_batches": {}}
+    for batch in TIMED_TILE_BATCHES:
+        codec.tiling = Tiling(codec.tiling.tile, codec.tiling.overlap, batch)
+        result["tile_batches"][str(batch)] = _timed(codec, big)
+    return result
+
+
+def _timed(codec, image) -> dict:
+    """Seconds per megapixel of encoding ``image`` and of decoding its record on the codec's
+    device, whether the decode gave the encoder's pixels, and the peak device memory."""
+    import numpy as np
+    import torch
+
+    cuda = codec.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    [timed] = codec.encode_detailed([big])
+    [encoded] = codec.encode_detailed([image])
     encode_s = time.monotonic() - started
     started = time.monotonic()
-    codec.decode([timed.record])
+    [decoded] = codec.decode([encoded.record])
+    if cuda:
+        torch.cuda.synchronize()
     decode_s = time.monotonic() - started
-    mpx = big.shape[0] * big.shape[1] / 1e6
-    result |= {"timed_megapixels": round(mpx, 3), "encode_s_per_mpx": round(encode_s / mpx, 3),
-               "decode_s_per_mpx": round(decode_s / mpx, 3), "timing_device": device}
-    return result
+    mpx = image.shape[0] * image.shape[1] / 1e6
+    return {"encode_s_per_mpx": round(encode_s / mpx, 3), "decode_s_per_mpx": round(decode_s / mpx, 3),
+            "decode_equals_encode": bool(np.array_equal(decoded, encoded.reconstruction)),
+            "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
 
 
 def _psnr(a, b) -> float:
@@ -434,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         results["benchmark"] = {"skipped": f"mode {mode}, {clock.left():.0f} s left"}
     save()
     report(results, out)
-    return 0 if results["training"]["exit"] == 0 and results["model_check"].get("decode_equals_encode") else 5
+    check = results["model_check"]
+    batches = check.get("tile_batches", {}).values()
+    round_trips = [check.get("decode_equals_encode"), *(timed["decode_equals_encode"] for timed in batches)]
+    return 0 if results["training"]["exit"] == 0 and all(round_trips) else 5
 
 
 def report(results: dict, out: Path) -> None:

@@ -162,6 +162,8 @@ def test_bad_gamma_refinement_settings_are_refused():
         CodecSettings(tile=100)
     with pytest.raises(ValueError, match="invalid tile overlap 48"):
         CodecSettings(tile=64, tile_overlap=48)
+    with pytest.raises(ValueError, match="invalid tile batch 17: from 1 to 16 tiles of 512 px"):
+        CodecSettings(tile_batch=17)
 
 
 def test_file_metadata_names_model_and_config(ray_local, tiny_model, tmp_path):

@@ -115,6 +115,8 @@ def test_the_device_command_rehearsed_on_the_cpu(tmp_path):
     assert results["entropy_coding"]["codec_round_trip"] is True
     check = results["model_check"]
     assert check["decode_equals_encode"] is True and check["latent_equal_on_cpu"] is True
+    assert sorted(check["tile_batches"], key=int) == ["2", "4", "16"]
+    assert all(timed["decode_equals_encode"] and timed["decode_s_per_mpx"] > 0 for timed in check["tile_batches"].values())
     assert results["benchmark"]["exit"] == 0 and results["benchmark"]["results"]["bare"]["images_per_second"] > 0
     training = results["training"]
     assert training["exit"] == 0 and training["seconds"] < 60 + 30

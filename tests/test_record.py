@@ -7,23 +7,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corrdiff.record import MAX_PADDED_PIXELS, MIN_RECORD_BYTES, Record, RecordError
+from corrdiff.tiling import Tiling, max_batch
 
 float16s = st.floats(width=16, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
 def records(draw) -> Record:
-    """Records of both versions: version 1 (one y string), version 2 (one per tile block)."""
+    """Records of every version: version 1 (one y string), 2 (one per tile block), 3 (and a tile batch)."""
     height, width = draw(st.integers(1, 5000)), draw(st.integers(1, 5000))
-    version = draw(st.sampled_from([1, 2]))
-    tile = 64 * draw(st.integers(8, 32)) if version == 2 else 0
-    overlap = 16 * draw(st.integers(0, tile // 32)) if version == 2 else 0
+    version = draw(st.sampled_from([1, 2, 3]))
+    tile = 64 * draw(st.integers(8, 32)) if version > 1 else 0
+    overlap = 16 * draw(st.integers(0, tile // 32)) if version > 1 else 0
+    tile_batch = {1: 0, 2: 1, 3: draw(st.integers(1, max_batch(max(tile, 64))))}[version]
     header = Record(
         model_id=draw(st.binary(min_size=16, max_size=16)),
         height=height, width=width, pad_bottom=(-height) % 64, pad_right=(-width) % 64,
         seed=draw(st.integers(0, 2**32 - 1)),
         gammas=tuple(draw(st.lists(float16s, min_size=1, max_size=40))),
         z_string=draw(st.binary(max_size=64)), y_strings=(), version=version, tile=tile, overlap=overlap,
+        tile_batch=tile_batch,
     )
     strings = tuple(draw(st.binary(max_size=32)) for _ in range(header.block_count))
     return Record(**{**header.__dict__, "y_strings": strings})
@@ -73,17 +76,38 @@ def test_invalid_fields_are_refused(change, message):
         Record(**{**fields, **change}).to_bytes()
 
 
-@pytest.mark.parametrize("tile, overlap", [(0, 0), (96, 0), (4096, 0), (512, 40), (512, 272)])
-def test_a_tiling_a_decoder_cannot_use_is_refused(tile, overlap):
-    """The tile sets a decoder's memory: a forged record may not ask for a larger one."""
+@pytest.mark.parametrize("tile, overlap, tile_batch", [(0, 0, 1), (96, 0, 1), (4096, 0, 1), (512, 40, 1),
+                                                      (512, 272, 1), (512, 64, 0), (512, 64, 17), (2048, 0, 2),
+                                                      (64, 0, 1025)])
+def test_a_tiling_a_decoder_cannot_use_is_refused(tile, overlap, tile_batch):
+    """The tile and the batch set a decoder's memory: a forged record may not ask for more
+    than one 2048 px tile's worth of pixels in a network call."""
     with pytest.raises(RecordError, match="invalid tile"):
         Record(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0, gammas=(0.5,),
-               z_string=b"z", y_strings=(b"y",), version=2, tile=tile, overlap=overlap).to_bytes()
+               z_string=b"z", y_strings=(b"y",), version=3, tile=tile, overlap=overlap,
+               tile_batch=tile_batch).to_bytes()
 
 
-def test_a_version_2_record_holds_one_y_string_per_block():
+def test_the_largest_tile_batches_are_allowed():
+    for tile, tile_batch in ((64, 1024), (512, 16), (2048, 1)):
+        record = Record(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0, gammas=(0.5,),
+                        z_string=b"z", y_strings=(b"y",), version=3, tile=tile, overlap=0, tile_batch=tile_batch)
+        assert Record.from_bytes(record.to_bytes()).tiling == Tiling(tile, 0, tile_batch)
+
+
+def test_a_version_2_record_ran_its_tiles_one_at_a_time():
+    fields = dict(model_id=bytes(16), height=10, width=10, pad_bottom=54, pad_right=54, seed=0, gammas=(0.5,),
+                  z_string=b"z", y_strings=(b"y",), version=2, tile=512, overlap=64)
+    raw = Record(**fields, tile_batch=1).to_bytes()
+    assert Record.from_bytes(raw).tiling == Tiling(512, 64, 1)
+    assert len(raw) == len(Record(**{**fields, "version": 3}, tile_batch=1).to_bytes()) - 2  # no batch field
+    with pytest.raises(RecordError, match="one at a time"):
+        Record(**fields, tile_batch=2).to_bytes()
+
+
+def test_a_tiled_record_holds_one_y_string_per_block():
     fields = dict(model_id=bytes(16), height=1000, width=300, pad_bottom=24, pad_right=20, seed=0, gammas=(0.5,),
-                  z_string=b"z", version=2, tile=512, overlap=64)
+                  z_string=b"z", tile=512, overlap=64, tile_batch=1)
     record = Record(**fields, y_strings=(b"a", b"b", b"c", b"d"))  # 1024 x 320 px: 2 x 1 blocks of 512
     with pytest.raises(RecordError, match="4 y strings, its tile grid has 2 blocks"):
         record.to_bytes()

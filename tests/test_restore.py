@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from corrdiff import CorrDiffCodec
+from corrdiff.record import Record
+from corrdiff.tiling import Tiling
 from pipeline.cli import main as cli
 from pipeline.compress import CodecSettings, CompressConfig, run_compress
 from pipeline.keys import alternative_path, fold, key_to_path
@@ -316,7 +318,8 @@ def test_a_restore_runs_with_the_encoders_thread_count_and_so_gets_its_pixels(ra
     """oneDNN's float kernels can round otherwise at another thread count (docs/method.md,
     "Reproducible pixels"): the compress job records its actors' count in each file, and a
     restore whose actors run another one runs the records' networks with the recorded count,
-    so it restores the encoder's pixels exactly, not merely to within a level."""
+    so it restores the encoder's pixels exactly, not merely to within a level. The records
+    run their score tiles in batches of three, which every restore runs as the encoder did."""
     import torch
 
     from pipeline.archive import THREADS_KEY
@@ -326,7 +329,8 @@ def test_a_restore_runs_with_the_encoders_thread_count_and_so_gets_its_pixels(ra
         shutil.copy(photo, tmp_path / "in" / f"{i}.jpg")
     archive, out = str(tmp_path / "archive"), tmp_path / "out"
     run_compress(CompressConfig(input=SourceConfig(url=str(tmp_path / "in")), output=archive,
-                                codec=CodecSettings(model=str(tiny_model), device="cpu", tile=128, tile_overlap=32),
+                                codec=CodecSettings(model=str(tiny_model), device="cpu", tile=128, tile_overlap=32,
+                                                    tile_batch=3),
                                 resources=ResourceSettings(torch_threads=1)))
     assert {pq.read_metadata(p).metadata[THREADS_KEY.encode()] for p in Path(archive).glob("part-*.parquet")} == {b"1"}
     run_restore(RestoreConfig(archive=archive, output=str(out), device="cpu", run_id="other",
@@ -335,6 +339,7 @@ def test_a_restore_runs_with_the_encoders_thread_count_and_so_gets_its_pixels(ra
     previous, differ = torch.get_num_threads(), 0
     try:
         for row in _rows(Path(archive)).values():
+            assert Record.from_bytes(row["record"]).tiling == Tiling(128, 32, 3)
             torch.set_num_threads(1)
             [encoders] = codec.decode([row["record"]])
             torch.set_num_threads(2)

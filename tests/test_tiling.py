@@ -1,5 +1,5 @@
-"""Tiled coding (format version 2): the grids, the halos the networks need, and records that
-cross tile boundaries round-tripping exactly."""
+"""Tiled coding (format versions 2 and 3): the grids, the halos the networks need, and records
+that cross tile boundaries, in batches of tiles or one at a time, round-tripping exactly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from corrdiff.codec import pixel_source
 from corrdiff.latent_codec import _latent
 from corrdiff.record import Record
 from corrdiff.tiled_sampler import reconstruct_e2e_tiled
-from corrdiff.tiling import Tiling, blocks, score_tiles
+from corrdiff.tiling import Tiling, blocks, score_tiles, tile_batches
 
 from conftest import smooth_image
 
@@ -36,9 +36,19 @@ def test_blocks_partition_the_image():
     assert [(b.start, b.size) for b in blocks(1344, 512)] == [(0, 512), (512, 512), (1024, 320)]
 
 
+def test_tile_batches_are_consecutive_tiles_in_raster_order():
+    rows, cols = score_tiles(1000, 512, 64), score_tiles(1500, 512, 64)  # 3 x 4 tiles
+    batches = tile_batches(rows, cols, 5)
+    assert [len(b) for b in batches] == [5, 5, 2]
+    assert [(r.start, c.start) for b in batches for r, c in b] == [(r.start, c.start) for r in rows for c in cols]
+    assert tile_batches(rows, cols, 16) == [[(r, c) for r in rows for c in cols]]
+
+
 def test_an_invalid_tiling_is_refused_by_the_codec():
     with pytest.raises(ValueError, match="invalid tile overlap"):
         Tiling(tile=256, overlap=200)
+    with pytest.raises(ValueError, match="invalid tile batch 5: from 1 to 4 tiles of 1024 px"):
+        Tiling(tile=1024, overlap=0, batch=5)
 
 
 def _halo_variant(monkeypatch, name: str, value: int) -> None:
@@ -106,11 +116,26 @@ def tiled(codec):
 def test_a_tiled_record_decodes_to_the_encoders_pixels(tiled):
     tiled_codec, image, encoded = tiled
     record = Record.from_bytes(encoded.record)
-    assert (record.version, record.tile, record.overlap, len(record.y_strings)) == (2, 128, 32, 4)
+    assert (record.version, record.tile, record.overlap, record.tile_batch, len(record.y_strings)) == (3, 128, 32, 1, 4)
     [decoded] = tiled_codec.decode([encoded.record])
     assert decoded.shape == image.shape and np.array_equal(decoded, encoded.reconstruction)
     # Any codec decodes it: the record, not the decoder's setting, says how it was cut.
     assert np.array_equal(CorrDiffCodec(tiled_codec.model, device="cpu").decode([encoded.record])[0], decoded)
+
+
+def test_a_batch_of_tiles_is_the_records_and_decodes_to_the_encoders_pixels(tiled):
+    """Six score tiles in batches of four (then the two left): the decoder runs the record's
+    batches whatever its own setting, and reproduces the encoder's pixels exactly; the
+    batches change only the floats' rounding, so the image is the batch-one one's to a level."""
+    tiled_codec, image, one_at_a_time = tiled
+    batched = CorrDiffCodec(tiled_codec.model, device="cpu", tiling=Tiling(tile=128, overlap=32, batch=4))
+    [encoded] = batched.encode_detailed([image])
+    assert Record.from_bytes(encoded.record).tiling == Tiling(128, 32, 4)
+    for decoder in (batched, tiled_codec):
+        assert np.array_equal(decoder.decode([encoded.record])[0], encoded.reconstruction)
+    assert torch.equal(encoded.latent, one_at_a_time.latent)
+    difference = np.abs(encoded.reconstruction.astype(np.int16) - one_at_a_time.reconstruction.astype(np.int16))
+    assert difference.max() <= 1
 
 
 def test_a_tiled_record_is_the_same_every_time_and_other_thread_counts_only_round_differently(tiled):

@@ -45,7 +45,7 @@ def test_a_restore_actor_holds_every_model_the_largest_image_and_its_batch(tmp_p
     tiny_id = weights.model_id(model).hex()
     store_model(archive, storage, tiny_id, data)
     sources = ModelSources(archive, storage)
-    tiled = ArchiveFile("a", 10, largest_image=2_000_000, model_id=tiny_id, tile=256)
+    tiled = ArchiveFile("a", 10, largest_image=2_000_000, model_id=tiny_id, tile=256, tile_batch=1)
     assert restore_worker_bytes([tiled], sources, None, 4) == model_worker_bytes(
         len(data), coding_bytes(model.config, Tiling(256, 0), 2_000_000), 4, 2_000_000)
 
@@ -59,31 +59,45 @@ def test_a_restore_actor_holds_every_model_the_largest_image_and_its_batch(tmp_p
     # a file without statistics as an image of the pixel limit; unreadable files not at all.
     default = weights.resolve(None)
     default_config = weights.load_model(default).config
-    unknown = ArchiveFile("c", 10, model_id="0" * 32, tile=512)
+    unknown = ArchiveFile("c", 10, model_id="0" * 32, tile=512, tile_batch=1)
     broken = ArchiveFile("d", 0, error="unreadable", largest_image=10**9)
     assert restore_worker_bytes([tiled, unknown, broken], sources, None, 2) == model_worker_bytes(
         len(data) + default.stat().st_size,
         max(coding_bytes(model.config, Tiling(256, 0), DEFAULT_MAX_PIXELS),
             coding_bytes(default_config, Tiling(512, 0), DEFAULT_MAX_PIXELS)), 2, DEFAULT_MAX_PIXELS)
 
+    # A file coded in batches of tiles holds that many tiles' working sets at once.
+    batched = ArchiveFile("f", 10, largest_image=2_000_000, model_id=tiny_id, tile=256, tile_batch=8)
+    assert restore_worker_bytes([tiled, batched], sources, None, 4) == model_worker_bytes(
+        len(data), coding_bytes(model.config, Tiling(256, 0, 8), 2_000_000), 4, 2_000_000)
+    assert coding_bytes(model.config, Tiling(256, 0, 8), 2_000_000) > coding_bytes(model.config, Tiling(256, 0), 2_000_000)
+    # A batch no writer writes (over 2048 x 2048 px a call) is sized as whole-image networks, the most there is.
+    forged = ArchiveFile("g", 10, largest_image=2_000_000, model_id=tiny_id, tile=2048, tile_batch=64)
+    assert restore_worker_bytes([forged], sources, None, 4) == model_worker_bytes(
+        len(data), coding_bytes(model.config, None, 2_000_000), 4, 2_000_000)
+
     # A job that fixes the model sizes for it alone, whatever the files name.
-    elsewhere = ArchiveFile("e", 10, largest_image=500, model_id="0" * 32, tile=512)
+    elsewhere = ArchiveFile("e", 10, largest_image=500, model_id="0" * 32, tile=512, tile_batch=1)
     assert restore_worker_bytes([tiled, elsewhere], sources, str(tiny_model), 4) == model_worker_bytes(
         len(data), coding_bytes(model.config, Tiling(512, 0), 2_000_000), 4, 2_000_000)
 
 
 def test_footers_say_what_restoring_a_file_takes(tmp_path):
-    """archive_files reads the largest image, model id and tile from each footer; values no
-    writer writes are kept as they are and refused where they are used."""
-    config = b'{"codec": {"tile": 384}}'
+    """archive_files reads the largest image, model id, tile and tile batch from each footer
+    (a job from before tile batches ran its tiles one at a time); values no writer writes are
+    kept as they are and refused where they are used."""
     table = pa.table({"key": ["a"], "width": pa.array([64], pa.int32()), "height": pa.array([48], pa.int32())})
-    table = table.replace_schema_metadata({"corrdiff.model_id": "ab" * 16, "corrdiff.config": config})
-    pq.write_table(table, tmp_path / "part-0.parquet")
-    forged = table.replace_schema_metadata({"corrdiff.model_id": "../../x", "corrdiff.config": b'{"codec": 3}'})
-    pq.write_table(forged, tmp_path / "part-1.parquet")
-    first, second = archive_files(str(tmp_path), StorageConfig())
-    assert (first.largest_image, first.model_id, first.tile) == (64 * 48, "ab" * 16, 384)
-    assert (second.model_id, second.tile) == ("../../x", None)
+    for name, model_id, config in (("0", "ab" * 16, b'{"codec": {"tile": 384}}'),
+                                   ("1", "../../x", b'{"codec": 3}'),
+                                   ("2", "cd" * 16, b'{"codec": {"tile": 256, "tile_batch": 4}}'),
+                                   ("3", "cd" * 16, b'{"codec": {"tile": 2048, "tile_batch": 64}}')):
+        pq.write_table(table.replace_schema_metadata({"corrdiff.model_id": model_id, "corrdiff.config": config}),
+                       tmp_path / f"part-{name}.parquet")
+    old, forged, batched, too_many = archive_files(str(tmp_path), StorageConfig())
+    assert (old.largest_image, old.model_id, old.tile, old.tile_batch) == (64 * 48, "ab" * 16, 384, 1)
+    assert (forged.model_id, forged.tile, forged.tile_batch) == ("../../x", None, None)
+    assert (batched.tile, batched.tile_batch) == (256, 4)
+    assert (too_many.tile, too_many.tile_batch) == (2048, 64)
 
 
 def test_an_audit_actor_also_holds_its_originals_and_the_scoring_of_its_largest_image(tmp_path, tiny_model):
@@ -92,7 +106,7 @@ def test_an_audit_actor_also_holds_its_originals_and_the_scoring_of_its_largest_
     tiny_id = weights.model_id(weights.model_from_bytes(data, str(tiny_model))).hex()
     store_model(archive, storage, tiny_id, data)
     sources = ModelSources(archive, storage)
-    files = [ArchiveFile("a", 10, largest_image=1_000_000, model_id=tiny_id, tile=256)]
+    files = [ArchiveFile("a", 10, largest_image=1_000_000, model_id=tiny_id, tile=256, tile_batch=1)]
     restore = restore_worker_bytes(files, sources, None, 4)
     assert audit_worker_bytes(files, sources, None, 4, dists=False) == restore + (4 * 3 + 300) * 1_000_000
     assert audit_worker_bytes(files, sources, None, 4, dists=True) == restore + (4 * 3 + 2_000) * 1_000_000
