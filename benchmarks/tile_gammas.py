@@ -197,7 +197,7 @@ class Setup:
         self.pixels: PixelSource = pixel_source(image, latent.device)
         self.x_e = reconstruct_e2e_tiled(model, latent, tiling.tile)
         self.x_start = initial_state_tiled(self.x_e, seed, model.schedule.alpha_bar(model.schedule.t_max))
-        self.denoiser = TiledDenoiser(model, self.x_e, latent, tiling)
+        self.denoiser = TiledDenoiser(model, self.x_e, latent, tiling, spread=True)
 
     @torch.no_grad()
     def sample(self, rule: MapRule, steps: int) -> tuple[Tensor, Tensor]:

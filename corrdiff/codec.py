@@ -146,7 +146,7 @@ class CorrDiffCodec:
         streams, y_hat = model.latent.compress_tiled(pixels, padded_size, tiling.tile, self.device)
         x_e = reconstruct_e2e_tiled(model, y_hat, tiling.tile)
         x_start = initial_state_tiled(x_e, seed, model.schedule.alpha_bar(model.schedule.t_max))
-        denoiser = TiledDenoiser(model, x_e, y_hat, tiling)
+        denoiser = TiledDenoiser(model, x_e, y_hat, tiling, spread=True)  # format 3
         fit = self._fit(pixels, padded_size, height, width, x_e)
         out, gammas = corrected_ddim_tiled(denoiser, x_start, model, steps, fit)
         record = Record(
@@ -229,7 +229,7 @@ class CorrDiffCodec:
         if mode == "e2e":
             return to_image(x_e, record.height, record.width)
         x_start = initial_state_tiled(x_e, record.seed, model.schedule.alpha_bar(model.schedule.t_max))
-        denoiser = TiledDenoiser(model, x_e, y_hat, record.tiling)
+        denoiser = TiledDenoiser(model, x_e, y_hat, record.tiling, spread=record.version >= 3)
         rule, steps = self._decode_rule(record, mode, steps)
         out, _ = corrected_ddim_tiled(denoiser, x_start, model, steps, rule)
         return to_image(out, record.height, record.width)

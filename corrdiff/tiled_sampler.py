@@ -56,13 +56,14 @@ class TiledDenoiser:
     """x0_theta of the whole image: the score network on batches of tiles, each tile's
     estimate blended into ``out`` in raster order."""
 
-    def __init__(self, model: CorrDiffModel, x_e: Tensor, y_hat: Tensor, tiling: Tiling) -> None:
+    def __init__(self, model: CorrDiffModel, x_e: Tensor, y_hat: Tensor, tiling: Tiling, spread: bool) -> None:
+        """``spread``: the score tiles of format 3 (True) or format 2 (corrdiff.tiling.score_tiles)."""
         self.model, self.x_e, self.y_hat = model, x_e, y_hat
         height, width = x_e.shape[-2:]
         device = x_e.device
-        rows = [_to(s, device) for s in score_tiles(height, tiling.tile, tiling.overlap)]
-        cols = [_to(s, device) for s in score_tiles(width, tiling.tile, tiling.overlap)]
-        self.batches = tile_batches(rows, cols, tiling.batch)
+        self.rows = [_to(s, device) for s in score_tiles(height, tiling.tile, tiling.overlap, spread)]
+        self.cols = [_to(s, device) for s in score_tiles(width, tiling.tile, tiling.overlap, spread)]
+        self.batches = tile_batches(self.rows, self.cols, tiling.batch)
 
     def __call__(self, x_t: Tensor, t: float, out: Tensor) -> Tensor:
         out.zero_()

@@ -1,24 +1,28 @@
 """Where the tiles of a padded image lie, and how overlapping tiles are blended.
 
-Format versions 2 and 3 (docs/format.md) code an image in tiles so that the networks' memory is
-set by the tile, not by the image. Two grids, both functions of the padded size and the
-record's two numbers (``tile``, ``overlap``) alone, so the encoder and every decoder cut an
-image the same way:
+Format versions 2 and 3 (docs/format.md) code an image in tiles so that the networks' memory
+is set by the tile, not by the image. Two grids, both functions of the padded size and the
+record's numbers (``tile``, ``overlap``; the batch and the version for the score network's
+calls) alone, so the encoder and every decoder cut an image the same way:
 
 * **blocks**: non-overlapping ``tile x tile`` squares in raster order (the last ones in a
   row or column smaller). The latent is coded one block at a time (one y string each), and
   D reconstructs one block at a time from a halo of the latent around it (its receptive
   field: :data:`DECODER_HALO`), so D's output does not depend on the cut.
-* **score tiles**: ``tile x tile`` squares (or the whole side, where it is shorter) that
-  overlap by at least ``overlap`` pixels; the last one on each axis is moved back to end at
-  the image's edge, so every tile has the same size and edge tiles need no padding. The
-  score network's GroupNorm makes its output depend on the whole tile, so overlapping
-  outputs are blended with a raised-cosine ramp over ``overlap`` pixels, normalised so the
-  weights sum to one at every pixel. The window is separable and the tiles form a grid, so
-  the normalisation is a product of two 1-D sums. From format version 3 the score network
-  runs on ``batch`` tiles at a time, consecutive in raster order (:func:`tile_batches`):
-  a batch changes the kernels' float rounding, so the record fixes it like the grid, and
-  the encoder's and every decoder's batches are the same tiles.
+* **score tiles**: on each axis longer than ``tile``, the fewest tiles of at most
+  ``tile`` px that overlap by at least ``overlap`` px, all of one size (the smallest
+  multiple of 16 that covers the axis with that many), spread evenly from edge to edge
+  (format 3, :func:`score_tiles`); where the axis is shorter, one tile of the whole side.
+  Format 2 cut tiles of exactly ``tile`` px and moved the last one back to end at the edge
+  (``spread=False``), which runs up to 1.6 times the image's pixels through the network
+  where spreading runs 1.1 to 1.3 times (docs/method.md "Tiles"). The score network's
+  GroupNorm makes its output depend on the whole tile, so overlapping outputs are blended
+  with a raised-cosine ramp over ``overlap`` pixels, normalised so the weights sum to one
+  at every pixel. The window is separable and the tiles form a grid, so the normalisation
+  is a product of two 1-D sums. From format version 3 the score network runs on ``batch``
+  tiles at a time, consecutive in raster order (:func:`tile_batches`): a batch changes the
+  kernels' float rounding, so the record fixes it like the grid, and the encoder's and
+  every decoder's batches are the same tiles.
 
 An image that fits in one tile is one block and one score tile: it is coded exactly as a
 whole image, at the cost of a few header bytes.
@@ -37,7 +41,8 @@ from torch import Tensor
 # tile starts on a y position. Bounded because a record chooses them: a decoder's memory
 # is set by the tile (2048 px: about 2.3 GB for the default model's score network).
 TILE_MULTIPLE = 64
-OVERLAP_MULTIPLE = 16
+LATENT_GRID = 16  # px: score tiles start, end and overlap on latent positions
+OVERLAP_MULTIPLE = LATENT_GRID
 MAX_TILE = 2048
 # The most pixels the score network sees in one call: a batch of tiles is at most as large
 # as one tile of the largest side, so a record's batch cannot raise a decoder's memory bound.
@@ -114,17 +119,30 @@ def halo(span: Span, halo_positions: int, stride: int, length: int) -> tuple[int
     return max(0, span.start // stride - halo_positions), min(length // stride, span.stop // stride + halo_positions)
 
 
-def score_tiles(length: int, tile: int, overlap: int) -> list[Span]:
-    """Score-network spans of one axis with their normalised blend weights."""
+def score_tiles(length: int, tile: int, overlap: int, spread: bool) -> list[Span]:
+    """Score-network spans of one axis with their normalised blend weights: spread evenly
+    (format 3) or, ``spread=False``, format 2's tiles of ``tile`` px with the last moved back.
+
+    Spread: n = ceil((L - O) / (T - O)) tiles (the fewest that fit T with overlaps of O), of
+    size t = the smallest multiple of 16 >= (L + (n - 1) O) / n (<= T, since n (T - O) >= L - O),
+    starting at floor16(i (L - t) / (n - 1)): every start is a latent position, the first
+    tile starts at 0, the last ends at L, and two neighbours' starts are at most
+    ceil16((L - t) / (n - 1)) <= t - O apart, so they overlap by at least O.
+    """
     if length <= tile:
         return [Span(0, length, torch.ones(length))]
     count = math.ceil((length - overlap) / (tile - overlap))
-    starts = [min(i * (tile - overlap), length - tile) for i in range(count)]
-    windows = [_window(tile, overlap, first=i == 0, last=i == count - 1) for i in range(count)]
+    if spread:
+        size = -(-(length + (count - 1) * overlap) // (count * LATENT_GRID)) * LATENT_GRID
+        starts = [i * (length - size) // (count - 1) // LATENT_GRID * LATENT_GRID for i in range(count)]
+    else:
+        size = tile
+        starts = [min(i * (tile - overlap), length - tile) for i in range(count)]
+    windows = [_window(size, overlap, first=i == 0, last=i == count - 1) for i in range(count)]
     total = torch.zeros(length, dtype=torch.float64)
     for start, window in zip(starts, windows):
-        total[start:start + tile] += window
-    return [Span(start, tile, (window / total[start:start + tile]).float()) for start, window in zip(starts, windows)]
+        total[start:start + size] += window
+    return [Span(start, size, (window / total[start:start + size]).float()) for start, window in zip(starts, windows)]
 
 
 def tile_batches(rows: list[Span], cols: list[Span], batch: int) -> list[list[tuple[Span, Span]]]:

@@ -33,6 +33,7 @@ from corrdiff.baselines import CLASSIC_CODECS
 from corrdiff.evaluation import CURVE_METRICS, CURVE_QUALITIES, METRICS, Scorer, average, evaluate_image, wins
 from corrdiff.gamma import GammaFitter, perceptual_fitter
 from corrdiff.metrics import PERCEPTUAL_METRICS, bits_per_pixel
+from corrdiff.record import FORMAT_VERSION
 from pipeline.evaluation_report import markdown, plot, strict_json
 from pipeline.image_folder import load_images
 
@@ -90,6 +91,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     report = {
         "model": {"name": model_path.stem, "id": codec.model_id_hex, "path": str(model_path)},
         "gamma_fit": _gamma_fit(codec.gamma_fitter),
+        "coding": {"format_version": FORMAT_VERSION, "tile": codec.tiling.tile, "tile_overlap": codec.tiling.overlap,
+                   "tile_batch": codec.tiling.batch},
         "images_url": config.images,
         "modes": list(config.modes),
         "baselines": list(config.baselines),

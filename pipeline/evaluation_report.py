@@ -31,6 +31,14 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _coding(coding: dict | None) -> str:
+    """How the records were coded; reports from before it was recorded say nothing."""
+    if not coding:
+        return ""
+    return (f"Records: format {coding['format_version']}, tiles of {coding['tile']} px overlapping by "
+            f"{coding['tile_overlap']}, {coding['tile_batch']} per score-network call. ")
+
+
 def markdown(report: dict) -> str:
     """The averages as a markdown table, one row per decode mode and baseline, and the win counts."""
     count = len(report["images"])
@@ -38,7 +46,8 @@ def markdown(report: dict) -> str:
         f"# {report['model']['name']} (model id `{report['model']['id']}`)",
         "",
         f"{count} images from `{report['images_url']}`, {report['date']}. Gammas: {report['gamma_fit']}. "
-        "Means over images; baselines at the quality closest to each image's CorrDiff rate.",
+        f"{_coding(report.get('coding'))}Means over images; baselines at the quality closest to each image's "
+        "CorrDiff rate.",
         "",
         "| method | " + " | ".join(m.label for m in MEASURES) + " |",
         "|---|" + "---:|" * len(MEASURES),

@@ -86,6 +86,8 @@ def test_evaluate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert report["model"] == {"name": "tiny", "id": codec.model_id_hex, "path": str(model_path)}
     assert {"torch", "pillow"} <= set(report["versions"]) and report["date"]
     assert report["gamma_fit"] == "closed-form MSE"
+    assert report["coding"] == {"format_version": 3, "tile": 512, "tile_overlap": 64, "tile_batch": 1}
+    assert "Records: format 3, tiles of 512 px overlapping by 64, 1 per score-network call." in printed
     assert [Path(im["url"]).name for im in report["images"]] == ["a.png", "b.png"]
     methods = ["corrdiff", "e2e", "diffusion", "jpeg", "webp", "avif"]
     for entry in report["images"]:

@@ -17,11 +17,13 @@ from corrdiff.tiling import Tiling, blocks, score_tiles, tile_batches
 from conftest import smooth_image
 
 
+@pytest.mark.parametrize("spread", [True, False])
 @pytest.mark.parametrize("length, tile, overlap", [(64, 512, 64), (640, 512, 64), (1344, 256, 64), (2048, 512, 0),
-                                                    (704, 192, 96)])
-def test_score_tiles_cover_every_pixel_with_weights_summing_to_one(length, tile, overlap):
-    spans = score_tiles(length, tile, overlap)
-    assert {s.size for s in spans} == {min(tile, length)}  # one tile size: no padded edge tiles
+                                                    (704, 192, 96), (6016, 512, 64), (832, 512, 64), (4032, 1024, 32)])
+def test_score_tiles_cover_every_pixel_with_weights_summing_to_one(length, tile, overlap, spread):
+    spans = score_tiles(length, tile, overlap, spread)
+    assert len({s.size for s in spans}) == 1 and spans[0].size <= tile  # one tile size: no padded edge tiles
+    assert spread or spans[0].size == min(tile, length)
     assert spans[0].start == 0 and spans[-1].stop == length
     assert all(s.start % 16 == 0 for s in spans)  # on the latent's grid
     assert all(b.start - a.start <= tile - overlap for a, b in zip(spans, spans[1:]))  # overlap at least `overlap`
@@ -32,12 +34,29 @@ def test_score_tiles_cover_every_pixel_with_weights_summing_to_one(length, tile,
     assert torch.allclose(total, torch.ones(length, dtype=torch.float64), atol=1e-6)
 
 
+@pytest.mark.parametrize("length, tile, overlap, expected", [
+    (832, 512, 64, [(0, 448), (384, 448)]),  # format 2: (0, 512), (320, 512)
+    (1280, 512, 64, [(0, 480), (400, 480), (800, 480)]),  # format 2: 0, 448, 768 of 512
+    (640, 512, 64, [(0, 352), (288, 352)]),
+    (6016, 512, 64, None),
+])
+def test_spread_score_tiles_are_the_fewest_and_smallest_that_fit(length, tile, overlap, expected):
+    """As few tiles as format 2 cuts, each as small as covering the axis with overlaps of at
+    least ``overlap`` allows: the network sees 1.1-1.3 times the image instead of up to 1.6."""
+    spread, fixed = score_tiles(length, tile, overlap, True), score_tiles(length, tile, overlap, False)
+    assert len(spread) == len(fixed)
+    size = spread[0].size
+    assert size - 16 < (length + (len(spread) - 1) * overlap) / len(spread) <= size
+    if expected is not None:
+        assert [(s.start, s.size) for s in spread] == expected
+
+
 def test_blocks_partition_the_image():
     assert [(b.start, b.size) for b in blocks(1344, 512)] == [(0, 512), (512, 512), (1024, 320)]
 
 
 def test_tile_batches_are_consecutive_tiles_in_raster_order():
-    rows, cols = score_tiles(1000, 512, 64), score_tiles(1500, 512, 64)  # 3 x 4 tiles
+    rows, cols = score_tiles(1024, 512, 64, True), score_tiles(1536, 512, 64, True)  # 3 x 4 tiles
     batches = tile_batches(rows, cols, 5)
     assert [len(b) for b in batches] == [5, 5, 2]
     assert [(r.start, c.start) for b in batches for r, c in b] == [(r.start, c.start) for r in rows for c in cols]
