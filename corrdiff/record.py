@@ -1,8 +1,8 @@
 """The self-describing binary record: one compressed image, specified in docs/format.md.
 
 Layout (little-endian), format version 3 (version 2, read but no longer written, has no
-tile batch field: its tiles ran one at a time; version 1 has no tile fields and one y string
-for the whole image):
+tile batch field: its score tiles ran one at a time, cut as docs/format.md says; version 1
+has no tile fields and one y string for the whole image):
 
     offset  size  field
     0       4     magic b"CDAR"
