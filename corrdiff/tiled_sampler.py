@@ -1,9 +1,10 @@
 """The float half of format versions 2 and 3: D and the corrected sampler, run tile by tile.
 
-Memory is set by the tile: the networks only ever see one tile. What stays whole-image is
-the sampler's state, three float32 images (x_t, x_e and the blended x0 estimate, 36 bytes
-per padded pixel) and y_hat; every other temporary is a tile or a stripe of rows
-(:data:`STRIPE_ROWS`). One gamma per step for the whole image, as in the paper: the
+Memory is set by the tile: D only ever sees one block, the score network one batch of
+tiles (the record's, at most 2048 x 2048 px in all). What stays whole-image is the
+sampler's state, three float32 images (x_t, x_e and the blended x0 estimate, 36 bytes per
+padded pixel) and y_hat; every other temporary is a tile, a batch of tiles or a stripe of
+rows (:data:`STRIPE_ROWS`). One gamma per step for the whole image, as in the paper: the
 encoder fits it on the blended estimate of the whole image, so the tiles' seams are
 corrected like every other pixel.
 
