@@ -47,14 +47,26 @@ GOLDEN_TILING = Tiling(tile=64, overlap=16, batch=3)
 
 
 def _platform() -> dict[str, Any]:
-    """Where float pixels were decoded; ``threads`` None (the first records): the machine's default."""
+    """Where float pixels were decoded; ``threads`` None (the first records): the machine's
+    default. ``cpu``: what else picks oneDNN's kernels and their blocking (the CPU's model,
+    its L2 cache, its AMX/BF16/VNNI extensions); the first records did not say."""
     return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()}
+            "torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads(), "cpu": _cpu()}
+
+
+def _cpu() -> str:
+    cpuinfo, l2 = Path("/proc/cpuinfo"), Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    extensions = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni")))
+    return f"{model}; L2 {l2.read_text().strip() if l2.exists() else 'unknown'}; {' '.join(extensions) or '-'}"
 
 
 def _same_kernels(recorded: dict[str, Any]) -> bool:
+    """The recorded platform is this one, in every key it recorded besides the thread count."""
     here = _platform()
-    return all(recorded[key] == here[key] for key in ("machine", "cpu_capability", "torch"))
+    return all(recorded[key] == here[key] for key in ("machine", "cpu_capability", "torch", "cpu") if key in recorded)
 
 
 def _sha256(array: np.ndarray | torch.Tensor) -> str:
