@@ -38,9 +38,9 @@ from corrdiff.weights import available_models
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
-CROP = (slice(40, 104), slice(60, 156))  # 64 x 96 px of a real photo: small, one pad in width
-# Version 2 on: 64 x 160 px (padded to 192 wide) in tiles of 64 px overlapping by 16: three
-# blocks and four score tiles, so that the blocks' halos and the blending are pinned too, and
+# The version 1 records are 64 x 96 px of sunset.jpg (rows 40-104, columns 60-156). Version
+# 2 on: 64 x 160 px (padded to 192 wide) in tiles of 64 px overlapping by 16: three blocks
+# and four score tiles, so that the blocks' halos and the blending are pinned too, and
 # (version 3) a batch of three score tiles and the one left over.
 TILED_CROP = (slice(40, 104), slice(60, 220))
 GOLDEN_TILING = Tiling(tile=64, overlap=16, batch=3)
@@ -90,8 +90,7 @@ def _add_missing(name: str, codec: CorrDiffCodec) -> None:
                                                                   "records": []}
     if all(entry["version"] != FORMAT_VERSION for entry in golden["records"]):
         photo = np.asarray(Image.open(ROOT / "examples" / "photos" / "sunset.jpg").convert("RGB"))[TILED_CROP]
-        codec.tiling = GOLDEN_TILING
-        [encoded] = codec.encode_detailed([photo])
+        [encoded] = CorrDiffCodec(codec.model, device="cpu", tiling=GOLDEN_TILING).encode_detailed([photo])
         golden["records"].append({"version": FORMAT_VERSION, "record": base64.b64encode(encoded.record).decode(),
                                   "latent_sha256": _sha256(codec.latent(codec.parse(encoded.record))),
                                   "pixels": []})
